@@ -1,0 +1,26 @@
+"""bnfold: audit, fold and verify BatchNormalization in ONNX models.
+
+The public API: ``fold`` (returns the folded model and a ledger), ``inspect`` (per-BN
+inference-readiness findings) and ``verify`` (onnxruntime comparison). Heavy modules are
+imported on first use so that ``bnfold --help`` stays fast.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "fold", "inspect", "verify"]
+
+
+def __getattr__(name: str):
+    if name == "fold":
+        from bnfold.engine import fold
+
+        return fold
+    if name == "inspect":
+        from bnfold.audit import inspect
+
+        return inspect
+    if name == "verify":
+        from bnfold.verify import verify
+
+        return verify
+    raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

@@ -1,0 +1,69 @@
+"""The folding algebra on plain arrays: no ONNX in here.
+
+A BatchNormalization in inference is the per-channel affine map ``y = s * x + t`` with
+``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``. Folding it into a linear
+producer ``x = W * in + b`` scales W along the producer's output-channel axis by ``s``
+and replaces the bias with ``s * b + t``. Everything is computed in float64; callers
+cast the result once to the model's dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def bn_scale_shift(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNormalization parameters as the affine map ``(s, t)``, in float64."""
+    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+    scale = gamma / np.sqrt(var + np.float64(eps))
+    return scale, beta - mean * scale
+
+
+def scale_output_channels(weight: np.ndarray, scale: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
+    """Multiply ``weight`` by ``scale`` along its output-channel axis, in float64.
+
+    ``axis`` is the weight axis that indexes output channels within a group. With
+    ``groups > 1`` and ``axis == 1`` (ConvTranspose, weight ``(C_in, C_out/g, k...)``)
+    the output channel of ``(ci, co)`` is ``(ci // (C_in/g)) * (C_out/g) + co``, so the
+    scale is laid out per group along axis 0 as well.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    if axis == 1 and groups > 1:
+        c_in, per_group = weight.shape[0], weight.shape[1]
+        grouped = weight.reshape(groups, c_in // groups, per_group, *weight.shape[2:])
+        factor = scale.reshape(groups, 1, per_group, *([1] * (weight.ndim - 2)))
+        return (grouped * factor).reshape(weight.shape)
+    shape = [1] * weight.ndim
+    shape[axis] = scale.shape[0]
+    return weight * scale.reshape(shape)
+
+
+def shifted_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """New bias ``s * b + t`` for a producer whose old bias is ``b`` (None: zero).
+
+    ``b`` may be any shape that broadcasts against the channel vector (Gemm's C can be
+    a scalar, ``[N]``, ``[1, N]`` or ``[M, N]``); the result has the broadcast shape.
+    """
+    if bias is None:
+        return np.asarray(shift, dtype=np.float64).copy()
+    return np.asarray(bias, dtype=np.float64) * scale + shift
+
+
+def max_relative_change(scale: np.ndarray) -> float:
+    """Largest relative change a fold writes into the weights: ``max |s - 1|``.
+
+    Every weight element is multiplied by one ``s``, so its relative change is exactly
+    ``|s - 1|`` whatever its value; no need to read the weights to report it.
+    """
+    return float(np.max(np.abs(np.asarray(scale, dtype=np.float64) - 1.0))) if np.size(scale) else 0.0
+
+
+def cast_checked(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """Cast float64 ``values`` to ``dtype`` once; None if a finite value overflows it."""
+    cast = values.astype(dtype)
+    if not np.all(np.isfinite(cast.astype(np.float64)) | ~np.isfinite(values)):
+        return None
+    return cast

@@ -1,0 +1,124 @@
+"""Inference-readiness audit behind ``bnfold inspect``.
+
+A BN is inference-ready when it normalises with constant running statistics that look
+trained and healthy. Problems are codes from ``PROBLEMS``; the fold plan (what
+``bnfold fold`` would do) comes from the engine's own planner, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.engine import batch_norms, mode_problem, plan_bn, read_stats
+from bnfold.io import as_model
+
+INSPECT_SCHEMA_VERSION = 1
+
+#: Tiny variance: the channel's variance is at most this multiple of epsilon, so epsilon,
+#: not the data, decides the normalisation (typically a dead channel).
+TINY_VARIANCE_FACTOR = 1.0
+
+PROBLEMS: dict[str, str] = {
+    "training-mode": "the BN normalises with batch statistics (training_mode=1, is_test=0, or running-stat outputs)",
+    "batch-statistics": "mean/var are computed in the graph from data, not stored running statistics",
+    "stats-as-inputs": "mean/var/scale/bias are graph inputs (or overridable initializers) that a caller must supply",
+    "non-finite-stats": "a parameter holds NaN or infinity",
+    "negative-variance": "a running variance is negative",
+    "zero-variance": "a running variance is exactly zero",
+    "tiny-variance": "a running variance is no larger than epsilon (dead channel)",
+    "untrained-stats": "running mean is 0 and variance 1 on every channel: statistics were never updated",
+}
+
+
+@dataclass
+class Finding:
+    """The audit of one BatchNormalization."""
+
+    bn: str
+    graph: str
+    problems: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    channels: int | None = None
+    plan: str = ""
+    fold_reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, problem: str, detail: str) -> None:
+        self.problems.append(problem)
+        self.details.append(detail)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "ok": self.ok}
+
+
+def inspect(model_or_path: ir.Model | str | os.PathLike) -> list[Finding]:
+    """Audit every BN of the model; nothing is changed."""
+    model = as_model(model_or_path)
+    findings = []
+    for scope, bn in batch_norms(model):
+        finding = Finding(bn=bn.name, graph=scope.label)
+        mode = mode_problem(bn, scope.opset)
+        if mode is not None and mode[0] == "training-mode":
+            finding.add("training-mode", mode[1])
+        stats = read_stats(bn, model.ir_version)
+        if isinstance(stats, tuple):
+            _non_constant_stats(finding, bn, stats)
+        else:
+            finding.channels = stats.channels
+            _check_health(finding, stats)
+        plan = plan_bn(bn, scope, model.ir_version)
+        if plan.foldable:
+            finding.plan = f"fold into {plan.match.node.op_type} {plan.match.node.name!r} ({plan.match.pattern})"
+        else:
+            finding.fold_reason = plan.reason
+            finding.plan = f"keep: {plan.reason} ({plan.detail})"
+        findings.append(finding)
+    return findings
+
+
+def _non_constant_stats(finding: Finding, bn: ir.Node, problem: tuple[str, str]) -> None:
+    reason, detail = problem
+    computed = [v for v in bn.inputs[3:5] if v.producer() is not None and v.producer().op_type != "Constant"]
+    if computed:
+        finding.add("batch-statistics", detail)
+    else:
+        finding.add("stats-as-inputs", detail)
+
+
+def _check_health(finding: Finding, stats) -> None:
+    for role in ("gamma", "beta", "mean", "var"):
+        bad = ~np.isfinite(getattr(stats, role))
+        if bad.any():
+            finding.add("non-finite-stats", f"{role} is NaN/inf on {int(bad.sum())} channel(s)")
+    var = stats.var
+    finite = np.isfinite(var)
+    if (var[finite] < 0).any():
+        finding.add("negative-variance", f"var < 0 on {int((var[finite] < 0).sum())} channel(s)")
+    if (var == 0).any():
+        finding.add("zero-variance", f"var == 0 on {int((var == 0).sum())} channel(s)")
+    tiny = finite & (var > 0) & (var <= TINY_VARIANCE_FACTOR * stats.epsilon)
+    if tiny.any():
+        finding.add("tiny-variance", f"0 < var <= eps ({stats.epsilon:g}) on {int(tiny.sum())} channel(s)")
+    if stats.channels and np.all(stats.mean == 0) and np.all(stats.var == 1):
+        finding.add("untrained-stats", "mean == 0 and var == 1 on every channel")
+
+
+def findings_to_dict(findings: list[Finding], **context) -> dict:
+    from bnfold import __version__
+
+    return {
+        "schema": "bnfold.inspect",
+        "schema_version": INSPECT_SCHEMA_VERSION,
+        "bnfold_version": __version__,
+        **context,
+        "summary": {"bn_total": len(findings), "ready": sum(f.ok for f in findings),
+                    "not_ready": sum(not f.ok for f in findings)},
+        "findings": [f.to_dict() for f in findings],
+    }

@@ -1,0 +1,100 @@
+"""The per-BatchNormalization ledger: what happened to every BN, and why.
+
+Every BN that is not folded gets exactly one reason from ``REASONS``; tests and users
+match on these codes, so they are part of the public interface (see docs/ledger.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+LEDGER_SCHEMA_VERSION = 1
+
+#: Why a BN was kept. Keys are stable codes; values explain them to a person.
+REASONS: dict[str, str] = {
+    "training-mode": "the BN runs in training mode (training_mode=1, is_test=0, or running-stat outputs present); folding would change its meaning",
+    "spatial-0": "opset <= 8 BN with spatial=0 normalises per element, not per channel",
+    "unsupported-opset": "BatchNormalization version older than 6 (consumed_inputs form)",
+    "non-constant-params": "scale, bias, mean or variance is computed in the graph or fed as a graph input",
+    "overridable-params": "a parameter is an initializer that is also a graph input (IR >= 4): a caller may override it",
+    "non-finite-params": "a parameter holds NaN or infinity",
+    "negative-variance": "a variance is negative or var + epsilon <= 0",
+    "no-linear-producer": "the BN input is not produced by Conv, ConvTranspose, Gemm or MatMul(+Add)",
+    "fan-out": "the producer's output is read by other nodes besides the BN",
+    "graph-output": "the producer's output is itself a graph output",
+    "non-constant-weights": "the producer's weight or bias is not a constant",
+    "unsupported-dtype": "the producer's weights are not floating point",
+    "channel-axis-mismatch": "the BN's channel axis (1) is not the producer's output-channel axis",
+    "unknown-rank": "the rank of the MatMul activation cannot be proven, so neither can its channel axis",
+    "non-channel-bias": "the bias added after MatMul varies along more than the channel axis",
+    "dtype-overflow": "the folded weights or bias would overflow the model's dtype",
+}
+
+STATUS_FOLDED = "folded"
+STATUS_KEPT = "kept"
+
+
+@dataclass
+class LedgerEntry:
+    """One BatchNormalization node and its fate."""
+
+    bn: str
+    graph: str
+    status: str
+    pattern: str | None = None
+    into: str | None = None
+    reason: str | None = None
+    detail: str = ""
+    channels: int | None = None
+    max_rel_weight_change: float | None = None
+    weight_cloned: bool = False
+
+    @property
+    def folded(self) -> bool:
+        return self.status == STATUS_FOLDED
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Ledger:
+    """All entries of one fold run, in graph order."""
+
+    entries: list[LedgerEntry] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, entry: LedgerEntry) -> None:
+        if entry.reason is not None and entry.reason not in REASONS:
+            raise ValueError(f"unknown ledger reason {entry.reason!r}")
+        self.entries.append(entry)
+
+    @property
+    def folded(self) -> list[LedgerEntry]:
+        return [e for e in self.entries if e.folded]
+
+    @property
+    def kept(self) -> list[LedgerEntry]:
+        return [e for e in self.entries if not e.folded]
+
+    def to_dict(self, **context) -> dict:
+        from bnfold import __version__
+
+        return {
+            "schema": "bnfold.ledger",
+            "schema_version": LEDGER_SCHEMA_VERSION,
+            "bnfold_version": __version__,
+            **context,
+            "summary": {"bn_total": len(self), "folded": len(self.folded), "kept": len(self.kept)},
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+    def to_json(self, **context) -> str:
+        return json.dumps(self.to_dict(**context), indent=2)

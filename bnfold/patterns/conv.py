@@ -1,0 +1,33 @@
+"""Conv -> BatchNormalization.
+
+``y = s * (W * x + b) + t = (s (.)_0 W) * x + (s * b + t)``: Conv weights are
+``(M, C/group, k...)``, so output channel m is weight slice ``W[m]`` whatever the group,
+stride, dilation, padding or auto_pad. A missing bias is zero.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from bnfold.patterns import LinearMatch, constant_param
+
+
+def match(node: ir.Node, ir_version: int) -> LinearMatch | str:
+    weight, reason = constant_param(node, 1, ir_version)
+    if weight is None:
+        return reason or "non-constant-weights"
+    bias, reason = constant_param(node, 2, ir_version)
+    if reason:
+        return reason
+    return LinearMatch(
+        pattern="conv-bn",
+        node=node,
+        weight_index=1,
+        weight=weight,
+        out_axis=0,
+        channels=weight.shape[0],
+        bias_node=node,
+        bias_index=2,
+        bias=bias,
+        output=node.outputs[0],
+    )

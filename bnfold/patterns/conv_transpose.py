@@ -1,0 +1,36 @@
+"""ConvTranspose -> BatchNormalization.
+
+ConvTranspose weights are ``(C_in, C_out/group, k...)``: the output channel of weight
+slice ``(ci, co)`` is ``(ci // (C_in/group)) * (C_out/group) + co``. Folding scales each
+slice by the ``s`` of that channel (not ``s[co]``, the mistake peers ship for group > 1)
+and sets ``b' = s * b + t``.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from bnfold.patterns import LinearMatch, constant_param
+
+
+def match(node: ir.Node, ir_version: int) -> LinearMatch | str:
+    weight, reason = constant_param(node, 1, ir_version)
+    if weight is None:
+        return reason or "non-constant-weights"
+    bias, reason = constant_param(node, 2, ir_version)
+    if reason:
+        return reason
+    groups = node.attributes.get_int("group", 1)
+    return LinearMatch(
+        pattern="convtranspose-bn",
+        node=node,
+        weight_index=1,
+        weight=weight,
+        out_axis=1,
+        channels=weight.shape[1] * groups,
+        bias_node=node,
+        bias_index=2,
+        bias=bias,
+        output=node.outputs[0],
+        groups=groups,
+    )

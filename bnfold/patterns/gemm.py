@@ -1,0 +1,37 @@
+"""Gemm -> BatchNormalization.
+
+``Y = alpha * A' @ B' + beta * C`` with ``B' = B`` (transB=0, channels on axis 1 of B) or
+``B.T`` (transB=1, channels on axis 0). Then
+``s * Y + t = alpha * A' @ (B' (.)_N s) + (s * beta * C + t)``: alpha stays, beta is
+written into the new C (and set to 1), C may be absent, a scalar, ``[1]``, ``[N]``,
+``[1, N]`` or ``[M, N]``. transA only touches A, so it does not matter.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from bnfold.patterns import LinearMatch, constant_param
+
+
+def match(node: ir.Node, ir_version: int) -> LinearMatch | str:
+    weight, reason = constant_param(node, 1, ir_version)
+    if weight is None:
+        return reason or "non-constant-weights"
+    bias, reason = constant_param(node, 2, ir_version)
+    if reason:
+        return reason
+    out_axis = 0 if node.attributes.get_int("transB", 0) else 1
+    return LinearMatch(
+        pattern="gemm-bn",
+        node=node,
+        weight_index=1,
+        weight=weight,
+        out_axis=out_axis,
+        channels=weight.shape[out_axis],
+        bias_node=node,
+        bias_index=2,
+        bias=bias,
+        output=node.outputs[0],
+        bias_factor=node.attributes.get_float("beta", 1.0),
+    )
