@@ -63,7 +63,8 @@ def max_relative_change(scale: np.ndarray) -> float:
 
 def cast_checked(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     """Cast float64 ``values`` to ``dtype`` once; None if a finite value overflows it."""
-    cast = values.astype(dtype)
+    with np.errstate(over="ignore"):
+        cast = values.astype(dtype)
     if not np.all(np.isfinite(cast.astype(np.float64)) | ~np.isfinite(values)):
         return None
     return cast

@@ -1,0 +1,80 @@
+"""The folding algebra against direct evaluation, with no ONNX involved."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnfold import affine
+
+channels = st.integers(1, 8)
+seeds = st.integers(0, 2**32 - 1)
+
+
+@given(channels, seeds, st.sampled_from([1e-5, 1e-3, 0.1]))
+def test_bn_scale_shift_is_the_bn_map(c, seed, eps):
+    rng = np.random.default_rng(seed)
+    gamma, beta, mean = rng.standard_normal((3, c))
+    var = rng.uniform(0.01, 4.0, c)
+    x = rng.standard_normal((5, c))
+    s, t = affine.bn_scale_shift(gamma, beta, mean, var, eps)
+    direct = gamma * (x - mean) / np.sqrt(var + eps) + beta
+    np.testing.assert_allclose(s * x + t, direct, rtol=1e-12, atol=1e-12)
+
+
+def _convtranspose_channel_of(ci: int, co: int, c_in: int, groups: int, per_group_out: int) -> int:
+    return (ci // (c_in // groups)) * per_group_out + co
+
+
+@given(st.sampled_from([1, 2, 3, 4]), st.integers(1, 3), st.integers(1, 3), seeds)
+def test_convtranspose_grouped_scale_uses_the_true_output_channel(groups, in_per_group, out_per_group, seed):
+    rng = np.random.default_rng(seed)
+    c_in = groups * in_per_group
+    weight = rng.standard_normal((c_in, out_per_group, 2, 2))
+    scale = rng.standard_normal(groups * out_per_group)
+    got = affine.scale_output_channels(weight, scale, axis=1, groups=groups)
+    for ci in range(c_in):
+        for co in range(out_per_group):
+            channel = _convtranspose_channel_of(ci, co, c_in, groups, out_per_group)
+            np.testing.assert_allclose(got[ci, co], weight[ci, co] * scale[channel], rtol=1e-15)
+
+
+@given(st.integers(0, 2), st.integers(1, 4), st.integers(1, 4), seeds)
+def test_scale_output_channels_along_axis(axis, n_out, other, seed):
+    rng = np.random.default_rng(seed)
+    shape = [other, other, other]
+    shape[axis] = n_out
+    weight = rng.standard_normal(shape)
+    scale = rng.standard_normal(n_out)
+    got = affine.scale_output_channels(weight, scale, axis=axis)
+    expected = np.moveaxis(np.moveaxis(weight, axis, -1) * scale, -1, axis)
+    np.testing.assert_allclose(got, expected, rtol=1e-15)
+
+
+@given(st.sampled_from([None, (), (1,), (4,), (1, 4), (3, 4), (3, 1)]), seeds)
+def test_shifted_bias_broadcasts_like_gemm_c(bias_shape, seed):
+    rng = np.random.default_rng(seed)
+    s, t = rng.standard_normal((2, 4))
+    bias = None if bias_shape is None else rng.standard_normal(bias_shape)
+    got = affine.shifted_bias(bias, s, t)
+    y = rng.standard_normal((3, 4))  # any pre-bias activation
+    before = s * (y + (0 if bias is None else bias)) + t
+    np.testing.assert_allclose(y * s + got, before, rtol=1e-12, atol=1e-12)
+
+
+@given(channels, seeds)
+@settings(max_examples=50)
+def test_max_relative_change_matches_the_weights(c, seed):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((c, 3)) + 5.0  # keep away from zero for a stable ratio
+    scale = rng.uniform(0.1, 3.0, c)
+    folded = affine.scale_output_channels(weight, scale, axis=0)
+    measured = np.max(np.abs(folded - weight) / np.abs(weight))
+    np.testing.assert_allclose(affine.max_relative_change(scale), measured, rtol=1e-12)
+
+
+def test_cast_checked_refuses_overflow_but_keeps_existing_infinities():
+    assert affine.cast_checked(np.array([1.0, 70000.0]), np.float16) is None
+    kept = affine.cast_checked(np.array([1.0, np.inf]), np.float16)
+    assert kept is not None and kept.dtype == np.float16 and np.isinf(kept[1])
+    exact = affine.cast_checked(np.array([0.5, -2.0]), np.float32)
+    np.testing.assert_array_equal(exact, np.array([0.5, -2.0], dtype=np.float32))
