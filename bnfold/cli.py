@@ -74,6 +74,30 @@ def write_json(path: Path, payload: dict) -> None:
         raise InputError(f"{path}: cannot write JSON report ({exc.strerror or exc})") from None
 
 
+def naming_input(path: Path, run, *args):
+    """Call ``run(path, *args)``; an InputError that does not name the file yet gets it prepended."""
+    try:
+        return run(path, *args)
+    except InputError as exc:
+        if str(exc).startswith(f"{path}:"):
+            raise
+        raise InputError(f"{path}: {exc}") from None
+
+
+# Options shared by `verify` and `fold --verify`; their meaning is in docs/verify.md.
+VERIFY_PROVIDERS = typer.Option(
+    "auto", "--providers", help="cpu, cuda, or auto (CUDA when onnxruntime can use it); CPU always runs.")
+VERIFY_INPUTS = typer.Option(
+    None, "--inputs", help="Real inputs: .npz with one array per input name, samples along axis 0.")
+VERIFY_SAMPLES = typer.Option(None, "--samples", help="Random input sets to run (default 1).")
+VERIFY_BATCH = typer.Option(None, "--batch", help="Size of dynamic first dimensions (default 2).")
+VERIFY_SHAPES = typer.Option(None, "--shape", help="NAME=1x3x224x224 for an input's dynamic dims (repeatable).")
+VERIFY_SEED = typer.Option(None, "--seed", help="Seed of the random inputs (default 0).")
+VERIFY_RTOL = typer.Option(None, "--rtol", help="Relative tolerance for all outputs (default by dtype).")
+VERIFY_ATOL = typer.Option(None, "--atol", help="Absolute tolerance for all outputs (default by dtype).")
+VERIFY_ALLOW_TF32 = typer.Option(False, "--allow-tf32", help="Let CUDA use TF32 (off: it changes fp32 results).")
+
+
 @app.command()
 @reports_errors
 def fold(
@@ -86,6 +110,20 @@ def fold(
     in_place: bool = typer.Option(False, "--in-place", help="Allow OUT to be the input path."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any BatchNormalization is kept."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+    verify_output: bool = typer.Option(
+        False, "--verify", help="Verify OUT against MODEL in onnxruntime, like `bnfold verify`; exit 1 on a mismatch."),
+    providers: str = VERIFY_PROVIDERS,
+    inputs: Optional[Path] = VERIFY_INPUTS,
+    samples: Optional[int] = VERIFY_SAMPLES,
+    batch: Optional[int] = VERIFY_BATCH,
+    shape: Optional[list[str]] = VERIFY_SHAPES,
+    seed: Optional[int] = VERIFY_SEED,
+    rtol: Optional[float] = VERIFY_RTOL,
+    atol: Optional[float] = VERIFY_ATOL,
+    allow_tf32: bool = VERIFY_ALLOW_TF32,
+    verify_json: Optional[Path] = typer.Option(None, "--verify-json", help="With --verify: write its report as JSON."),
+    keep_on_failure: bool = typer.Option(
+        False, "--keep-on-failure", help="With --verify: keep OUT when verification fails (it is removed otherwise)."),
 ) -> None:
     """Fold every foldable BatchNormalization of MODEL into its neighbour and write OUT."""
     from bnfold.engine import fold as fold_model
@@ -95,12 +133,27 @@ def fold(
         raise InputError(f"{out}: output is the input; pass --in-place to overwrite it")
     if embed and external_data:
         raise InputError("--embed and --external-data exclude each other")
-    result = fold_model(model)
+    if (verify_json or keep_on_failure) and not verify_output:
+        raise InputError("--verify-json and --keep-on-failure apply only with --verify")
+    if verify_output:
+        from bnfold.verify import VerifyOptions, parse_shapes
+
+        if out.resolve() == model.resolve():
+            raise InputError(f"{out}: --verify compares OUT with MODEL, so OUT must not overwrite it")
+        verify_options = VerifyOptions(providers=providers, inputs=inputs, samples=samples, batch=batch,
+                                       shapes=parse_shapes(shape or []), seed=seed, rtol=rtol, atol=atol,
+                                       allow_tf32=allow_tf32)
+    result = naming_input(model, fold_model)
     result.save(out, external_data=False if embed else (external_data or None))
     if json_path:
         write_json(json_path, result.ledger.to_dict(input=str(model), output=str(out)))
     if not quiet:
         render_ledger(result.ledger, out)
+    if verify_output:
+        from bnfold.verify import verify_or_discard
+
+        report = verify_or_discard(model, out, verify_options, keep_on_failure=keep_on_failure)
+        finish_verification(report, verify_json, quiet)
     if strict and result.ledger.kept:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
@@ -118,13 +171,97 @@ def inspect(
     """
     from bnfold.audit import findings_to_dict, inspect as inspect_model
 
-    findings = inspect_model(model)
+    findings = naming_input(model, inspect_model)
     if json_path:
         write_json(json_path, findings_to_dict(findings, input=str(model)))
     if not quiet:
         render_findings(findings)
     if any(not f.ok for f in findings):
         raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@app.command()
+@reports_errors
+def verify(
+    original: Path = typer.Argument(..., help="Reference ONNX model (runs with ORT optimisations disabled)."),
+    candidate: Path = typer.Argument(..., help="ONNX model that must compute the same outputs, e.g. the folded one."),
+    providers: str = VERIFY_PROVIDERS,
+    inputs: Optional[Path] = VERIFY_INPUTS,
+    samples: Optional[int] = VERIFY_SAMPLES,
+    batch: Optional[int] = VERIFY_BATCH,
+    shape: Optional[list[str]] = VERIFY_SHAPES,
+    seed: Optional[int] = VERIFY_SEED,
+    rtol: Optional[float] = VERIFY_RTOL,
+    atol: Optional[float] = VERIFY_ATOL,
+    allow_tf32: bool = VERIFY_ALLOW_TF32,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (schema: docs/verify.md)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Prove in onnxruntime, on CPU and CUDA, that CANDIDATE computes what ORIGINAL computes.
+
+    Exit 0 when every output matches on every provider, 1 on a mismatch, 2 on bad input.
+    """
+    from bnfold.verify import VerifyOptions, parse_shapes, verify as verify_models
+
+    options = VerifyOptions(providers=providers, inputs=inputs, samples=samples, batch=batch,
+                            shapes=parse_shapes(shape or []), seed=seed, rtol=rtol, atol=atol, allow_tf32=allow_tf32)
+    finish_verification(verify_models(original, candidate, options), json_path, quiet)
+
+
+def finish_verification(report, json_path: Optional[Path], quiet: bool) -> None:
+    """Write and print a verification report; exit 1 unless it passed."""
+    from bnfold.verify import render_report
+
+    if json_path:
+        write_json(json_path, report.to_dict())
+    if not quiet:
+        render_report(report, console)
+    if not report.passed:
+        raise typer.Exit(report.exit_code)
+
+
+@app.command()
+@reports_errors
+def train(
+    out: Path = typer.Option(Path("models"), "--out", help="Folder to write the zoo and MANIFEST.json into."),
+    only: Optional[list[str]] = typer.Option(
+        None, "--only", metavar="NAME", help="Regenerate only this job (e.g. cnn) or file (e.g. cnn_ts13); repeatable."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Train every net this many epochs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+) -> None:
+    """Train the model zoo on scikit-learn's digits and export it to ONNX (needs the train extra: torch)."""
+    from bnfold.train import build_zoo, require_torch
+
+    require_torch()  # one-line error naming pip install 'bnfold[train]', exit 2
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=quiet, transient=True) as progress:
+        task = progress.add_task("bnfold train", total=None)
+
+        def report(ev) -> None:
+            if ev.kind == "plan":
+                progress.update(task, total=ev.total)
+            elif ev.kind == "epoch":
+                progress.update(task, advance=1, description=f"{ev.job}: epoch {ev.step}/{ev.total} "
+                                                             f"loss {ev.metrics['loss']:.4f}")
+            elif ev.kind == "trained" and not quiet:
+                metric = ", ".join(f"test {k} {v:.4f}" for k, v in ev.metrics.items())
+                progress.console.print(f"trained {ev.job}: {metric} (torch, eval mode)")
+            elif ev.kind == "exported":
+                progress.update(task, advance=1, description=f"exported {ev.entry['file']}")
+
+        entries = build_zoo(out, only=only or None, epochs=epochs, progress=report)
+    if quiet:
+        return
+    table = Table(title=f"bnfold train: {len(entries)} model(s) -> {out}")
+    for column in ("file", "exporter", "opset", "BN", "test accuracy", "health", "KiB"):
+        table.add_column(column)
+    for e in entries:
+        metric = f"{e['test_accuracy']:.4f}" if e["test_accuracy"] is not None else f"mse {e['test_mse']:.5f}"
+        table.add_row(e["file"], e["exporter"], str(e["opset"]), str(e["bn_count"]), metric, e["health"],
+                      f"{e['size_bytes'] / 1024:.0f}", style=None if e["health"] == "healthy" else "yellow")
+    console.print(table)
 
 
 def render_ledger(ledger, out: Path) -> None:

@@ -24,7 +24,6 @@ from bnfold.io import as_model, has_external_data, save_model
 from bnfold.ledger import STATUS_FOLDED, STATUS_KEPT, Ledger, LedgerEntry
 from bnfold.patterns import LinearMatch, match_producer
 
-FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 LAZY_TYPES = {ir.DataType.FLOAT, ir.DataType.DOUBLE}
 DEFAULT_EPSILON = 1e-5
 
@@ -41,6 +40,8 @@ class Scope:
     graph: ir.Graph
     opset: int
     in_function: bool = False
+    #: IR < 4 requires every initializer of the main graph to be listed as an input too.
+    initializers_are_inputs: bool = False
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Plan:
 
     @property
     def foldable(self) -> bool:
-        return self.match is not None
+        return self.match is not None and self.reason is None
 
 
 @dataclass
@@ -103,7 +104,10 @@ class FoldResult:
 def iter_scopes(model: ir.Model) -> Iterator[Scope]:
     """The main graph, every subgraph (If/Loop/Scan bodies) and model-local functions."""
     default_opset = _default_opset(model.opset_imports)
-    yield from _graph_scopes(model.graph, "main", default_opset, False)
+    main, *subgraphs = _graph_scopes(model.graph, "main", default_opset, False)
+    main.initializers_are_inputs = model.ir_version < 4
+    yield main
+    yield from subgraphs
     for function in model.functions.values():
         opset = _default_opset(function.opset_imports) or default_opset
         label = f"function {function.domain}::{function.name}"
@@ -220,8 +224,6 @@ def _producer_problem(plan: Plan, ir_version: int) -> tuple[str, str] | None:
     readers = len(match.output.uses())
     if readers != 1:
         return "fan-out", f"{where} output {match.output.name!r} has {readers} readers"
-    if match.weight.dtype not in FLOAT_TYPES:
-        return "unsupported-dtype", f"{where} weight dtype {match.weight.dtype.name}"
     if match.channels != plan.stats.channels:
         raise InputError(
             f"BatchNormalization {plan.bn.name!r} has {plan.stats.channels} channels but its "
@@ -334,6 +336,9 @@ def _new_constant(graph: ir.Graph, scope: Scope, names: NameAllocator, base: str
         return node.outputs[0]
     value = ir.Value(name=name, const_value=tensor)
     graph.register_initializer(value)
+    if scope.initializers_are_inputs:
+        value.type, value.shape = ir.TensorType(tensor.dtype), ir.Shape(tensor.shape)
+        graph.inputs.append(value)
     return value
 
 

@@ -162,6 +162,7 @@ def _check_readable_file(path: Path) -> None:
 
 
 def _check_opsets(proto: onnx.ModelProto, path: Path) -> None:
+    """Opsets this onnx knows, declared domains, and every standard node against its schema."""
     newest = onnx.defs.onnx_opset_version()
     declared = {entry.domain: entry.version for entry in proto.opset_import}
     default = declared.get("", declared.get("ai.onnx"))
@@ -171,10 +172,35 @@ def _check_opsets(proto: onnx.ModelProto, path: Path) -> None:
             f"(this installation's onnx knows opsets 1 to {newest})"
         )
     local_functions = {f.domain for f in proto.functions}
-    for node in _all_nodes(proto.graph):
+    _check_nodes(proto.graph.node, proto.ir_version, declared, local_functions, path)
+    for function in proto.functions:
+        imports = {entry.domain: entry.version for entry in function.opset_import} or declared
+        _check_nodes(function.node, proto.ir_version, imports, local_functions, path)
+
+
+def _check_nodes(nodes, ir_version: int, declared: dict[str, int], local_functions: set[str], path: Path) -> None:
+    """Schema-check standard nodes one by one: cheap, since no initializer is serialized.
+
+    Nodes holding subgraphs are checked through their inner nodes, because the checker
+    cannot be told which outer names a subgraph may read.
+    """
+    context = onnx.checker.C.CheckerContext()
+    context.ir_version = ir_version
+    context.opset_imports = declared
+    for node in nodes:
         domain = node.domain or ""
         if domain not in declared and domain != "ai.onnx" and domain not in local_functions:
             raise InputError(f"{path}: node {node.name or node.op_type!r} uses undeclared domain {domain!r}")
+        subgraphs = [attr.g for attr in node.attribute if attr.HasField("g")]
+        subgraphs += [g for attr in node.attribute for g in attr.graphs]
+        for sub in subgraphs:
+            _check_nodes(sub.node, ir_version, declared, local_functions, path)
+        if subgraphs or domain not in ("", "ai.onnx", "ai.onnx.ml"):
+            continue
+        try:
+            onnx.checker.check_node(node, context)
+        except onnx.checker.ValidationError as exc:
+            raise InputError(f"{path}: invalid node {node.name or node.op_type!r}: {_first_line(exc)}") from None
 
 
 def _check_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
@@ -222,40 +248,26 @@ def _check_relative_name(name: str, target: Path) -> None:
         raise InputError(f"{target}: external data name {name!r} must be a plain name relative to the output folder")
 
 
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
-
-
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    graphs = [proto.graph] + [_function_as_graph(f) for f in proto.functions]
-    for graph in graphs:
-        yield from _graph_tensors(graph)
-
-
-def _function_as_graph(function: onnx.FunctionProto) -> onnx.GraphProto:
-    return onnx.GraphProto(node=function.node)
-
-
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
+    yield from proto.graph.initializer
+    for sparse in proto.graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
+    yield from _node_tensors(proto.graph.node)
+    for function in proto.functions:
+        yield from _node_tensors(function.node)
+
+
+def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _graph_tensors(attr.g)
-            for sub in attr.graphs:
-                yield from _graph_tensors(sub)
+            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+            for sub in subgraphs:
+                yield from sub.initializer
+                yield from _node_tensors(sub.node)
 
 
 def _fsync(path: Path) -> None:

@@ -25,7 +25,6 @@ REASONS: dict[str, str] = {
     "fan-out": "the producer's output is read by other nodes besides the BN",
     "graph-output": "the producer's output is itself a graph output",
     "non-constant-weights": "the producer's weight or bias is not a constant",
-    "unsupported-dtype": "the producer's weights are not floating point",
     "channel-axis-mismatch": "the BN's channel axis (1) is not the producer's output-channel axis",
     "unknown-rank": "the rank of the MatMul activation cannot be proven, so neither can its channel axis",
     "non-channel-bias": "the bias added after MatMul varies along more than the channel axis",
