@@ -68,3 +68,40 @@ def cast_checked(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     if not np.all(np.isfinite(cast.astype(np.float64)) | ~np.isfinite(values)):
         return None
     return cast
+
+
+def _grouped_input_factor(weight: np.ndarray, vector: np.ndarray, in_axis: int, groups: int) -> np.ndarray:
+    """``vector`` (one value per input channel) shaped to multiply ``weight`` elementwise.
+
+    Conv weights are ``(M, C/g, k...)``: weight ``[m, j]`` reads input channel
+    ``(m // (M/g)) * (C/g) + j``. Other ops (groups 1) read input channel ``i`` along
+    ``in_axis``.
+    """
+    if groups > 1:
+        m, per_group = weight.shape[0], weight.shape[1]
+        factor = vector.reshape(groups, 1, per_group, *([1] * (weight.ndim - 2)))
+        return np.broadcast_to(factor, (groups, m // groups, per_group, *([1] * (weight.ndim - 2))))
+    shape = [1] * weight.ndim
+    shape[in_axis] = vector.shape[0]
+    return vector.reshape(shape)
+
+
+def scale_input_channels(weight: np.ndarray, scale: np.ndarray, in_axis: int, groups: int = 1) -> np.ndarray:
+    """``W (.)_in s``: the weight of ``W * (s * x)``, in float64."""
+    weight = np.asarray(weight, dtype=np.float64)
+    factor = _grouped_input_factor(weight, np.asarray(scale, dtype=np.float64), in_axis, groups)
+    if groups > 1:
+        return (weight.reshape(factor.shape[0], factor.shape[1], *weight.shape[1:]) * factor).reshape(weight.shape)
+    return weight * factor
+
+
+def input_shift_bias(weight: np.ndarray, shift: np.ndarray, in_axis: int, out_axis: int, groups: int = 1) -> np.ndarray:
+    """``W * t`` for a shift ``t`` constant over space: one value per output channel.
+
+    Summing the weight times the input-channel shift over every axis but the output one
+    is the contribution of ``t`` to each output, exact whenever no padding is involved.
+    """
+    weight = np.asarray(weight, dtype=np.float64)
+    weighted = scale_input_channels(weight, shift, in_axis, groups)
+    axes = tuple(a for a in range(weight.ndim) if a != out_axis)
+    return weighted.sum(axis=axes)

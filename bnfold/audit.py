@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.engine import batch_norms, mode_problem, plan_bn, read_stats
+from bnfold.consts import Constants
+from bnfold.engine import Site, batch_norms, mode_problem, plan_site, read_stats
 from bnfold.io import as_model
 
 INSPECT_SCHEMA_VERSION = 1
@@ -61,21 +62,24 @@ class Finding:
 def inspect(model_or_path: ir.Model | str | os.PathLike) -> list[Finding]:
     """Audit every BN of the model; nothing is changed."""
     model = as_model(model_or_path)
+    consts = Constants(model.ir_version)
     findings = []
     for scope, bn in batch_norms(model):
         finding = Finding(bn=bn.name, graph=scope.label)
         mode = mode_problem(bn, scope.opset)
         if mode is not None and mode[0] == "training-mode":
             finding.add("training-mode", mode[1])
-        stats = read_stats(bn, model.ir_version)
+        stats = read_stats(bn, consts)
         if isinstance(stats, tuple):
             _non_constant_stats(finding, bn, stats)
         else:
             finding.channels = stats.channels
             _check_health(finding, stats)
-        plan = plan_bn(bn, scope, model.ir_version)
+        plan = plan_site(Site(bn, scope), consts)
         if plan.foldable:
-            finding.plan = f"fold into {plan.match.node.op_type} {plan.match.node.name!r} ({plan.match.pattern})"
+            target = plan.after.match.node if plan.after is not None else plan.before.node
+            direction = "into" if plan.after is not None else "forward into"
+            finding.plan = f"fold {direction} {target.op_type} {target.name!r}"
         else:
             finding.fold_reason = plan.reason
             finding.plan = f"keep: {plan.reason} ({plan.detail})"

@@ -1,7 +1,14 @@
-"""Constant and rank facts about graph values, as the fold legality rules need them."""
+"""Constant and shape facts about graph values, as the fold legality rules need them.
+
+Exporters often produce parameters through small constant subgraphs (a Reshape or
+Transpose of an initializer, a Cast, the torch dynamo exporter's ``Expand`` zero bias,
+``ConstantOfShape``). ``Constants.tensor`` evaluates those once, in numpy, so the rest of
+the engine sees plain constants.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 #: Ops whose output has the rank of their first input.
@@ -11,21 +18,144 @@ _RANK_PRESERVING = {
     "BatchNormalization", "Softmax", "LogSoftmax",
 }
 
+#: Ops evaluated when all their inputs are constants.
+EVALUATED_OPS = {"Identity", "Cast", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "ConstantOfShape", "Expand",
+                 "CastLike", "Shape"}
 
-def constant_tensor(value: ir.Value, ir_version: int) -> tuple[ir.TensorProtocol | None, str | None]:
-    """The constant behind ``value``, or None with the reason it is not one.
 
-    Initializers also listed as graph inputs are overridable defaults in IR >= 4 and
-    plain constants in IR < 4, where every initializer had to be an input.
-    """
-    if value.is_graph_input():
-        if value.const_value is not None and ir_version < 4:
-            return value.const_value, None
-        return None, "overridable-params" if value.const_value is not None else "non-constant-params"
-    tensor = ir.convenience.get_const_tensor(value)
-    if tensor is None:
-        return None, "non-constant-params"
-    return tensor, None
+class Constants:
+    """Constant lookup for one model, with the IR-version rule and a cache."""
+
+    def __init__(self, ir_version: int, fold_overridable: bool = False):
+        self.ir_version = ir_version
+        self.fold_overridable = fold_overridable
+        # Keyed by the Value itself (identity hash): holding it keeps ids from being reused.
+        self._cache: dict[ir.Value, ir.TensorProtocol | None] = {}
+
+    def tensor(self, value: ir.Value | None) -> tuple[ir.TensorProtocol | None, str | None]:
+        """The constant behind ``value``, or None with the reason it is not one.
+
+        Initializers also listed as graph inputs are overridable defaults in IR >= 4
+        (constants only with ``fold_overridable``) and plain constants in IR < 4, where
+        every initializer had to be an input.
+        """
+        if value is None:
+            return None, "non-constant-params"
+        if value.is_graph_input():
+            if value.const_value is not None and (self.ir_version < 4 or self.fold_overridable):
+                return value.const_value, None
+            return None, "overridable-params" if value.const_value is not None else "non-constant-params"
+        if value not in self._cache:
+            tensor = ir.convenience.get_const_tensor(value)
+            self._cache[value] = tensor if tensor is not None else self._evaluate(value)
+        tensor = self._cache[value]
+        return (tensor, None) if tensor is not None else (None, "non-constant-params")
+
+    def array(self, value: ir.Value | None) -> np.ndarray | None:
+        tensor, _ = self.tensor(value)
+        return None if tensor is None else tensor.numpy()
+
+    def _evaluate(self, value: ir.Value) -> ir.TensorProtocol | None:
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in EVALUATED_OPS:
+            return None
+        if len(node.outputs) != 1:
+            return None
+        if node.op_type == "Shape":
+            return _shape_of(node)
+        operands = node.inputs[:1] if node.op_type == "CastLike" else node.inputs
+        inputs = []
+        for operand in operands:
+            if operand is None:
+                inputs.append(None)
+                continue
+            array = self.array(operand)
+            if array is None:
+                return None
+            inputs.append(array)
+        if node.op_type == "CastLike":  # only the dtype of the second input matters
+            target = node.inputs[1].dtype
+            return None if target is None else ir.Tensor(inputs[0].astype(target.numpy()), name=value.name)
+        result = _EVALUATORS[node.op_type](node, inputs)
+        return None if result is None else ir.Tensor(np.ascontiguousarray(result), name=value.name)
+
+
+def is_evaluated_constant(node: ir.Node) -> bool:
+    """Whether ``node`` is a Constant or an op ``Constants`` evaluates (so it may be pruned)."""
+    return node.domain in ("", "ai.onnx") and (node.op_type == "Constant" or node.op_type in EVALUATED_OPS)
+
+
+def _shape_of(node: ir.Node) -> ir.Tensor | None:
+    """Shape(x) needs only x's static shape: the dynamo exporter sizes zero biases with it."""
+    source = node.inputs[0]
+    dims = list(source.const_value.shape) if source.const_value is not None else static_dims(source)
+    if dims is None or not all(isinstance(d, int) for d in dims):
+        return None
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", len(dims))
+    return ir.Tensor(np.array(dims[slice(start, end)], dtype=np.int64), name=node.outputs[0].name)
+
+
+def _axes(node: ir.Node, inputs: list, position: int) -> list[int] | None:
+    if len(inputs) > position and inputs[position] is not None:
+        return [int(a) for a in inputs[position]]
+    attr = node.attributes.get("axes")
+    return None if attr is None else [int(a) for a in attr.value]
+
+
+def _reshape(node, inputs):
+    data, shape = inputs[0], [int(d) for d in inputs[1]]
+    if not node.attributes.get_int("allowzero", 0):
+        shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return data.reshape(shape)
+
+
+def _transpose(node, inputs):
+    perm = node.attributes.get("perm")
+    return np.transpose(inputs[0], None if perm is None else list(perm.value))
+
+
+def _unsqueeze(node, inputs):
+    axes = _axes(node, inputs, 1)
+    if axes is None:
+        return None
+    rank = inputs[0].ndim + len(axes)
+    result = inputs[0]
+    for axis in sorted(a % rank for a in axes):
+        result = np.expand_dims(result, axis)
+    return result
+
+
+def _squeeze(node, inputs):
+    axes = _axes(node, inputs, 1)
+    return np.squeeze(inputs[0], axis=None if axes is None else tuple(a % inputs[0].ndim for a in axes))
+
+
+def _cast(node, inputs):
+    return inputs[0].astype(ir.DataType(node.attributes.get_int("to")).numpy())
+
+
+def _constant_of_shape(node, inputs):
+    attr = node.attributes.get("value")
+    fill = attr.value.numpy().reshape(()) if attr is not None else np.float32(0)
+    return np.full([int(d) for d in inputs[0]], fill, dtype=fill.dtype)
+
+
+def _expand(node, inputs):
+    shape = np.broadcast_shapes(inputs[0].shape, tuple(int(d) for d in inputs[1]))
+    return np.broadcast_to(inputs[0], shape)
+
+
+_EVALUATORS = {
+    "Identity": lambda node, inputs: inputs[0],
+    "Cast": _cast,
+    "Reshape": _reshape,
+    "Transpose": _transpose,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": _expand,
+}
 
 
 def rank_of(value: ir.Value, depth: int = 0) -> int | None:
@@ -44,8 +174,27 @@ def rank_of(value: ir.Value, depth: int = 0) -> int | None:
         weight = ir.convenience.get_const_tensor(producer.inputs[1])
         if weight is not None and len(weight.shape) == 2:
             return rank_of(producer.inputs[0], depth + 1)
+    if op in ("Conv", "ConvTranspose"):
+        weight = ir.convenience.get_const_tensor(producer.inputs[1])
+        if weight is not None:
+            return len(weight.shape)
     if op == "Reshape":
         target = ir.convenience.get_const_tensor(producer.inputs[1])
         if target is not None:
             return len(target.numpy())
     return None
+
+
+def static_dims(value: ir.Value) -> list[int | str] | None:
+    """Dims of ``value``: ints, or names for symbolic dims; None if any dim is unknown."""
+    if value.shape is None:
+        return None
+    dims = []
+    for dim in value.shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif dim is not None and getattr(dim, "value", None):
+            dims.append(str(dim.value))
+        else:
+            return None
+    return dims

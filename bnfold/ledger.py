@@ -21,25 +21,30 @@ REASONS: dict[str, str] = {
     "overridable-params": "a parameter is an initializer that is also a graph input (IR >= 4): a caller may override it",
     "non-finite-params": "a parameter holds NaN or infinity",
     "negative-variance": "a variance is negative or var + epsilon <= 0",
-    "no-linear-producer": "the BN input is not produced by Conv, ConvTranspose, Gemm or MatMul(+Add)",
+    "no-linear-producer": "no Conv, ConvTranspose, Gemm or MatMul(+Add) before the BN (nor one reading its output) to fold into",
     "fan-out": "the producer's output is read by other nodes besides the BN",
     "graph-output": "the producer's output is itself a graph output",
     "non-constant-weights": "the producer's weight or bias is not a constant",
     "channel-axis-mismatch": "the BN's channel axis (1) is not the producer's output-channel axis",
     "unknown-rank": "the rank of the MatMul activation cannot be proven, so neither can its channel axis",
-    "non-channel-bias": "the bias added after MatMul varies along more than the channel axis",
+    "non-channel-constant": "the constant (a Mul/Add operand, or a MatMul's bias) varies along more than the channel axis",
+    "unproven-layout": "a layout op between the linear op and the site moves, merges or splits the channel axis, or its shapes are unknown",
+    "zero-scale": "a BN before a padded Conv has a zero scale, so its shift cannot be kept as an Add before the conv",
     "dtype-overflow": "the folded weights or bias would overflow the model's dtype",
 }
 
 STATUS_FOLDED = "folded"
 STATUS_KEPT = "kept"
+#: A BN with no linear neighbour rewritten as Mul + Add (``--decompose-standalone``).
+STATUS_DECOMPOSED = "decomposed"
 
 
 @dataclass
 class LedgerEntry:
-    """One BatchNormalization node and its fate."""
+    """One affine site (a BN, or a constant Mul/Div/Add/Sub after a linear op) and its fate."""
 
-    bn: str
+    op: str
+    node: str
     graph: str
     status: str
     pattern: str | None = None
@@ -49,10 +54,15 @@ class LedgerEntry:
     channels: int | None = None
     max_rel_weight_change: float | None = None
     weight_cloned: bool = False
+    converted_from_training: bool = False
 
     @property
     def folded(self) -> bool:
         return self.status == STATUS_FOLDED
+
+    @property
+    def is_bn(self) -> bool:
+        return self.op == "BatchNormalization"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,7 +91,23 @@ class Ledger:
 
     @property
     def kept(self) -> list[LedgerEntry]:
-        return [e for e in self.entries if not e.folded]
+        return [e for e in self.entries if e.status == STATUS_KEPT]
+
+    @property
+    def batch_norms(self) -> list[LedgerEntry]:
+        return [e for e in self.entries if e.is_bn]
+
+    def summary(self) -> dict[str, int]:
+        bns = self.batch_norms
+        others = [e for e in self.entries if not e.is_bn]
+        return {
+            "bn_total": len(bns),
+            "folded": sum(e.status == STATUS_FOLDED for e in bns),
+            "kept": sum(e.status == STATUS_KEPT for e in bns),
+            "decomposed": sum(e.status == STATUS_DECOMPOSED for e in bns),
+            "other_folded": sum(e.status == STATUS_FOLDED for e in others),
+            "other_kept": sum(e.status == STATUS_KEPT for e in others),
+        }
 
     def to_dict(self, **context) -> dict:
         from bnfold import __version__
@@ -91,7 +117,7 @@ class Ledger:
             "schema_version": LEDGER_SCHEMA_VERSION,
             "bnfold_version": __version__,
             **context,
-            "summary": {"bn_total": len(self), "folded": len(self.folded), "kept": len(self.kept)},
+            "summary": self.summary(),
             "entries": [e.to_dict() for e in self.entries],
         }
 

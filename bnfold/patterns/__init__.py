@@ -1,9 +1,12 @@
-"""One matcher per linear producer a BatchNormalization can be folded into.
+"""Matchers for the linear ops an affine map can be folded into.
 
-A matcher looks at the value a BN reads and returns either a ``LinearMatch`` (where the
-weight and bias live, and along which axis the output channels run) or the ledger reason
-it does not apply. The engine applies every match the same way:
-``W' = s (.)_out W`` and ``b' = s * (factor * b) + t``.
+Producer matchers (one module per op) look at the value an affine site reads and return a
+``LinearMatch``: where the weight and bias live, along which weight axis the output
+channels run, and where those channels are in the output tensor. The engine applies every
+match the same way: ``W' = s (.)_out W`` and ``b' = s * (factor * b) + t``.
+``consumer`` matches the other direction (BN before a linear op), ``layout`` follows the
+channel axis through Transpose/Reshape/..., and ``elementwise`` turns constant
+Mul/Div/Add/Sub into (s, t).
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
+
+from bnfold.consts import Constants
+from bnfold.patterns.layout import Channel
 
 
 @dataclass
@@ -28,12 +34,19 @@ class LinearMatch:
     bias_index: int | None
     bias: ir.TensorProtocol | None
     output: ir.Value
+    #: Rank of ``output`` (None if unknown) and the axis of its channels there.
+    rank: int | None
+    channel_axis: int
     groups: int = 1
     #: Gemm's ``beta``: the bias enters as ``beta * C``; the fold writes beta into C.
     bias_factor: float = 1.0
 
+    @property
+    def channel(self) -> Channel:
+        return Channel(self.rank, self.channel_axis, self.channels)
 
-def match_producer(value: ir.Value, ir_version: int) -> LinearMatch | str:
+
+def match_producer(value: ir.Value, consts: Constants) -> LinearMatch | str:
     """The linear producer of ``value`` as a LinearMatch, or the reason there is none."""
     from bnfold.patterns import conv, conv_transpose, gemm, matmul
 
@@ -47,16 +60,14 @@ def match_producer(value: ir.Value, ir_version: int) -> LinearMatch | str:
     }
     if producer is None or producer.domain not in ("", "ai.onnx") or producer.op_type not in matchers:
         return "no-linear-producer"
-    return matchers[producer.op_type](producer, ir_version)
+    return matchers[producer.op_type](producer, consts)
 
 
-def constant_param(node: ir.Node, index: int, ir_version: int) -> tuple[ir.TensorProtocol | None, str | None]:
+def constant_param(node: ir.Node, index: int, consts: Constants) -> tuple[ir.TensorProtocol | None, str | None]:
     """Input ``index`` of ``node`` as a constant; (None, None) when the input is absent."""
-    from bnfold.consts import constant_tensor
-
     if index >= len(node.inputs) or node.inputs[index] is None:
         return None, None
-    tensor, reason = constant_tensor(node.inputs[index], ir_version)
+    tensor, reason = consts.tensor(node.inputs[index])
     if reason == "non-constant-params":
         reason = "non-constant-weights"
     return tensor, reason

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from bnfold.consts import Constants
 from bnfold.patterns import LinearMatch, constant_param
 
 
-def match(node: ir.Node, ir_version: int) -> LinearMatch | str:
-    weight, reason = constant_param(node, 1, ir_version)
+def match(node: ir.Node, consts: Constants) -> LinearMatch | str:
+    weight, reason = constant_param(node, 1, consts)
     if weight is None:
         return reason or "non-constant-weights"
-    bias, reason = constant_param(node, 2, ir_version)
+    bias, reason = constant_param(node, 2, consts)
     if reason:
         return reason
     return LinearMatch(
-        pattern="conv-bn",
+        pattern="conv",
         node=node,
         weight_index=1,
         weight=weight,
@@ -30,4 +31,6 @@ def match(node: ir.Node, ir_version: int) -> LinearMatch | str:
         bias_index=2,
         bias=bias,
         output=node.outputs[0],
+        rank=len(weight.shape),
+        channel_axis=1,
     )

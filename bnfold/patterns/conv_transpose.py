@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from bnfold.consts import Constants
 from bnfold.patterns import LinearMatch, constant_param
 
 
-def match(node: ir.Node, ir_version: int) -> LinearMatch | str:
-    weight, reason = constant_param(node, 1, ir_version)
+def match(node: ir.Node, consts: Constants) -> LinearMatch | str:
+    weight, reason = constant_param(node, 1, consts)
     if weight is None:
         return reason or "non-constant-weights"
-    bias, reason = constant_param(node, 2, ir_version)
+    bias, reason = constant_param(node, 2, consts)
     if reason:
         return reason
     groups = node.attributes.get_int("group", 1)
     return LinearMatch(
-        pattern="convtranspose-bn",
+        pattern="convtranspose",
         node=node,
         weight_index=1,
         weight=weight,
@@ -32,5 +33,7 @@ def match(node: ir.Node, ir_version: int) -> LinearMatch | str:
         bias_index=2,
         bias=bias,
         output=node.outputs[0],
+        rank=len(weight.shape),
+        channel_axis=1,
         groups=groups,
     )

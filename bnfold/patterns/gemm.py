@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from bnfold.consts import Constants
 from bnfold.patterns import LinearMatch, constant_param
 
 
-def match(node: ir.Node, ir_version: int) -> LinearMatch | str:
-    weight, reason = constant_param(node, 1, ir_version)
+def match(node: ir.Node, consts: Constants) -> LinearMatch | str:
+    weight, reason = constant_param(node, 1, consts)
     if weight is None:
         return reason or "non-constant-weights"
-    bias, reason = constant_param(node, 2, ir_version)
+    bias, reason = constant_param(node, 2, consts)
     if reason:
         return reason
     out_axis = 0 if node.attributes.get_int("transB", 0) else 1
     return LinearMatch(
-        pattern="gemm-bn",
+        pattern="gemm",
         node=node,
         weight_index=1,
         weight=weight,
@@ -33,5 +34,7 @@ def match(node: ir.Node, ir_version: int) -> LinearMatch | str:
         bias_index=2,
         bias=bias,
         output=node.outputs[0],
+        rank=2,
+        channel_axis=1,
         bias_factor=node.attributes.get_float("beta", 1.0),
     )

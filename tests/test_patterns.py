@@ -1,0 +1,427 @@
+"""The patterns real exporters emit: affine chains, layout wrappers, BN before a linear op,
+constant subgraphs, overridable initializers, standalone and training-mode BNs.
+
+Each is built with onnx.helper as the exporter writes it, folded, and run in onnxruntime
+against the original (ORT_DISABLE_ALL on both); each near miss keeps the model unchanged
+and names its reason.
+"""
+
+import itertools
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import bnfold
+from builders import GraphBuilder, count_ops, fold_and_compare, run
+
+PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
+
+
+def entries(result, status=None):
+    return [(e.op, e.status, e.pattern if e.folded else e.reason) for e in result.ledger
+            if status is None or e.status == status]
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def feeds(b: GraphBuilder, shape, name="x"):
+    return {name: b.rng.standard_normal(shape).astype(np.float32)}
+
+
+def channel_const(b: GraphBuilder, c: int, shape, positive=False) -> str:
+    values = b.rng.uniform(0.5, 2.0, c) if positive else b.rng.standard_normal(c)
+    return b.const(values.astype(np.float32).reshape(shape))
+
+
+# --- 1. affine chains ----------------------------------------------------------------
+
+
+def test_tf2onnx_dense_bn_chain(tmp_path):
+    """MatMul -> Add(bias) -> Mul(scale) -> Add(shift): a Dense+BN from tf2onnx."""
+    b = GraphBuilder(seed=1)
+    y = b.node("MatMul", [b.input([3, 4]), b.random([4, 5])])
+    y = b.node("Add", [y, b.random([5])])
+    y = b.node("Mul", [y, channel_const(b, 5, [5])])
+    b.output(b.node("Add", [y, channel_const(b, 5, [5])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (3, 4)), tmp_path)
+    assert entries(result) == [("Mul", "folded", "matmul-add-mul"), ("Add", "folded", "matmul-add-add")]
+    assert ops(folded) == ["MatMul", "Add"]
+
+
+def test_bias_free_dense_mul_add(tmp_path):
+    b = GraphBuilder(seed=2)
+    y = b.node("MatMul", [b.input([3, 4]), b.random([4, 5])])
+    y = b.node("Mul", [y, channel_const(b, 5, [1, 5])])
+    b.output(b.node("Add", [y, channel_const(b, 5, [5])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (3, 4)), tmp_path)
+    assert entries(result) == [("Mul", "folded", "matmul-mul")]
+    assert ops(folded) == ["MatMul", "Add"]
+
+
+def test_keras3_conv_mul_add_without_bn_node(tmp_path):
+    b = GraphBuilder(seed=3)
+    y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3]), b.random([4])])
+    y = b.node("Mul", [y, channel_const(b, 4, [1, 4, 1, 1])])
+    b.output(b.node("Add", [y, channel_const(b, 4, [1, 4, 1, 1])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert [s for _, s, _ in entries(result)] == ["folded", "folded"]
+    assert ops(folded) == ["Conv"]
+
+
+@pytest.mark.parametrize("constant_first", [False, True])
+def test_sub_and_div_chains(tmp_path, constant_first):
+    b = GraphBuilder(seed=4)
+    y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])])
+    c = channel_const(b, 4, [4, 1, 1])
+    y = b.node("Sub", [c, y] if constant_first else [y, c])
+    b.output(b.node("Div", [y, channel_const(b, 4, [4, 1, 1], positive=True)]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert [s for _, s, _ in entries(result)] == ["folded", "folded"]
+    assert ops(folded) == ["Conv"]
+
+
+def test_bn_then_mul_add_chain(tmp_path):
+    b = GraphBuilder(seed=5)
+    y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])])
+    y = b.node("Mul", [b.bn(y, 4), channel_const(b, 4, [1, 4, 1, 1])])
+    b.output(b.node("Add", [y, channel_const(b, 4, [4, 1, 1])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert [op for op, s, _ in entries(result, "folded")] == ["BatchNormalization", "Mul", "Add"]
+    assert ops(folded) == ["Conv"]
+
+
+def test_spatially_varying_constant_is_left(tmp_path):
+    b = GraphBuilder(seed=6)
+    y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])])
+    b.output(b.node("Mul", [y, b.random([1, 4, 4, 4])]))
+    model = b.model()
+    result, folded = fold_and_compare(model, feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert entries(result) == [("Mul", "kept", "non-channel-constant")]
+    assert ops(folded) == ops(model)
+
+
+def test_mul_unrelated_to_a_linear_op_is_not_a_site(tmp_path):
+    b = GraphBuilder(seed=7)
+    y = b.node("Relu", [b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])])])
+    b.output(b.node("Mul", [y, channel_const(b, 4, [4, 1, 1])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert entries(result) == []
+    assert ops(folded) == ["Conv", "Relu", "Mul"]
+
+
+@st.composite
+def affine_chains(draw):
+    chain = draw(st.lists(st.tuples(st.sampled_from(AFFINE_OPS), st.sampled_from(["C", "C11", "1C11", "scalar"]),
+                                    st.booleans()), min_size=1, max_size=4))
+    return chain, draw(st.integers(0, 2**16))
+
+
+@PROPERTY
+@given(affine_chains())
+def test_random_affine_chains_fold_completely(tmp_path_factory, drawn):
+    chain, seed = drawn
+    b = GraphBuilder(seed=seed)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3]), b.random([4])], pads=[1, 1, 1, 1])
+    for op, shape_kind, constant_first in chain:
+        shape = {"C": [4, 1, 1], "C11": [4, 1, 1], "1C11": [1, 4, 1, 1], "scalar": []}[shape_kind]
+        c = channel_const(b, 4 if shape else 1, shape or [], positive=True)
+        operands = [c, y] if constant_first and op != "Div" else [y, c]
+        y = b.node(op, operands)
+    b.output(y)
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 3, 5, 5)), tmp_path_factory.mktemp("chain"),
+                                      rtol=1e-4, atol=1e-4)
+    assert len(result.ledger.folded) == len(chain)
+    assert ops(folded) == ["Conv"]
+
+
+# --- 2. layout wrappers --------------------------------------------------------------
+
+
+def test_cancelling_transposes_between_conv_and_bn(tmp_path):
+    b = GraphBuilder(seed=10)
+    y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])])
+    y = b.node("Transpose", [b.node("Transpose", [y], perm=[0, 2, 3, 1])], perm=[0, 3, 1, 2])
+    b.output(b.bn(y, 4))
+    result, _ = fold_and_compare(b.model(), feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "folded", "conv-transpose-transpose-bn")]
+
+
+@PROPERTY
+@given(perm=st.permutations([0, 1, 2, 3]), seed=st.integers(0, 2**16))
+def test_transpose_folds_only_when_channel_lands_on_axis_1(tmp_path_factory, perm, seed):
+    b = GraphBuilder(seed=seed)
+    y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])], pads=[1, 1, 1, 1])
+    y = b.node("Transpose", [y], perm=list(perm))
+    conv_out_shape = [2, 4, 6, 6]
+    bn_channels = conv_out_shape[perm[1]]
+    b.output(b.bn(y, bn_channels, name="the_bn"))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 3, 6, 6)), tmp_path_factory.mktemp("perm"))
+    (entry,) = result.ledger
+    if perm[1] == 1:
+        assert entry.folded
+    else:
+        assert entry.reason == "channel-axis-mismatch"
+        assert count_ops(folded, "BatchNormalization") == 1
+
+
+def test_single_channel_convtranspose_reshape_bn_sigmoid_reshape(tmp_path):
+    b = GraphBuilder(seed=11)
+    y = b.node("ConvTranspose", [b.input([2, 3, 4, 4]), b.random([3, 1, 2, 2])], strides=[2, 2])
+    y = b.node("Reshape", [y, b.const(np.array([2, 1, 64], np.int64))])
+    y = b.node("Sigmoid", [b.bn(y, 1)])
+    b.output(b.node("Reshape", [y, b.const(np.array([2, 1, 8, 8], np.int64))]))
+    result, _ = fold_and_compare(b.model(), feeds(b, (2, 3, 4, 4)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "folded", "convtranspose-reshape-bn")]
+
+
+def test_tf2onnx_conv1d_unsqueeze_conv_squeeze_affine(tmp_path):
+    b = GraphBuilder(seed=12)
+    y = b.node("Unsqueeze", [b.input([2, 3, 9]), b.const(np.array([2], np.int64))])
+    y = b.node("Conv", [y, b.random([5, 3, 1, 3])])
+    y = b.node("Squeeze", [y, b.const(np.array([2], np.int64))])
+    y = b.node("Add", [y, channel_const(b, 5, [1, 5, 1])])
+    y = b.node("Mul", [y, channel_const(b, 5, [1, 5, 1])])
+    b.output(b.node("Add", [y, channel_const(b, 5, [1, 5, 1])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 3, 9)), tmp_path)
+    assert [s for _, s, _ in entries(result)] == ["folded"] * 3
+    assert ops(folded) == ["Unsqueeze", "Conv", "Squeeze"]
+
+
+def test_3d_matmul_transpose_bn(tmp_path):
+    b = GraphBuilder(seed=13)
+    y = b.node("MatMul", [b.input([2, 7, 4]), b.random([4, 5])])
+    y = b.node("Transpose", [y], perm=[0, 2, 1])
+    b.output(b.bn(y, 5))
+    result, _ = fold_and_compare(b.model(), feeds(b, (2, 7, 4)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "folded", "matmul-transpose-bn")]
+
+
+def test_reshape_keeping_the_channel_axis(tmp_path):
+    b = GraphBuilder(seed=14)
+    x = b.input([2, 3, 6, 6])
+    conv = b.node("Conv", [x, b.random([4, 3, 3, 3])], pads=[1, 1, 1, 1])
+    y = b.node("Reshape", [conv, b.const(np.array([0, 4, -1], np.int64))])
+    b.output(b.bn(y, 4))
+    model = b.model()
+    model.graph.value_info.append(oh.make_tensor_value_info(conv, onnx.TensorProto.FLOAT, [2, 4, 6, 6]))
+    result, _ = fold_and_compare(model, feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "folded", "conv-reshape-bn")]
+
+
+def test_flatten_merging_the_channel_is_not_proven(tmp_path):
+    b = GraphBuilder(seed=15)
+    x = b.input([2, 3, 4, 4])
+    conv = b.node("Conv", [x, b.random([4, 3, 3, 3])], pads=[1, 1, 1, 1])
+    y = b.node("Flatten", [conv], axis=2)
+    b.output(b.bn(y, 16, name="the_bn"))
+    model = b.model()
+    model.graph.value_info.append(oh.make_tensor_value_info(conv, onnx.TensorProto.FLOAT, [2, 4, 4, 4]))
+    result, folded = fold_and_compare(model, feeds(b, (2, 3, 4, 4)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "kept", "unproven-layout")]
+    assert count_ops(folded, "BatchNormalization") == 1
+
+
+def test_layout_intermediate_with_fan_out(tmp_path):
+    b = GraphBuilder(seed=16)
+    y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])])
+    t = b.node("Transpose", [y], perm=[0, 2, 3, 1])
+    b.output(b.bn(b.node("Transpose", [t], perm=[0, 3, 1, 2]), 4))
+    b.output(b.node("Relu", [t]))
+    result, _ = fold_and_compare(b.model(), feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "kept", "fan-out")]
+
+
+# --- 3. BN before a linear op --------------------------------------------------------
+
+
+def test_input_normalisation_bn_before_gemm(tmp_path):
+    b = GraphBuilder(seed=20)
+    y = b.bn(b.input([3, 6]), 6)
+    b.output(b.node("Gemm", [y, b.random([5, 6]), b.random([5])], transB=1, alpha=0.7, beta=1.5))
+    result, folded = fold_and_compare(b.model(), feeds(b, (3, 6)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "folded", "bn-gemm")]
+    assert ops(folded) == ["Gemm"]
+
+
+def test_bn_flatten_gemm(tmp_path):
+    b = GraphBuilder(seed=21)
+    y = b.node("Relu", [b.input([2, 3, 2, 2])])
+    y = b.node("Flatten", [b.bn(y, 3)], axis=1)
+    b.output(b.node("Gemm", [y, b.random([12, 5])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 3, 2, 2)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "folded", "bn-flatten-gemm")]
+    assert ops(folded) == ["Relu", "Flatten", "Gemm"]
+
+
+@pytest.mark.parametrize("groups,pads", [(1, [0, 0]), (3, [0, 0]), (1, [1, 1]), (3, [2, 1])])
+def test_bn_on_graph_input_before_conv1d(tmp_path, groups, pads):
+    b = GraphBuilder(seed=22)
+    y = b.bn(b.input([2, 6, 9]), 6)
+    b.output(b.node("Conv", [y, b.random([6, 6 // groups, 3]), b.random([6])], group=groups, pads=pads))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 6, 9)), tmp_path)
+    padded = any(pads)
+    assert entries(result) == [("BatchNormalization", "folded", "bn-conv-scale" if padded else "bn-conv")]
+    assert ops(folded) == (["Add", "Conv"] if padded else ["Conv"])
+
+
+def test_bn_before_matmul_uses_the_following_bias(tmp_path):
+    b = GraphBuilder(seed=23)
+    y = b.node("MatMul", [b.bn(b.input([3, 4]), 4), b.random([4, 5])])
+    b.output(b.node("Add", [y, b.random([5])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (3, 4)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "folded", "bn-matmul")]
+    assert ops(folded) == ["MatMul", "Add"]
+
+
+def test_never_folds_across_a_nonlinearity(tmp_path):
+    b = GraphBuilder(seed=24)
+    y = b.node("Relu", [b.bn(b.input([2, 3, 6, 6]), 3, name="the_bn")])
+    b.output(b.node("Conv", [y, b.random([4, 3, 3, 3])]))
+    model = b.model()
+    result, folded = fold_and_compare(model, feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "kept", "no-linear-producer")]
+    assert ops(folded) == ops(model)
+
+
+def test_zero_scale_before_padded_conv_is_kept(tmp_path):
+    b = GraphBuilder(seed=25)
+    gamma, beta, mean, var = b.bn_params(3)
+    b.initializers = [i if i.name != gamma else onnx.numpy_helper.from_array(np.array([1, 0, 1], np.float32), gamma)
+                      for i in b.initializers]
+    y = b.node("BatchNormalization", [b.input([2, 3, 6, 6]), gamma, beta, mean, var], name="the_bn")
+    b.output(b.node("Conv", [y, b.random([4, 3, 3, 3])], pads=[1, 1, 1, 1]))
+    result, _ = fold_and_compare(b.model(), feeds(b, (2, 3, 6, 6)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "kept", "zero-scale")]
+
+
+# --- 4. constant subgraphs -----------------------------------------------------------
+
+
+def test_parameters_behind_constant_subgraphs(tmp_path):
+    """Transposed Gemm weight, dynamo's Expand zero bias, BN params through Reshape/Cast."""
+    b = GraphBuilder(seed=30)
+    weight = b.node("Transpose", [b.random([5, 4])], perm=[1, 0])
+    zero_bias = b.node("Expand", [b.node("ConstantOfShape", [b.const(np.array([1], np.int64))],
+                                         value=onnx.numpy_helper.from_array(np.zeros(1, np.float32))),
+                                  b.const(np.array([5], np.int64))])
+    y = b.node("Gemm", [b.input([3, 4]), weight, zero_bias])
+    gamma, beta, mean, var = b.bn_params(5)
+    gamma = b.node("Reshape", [b.node("Unsqueeze", [gamma, b.const(np.array([0], np.int64))]),
+                               b.const(np.array([5], np.int64))])
+    var = b.node("Cast", [b.node("Identity", [var])], to=onnx.TensorProto.FLOAT)
+    b.output(b.node("BatchNormalization", [y, gamma, beta, mean, var]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (3, 4)), tmp_path)
+    assert entries(result) == [("BatchNormalization", "folded", "gemm-bn")]
+    assert ops(folded) == ["Gemm"], "the constant subgraphs must be pruned once folded"
+
+
+# --- 5. overridable initializers -----------------------------------------------------
+
+
+def overridable_model():
+    b = GraphBuilder(seed=40)
+    y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])])
+    b.output(b.bn(y, 4, name="the_bn"))
+    model = b.model()
+    for init in model.graph.initializer:
+        model.graph.input.append(oh.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return b, model
+
+
+def test_overridable_initializers_fold_only_when_asked(tmp_path):
+    b, model = overridable_model()
+    x = feeds(b, (2, 3, 6, 6))
+    result = bnfold.fold(ir.serde.deserialize_model(model))
+    assert entries(result) == [("BatchNormalization", "kept", "overridable-params")]
+    result = bnfold.fold(ir.serde.deserialize_model(model), fold_overridable=True)
+    assert entries(result) == [("BatchNormalization", "folded", "conv-bn")]
+    out = tmp_path / "f.onnx"
+    result.save(out)
+    folded = onnx.load(out)
+    assert [i.name for i in folded.graph.input] == ["x"], "folded overridable inputs are dropped"
+    np.testing.assert_allclose(run(out, x)[0], run(model, x)[0], rtol=1e-4, atol=1e-5)
+
+
+# --- 6. standalone BN ----------------------------------------------------------------
+
+
+def test_standalone_bn_kept_by_default_and_decomposed_on_request(tmp_path):
+    b = GraphBuilder(seed=50)
+    x = b.input([2, 3, 4, 4])
+    y = b.node("Concat", [x, b.node("Relu", [x])], axis=1)
+    b.output(b.bn(y, 6, name="the_bn"))
+    model = b.model()
+    x_feed = feeds(b, (2, 3, 4, 4))
+    result, _ = fold_and_compare(model, x_feed, tmp_path)
+    assert entries(result) == [("BatchNormalization", "kept", "no-linear-producer")]
+    src = tmp_path / "in.onnx"
+    result = bnfold.fold(src, decompose_standalone=True)
+    (entry,) = result.ledger
+    assert entry.status == "decomposed" and entry.reason == "no-linear-producer"
+    assert result.ledger.summary()["decomposed"] == 1
+    out = tmp_path / "d.onnx"
+    result.save(out)
+    decomposed = onnx.load(out)
+    onnx.checker.check_model(decomposed, full_check=True)
+    assert ops(decomposed) == ["Relu", "Concat", "Mul", "Add"]
+    np.testing.assert_allclose(run(out, x_feed)[0], run(model, x_feed)[0], rtol=1e-5, atol=1e-5)
+
+
+# --- 7. training-mode BN -------------------------------------------------------------
+
+
+def training_pair(used_stats: bool):
+    """A training-mode BN and the same BN in inference form, sharing their parameters."""
+    b = GraphBuilder(seed=60)
+    y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])])
+    params = b.bn_params(4)
+    inference = b.model(opset=15)
+    inference.graph.node.append(oh.make_node("BatchNormalization", [y, *params], ["out"], name="the_bn"))
+    inference.graph.output.append(oh.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [2, 4, 4, 4]))
+    training = onnx.ModelProto()
+    training.CopyFrom(inference)
+    del training.graph.node[-1]
+    training.graph.node.append(oh.make_node("BatchNormalization", [y, *params], ["out", "rm", "rv"],
+                                            name="the_bn", training_mode=1))
+    if used_stats:
+        training.graph.output.append(oh.make_tensor_value_info("rm", onnx.TensorProto.FLOAT, [4]))
+    return b, training, inference
+
+
+def test_training_mode_converted_with_to_inference(tmp_path):
+    b, training, inference = training_pair(used_stats=False)
+    assert entries(bnfold.fold(ir.serde.deserialize_model(training))) == [
+        ("BatchNormalization", "kept", "training-mode")]
+    result = bnfold.fold(ir.serde.deserialize_model(training), to_inference=True)
+    (entry,) = result.ledger
+    assert entry.folded and entry.converted_from_training
+    out = tmp_path / "f.onnx"
+    result.save(out)
+    x = feeds(b, (2, 3, 6, 6))
+    np.testing.assert_allclose(run(out, x)[0], run(inference, x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_training_mode_with_used_running_stats_is_not_converted():
+    _, training, _ = training_pair(used_stats=True)
+    (entry,) = bnfold.fold(ir.serde.deserialize_model(training), to_inference=True).ledger
+    assert entry.status == "kept" and entry.reason == "training-mode" and "used" in entry.detail
+
+
+def test_all_transposes_of_rank_3_through_pairs():
+    """Every pair perm, inverse(perm) cancels, so the BN folds whatever perm is."""
+    for perm in itertools.permutations([0, 1, 2]):
+        inverse = list(np.argsort(perm))
+        b = GraphBuilder(seed=70)
+        y = b.node("Conv", [b.input([2, 3, 7]), b.random([4, 3, 3])])
+        y = b.node("Transpose", [b.node("Transpose", [y], perm=list(perm))], perm=inverse)
+        b.output(b.bn(y, 4))
+        (entry,) = bnfold.fold(ir.serde.deserialize_model(b.model())).ledger
+        assert entry.folded, (perm, entry)
