@@ -20,7 +20,7 @@ def __getattr__(name: str):
 
         return inspect
     if name == "verify":
-        from bnfold.verify import verify
+        from bnfold.verification import verify
 
         return verify
     raise AttributeError(f"module 'bnfold' has no attribute {name!r}")

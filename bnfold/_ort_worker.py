@@ -1,0 +1,138 @@
+"""The child process in which ``bnfold.verify`` runs onnxruntime.
+
+Kept apart from ``bnfold.verification`` so the child imports only numpy and onnxruntime (not
+onnx or onnx_ir): it starts once per verification, and its start-up is pure overhead.
+The parent runs this file by path and pickles a request to stdin; the child pickles the
+outputs (or an error) to the file named on its command line and, before each session,
+names it on stderr so that a crash can be attributed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROGRESS_PREFIX = "bnfold-verify-worker: "
+#: onnx.TensorProto.BFLOAT16, without importing onnx here.
+_ONNX_BFLOAT16 = 16
+
+
+def main(result_path: str) -> int:
+    """Entry point: run every requested session, pickle the outputs or the error."""
+    request = pickle.load(sys.stdin.buffer)
+    result = run_sessions(request)
+    Path(result_path).write_bytes(pickle.dumps(result))
+    return 0
+
+
+def run_sessions(request: dict) -> dict:
+    """Run each session of ``request["sessions"]`` on every feed; stop at the first error.
+
+    ``outputs`` is aligned with the sessions: a dict of output name to one array per
+    feed, or None for a session skipped because its optional provider is unusable.
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    result: dict[str, Any] = {
+        "onnxruntime_version": ort.__version__,
+        "available_providers": available,
+        "notes": [],
+        "outputs": [],
+        "error": None,
+    }
+    unusable: set[str] = set()
+    for provider, required in request["required"].items():
+        if provider in available:
+            continue
+        if required:
+            result["error"] = _unavailable_message(provider, available)
+            return result
+        unusable.add(provider)
+        result["notes"].append(f"{provider} is not available in this onnxruntime; ran on {CPU} only")
+    for session_request in request["sessions"]:
+        provider, what = session_request["provider"], session_request["label"]
+        if provider in unusable:
+            result["outputs"].append(None)
+            continue
+        options = ort.SessionOptions()
+        if not session_request["optimize"]:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        providers: list = [(CUDA, request["cuda_options"]), CPU] if provider == CUDA else [CPU]
+        _report_progress(what)
+        try:
+            session = ort.InferenceSession(session_request["path"], options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad models
+            result["error"] = f"onnxruntime could not load {what} ({_first_line(exc)})"
+            return result
+        if provider not in session.get_providers():
+            message = f"onnxruntime fell back from {provider} to {', '.join(session.get_providers())}"
+            if request["required"][provider]:
+                result["error"] = f"{message} for {what}; check the CUDA and cuDNN libraries onnxruntime-gpu needs"
+                return result
+            unusable.add(provider)
+            result["notes"].append(f"{message}; ran on {CPU} only")
+            result["outputs"].append(None)
+            continue
+        names = [output.name for output in session.get_outputs()]
+        outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for feed in request["feeds"]:
+            try:
+                values = session.run_with_ort_values(names, {k: _to_ort_value(ort, v) for k, v in feed.items()})
+            except Exception as exc:  # onnxruntime raises its own exception types at run time
+                result["error"] = f"onnxruntime failed running {what} ({_first_line(exc)})"
+                return result
+            for name, value in zip(names, values):
+                outputs[name].append(_ort_value_to_numpy(value))
+        result["outputs"].append(outputs)
+    return result
+
+
+def _report_progress(what: str) -> None:
+    """Say on stderr what runs next, so the parent can name it if onnxruntime crashes."""
+    sys.stderr.write(f"{PROGRESS_PREFIX}{what}\n")
+    sys.stderr.flush()
+
+
+def _unavailable_message(provider: str, available: list[str]) -> str:
+    message = f"{provider} is not available in this onnxruntime (it offers {', '.join(available)})"
+    if provider == CUDA:
+        message += "; install the GPU build: pip uninstall onnxruntime && pip install onnxruntime-gpu"
+    return message
+
+
+def _to_ort_value(ort, array: np.ndarray):
+    """onnxruntime's Python API takes bfloat16 only as raw 16-bit words with an ONNX type."""
+    if array.dtype.name == "bfloat16":
+        words = np.ascontiguousarray(array).view(np.uint16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(words, _ONNX_BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+
+
+def _ort_value_to_numpy(value) -> np.ndarray:
+    """Copy an output to numpy; onnxruntime has no numpy type for bfloat16, so copy its bytes."""
+    if value.data_type() != "tensor(bfloat16)":
+        return value.numpy()
+    import ctypes
+
+    import ml_dtypes
+
+    if value.device_name().lower() != "cpu":  # session.run returns host copies; never read a device pointer
+        raise RuntimeError(f"bfloat16 output on {value.device_name()}, expected a host copy")
+    shape = tuple(value.shape())
+    count = int(np.prod(shape, dtype=np.int64))
+    words = np.empty(0, np.uint16)
+    if count:
+        words = np.ctypeslib.as_array((ctypes.c_uint16 * count).from_address(value.data_ptr())).copy()
+    return words.reshape(shape).view(ml_dtypes.bfloat16)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

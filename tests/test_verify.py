@@ -1,0 +1,540 @@
+"""bnfold verify: real onnxruntime sessions on models built with onnx.helper.
+
+CUDA tests carry the ``cuda`` mark and skip, saying why, where onnxruntime offers no
+CUDAExecutionProvider (CI has no GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from typer.testing import CliRunner
+
+import bnfold
+from _models import (
+    ConvBnParams,
+    cast_model,
+    conv_bn_model,
+    elementwise_model,
+    embedding_model,
+    opset9_bn_with_empty_outputs,
+    save,
+    two_branch_model,
+)
+from bnfold.cli import app
+from bnfold.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, InputError
+from bnfold.verification import (
+    CPU,
+    CUDA,
+    DEFAULT_TOLERANCES,
+    OPTIMIZATION_DEFAULT,
+    OPTIMIZATION_DISABLED,
+    REPORT_SCHEMA_VERSION,
+    Tolerance,
+    VerifyOptions,
+    compare_arrays,
+    parse_shape,
+    verify,
+)
+
+CUDA_AVAILABLE = CUDA in ort.get_available_providers()
+needs_cuda = pytest.mark.skipif(
+    not CUDA_AVAILABLE,
+    reason=f"onnxruntime {ort.__version__} offers only {ort.get_available_providers()}: "
+    "no CUDAExecutionProvider (install onnxruntime-gpu on a machine with a CUDA GPU)",
+)
+
+
+@pytest.fixture(scope="module")
+def params() -> ConvBnParams:
+    return ConvBnParams.random(np.random.default_rng(0), 4, 3, (3, 3))
+
+
+@pytest.fixture
+def conv_pair(tmp_path, params):
+    """(original, hand-folded candidate) paths of x[N,3,8,8] -> Conv -> BN -> y."""
+    return save(conv_bn_model(params), tmp_path / "original.onnx"), save(
+        conv_bn_model(params, folded=True), tmp_path / "folded.onnx"
+    )
+
+
+def perturb_largest_weight(model: onnx.ModelProto, name: str, relative: float = 1e-3) -> onnx.ModelProto:
+    """Scale the largest-magnitude element of initializer ``name`` by ``1 + relative``."""
+    for index, initializer in enumerate(model.graph.initializer):
+        if initializer.name == name:
+            array = numpy_helper.to_array(initializer).copy()
+            position = np.unravel_index(np.argmax(np.abs(array)), array.shape)
+            array[position] *= 1 + relative
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, name))
+            return model
+    raise KeyError(name)
+
+
+def runs_of(report):
+    return {(c.output, c.subject.provider, c.subject.optimization) for c in report.comparisons}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+# --- verdicts ---------------------------------------------------------------------------
+
+
+def test_folded_model_passes_on_both_optimization_levels(conv_pair):
+    original, candidate = conv_pair
+    report = verify(original, candidate, providers="cpu")
+
+    assert report.passed and report.exit_code == EXIT_OK
+    assert runs_of(report) == {("y", CPU, OPTIMIZATION_DISABLED), ("y", CPU, OPTIMIZATION_DEFAULT)}
+    assert all(c.reference.model == "original" and c.reference.optimization == OPTIMIZATION_DISABLED
+               for c in report.comparisons)
+    assert report.providers == [CPU]
+    assert [(data.name, data.shape) for data in report.inputs] == [("x", [2, 3, 8, 8])]
+    assert report.onnxruntime_version == ort.__version__
+
+
+def test_bnfold_verify_stays_callable_after_the_implementation_is_imported(conv_pair):
+    import bnfold.verification  # noqa: F401  (a submodule import must not shadow bnfold.verify)
+
+    reports = [bnfold.verify(*conv_pair, providers="cpu"), bnfold.verify(*conv_pair, VerifyOptions(providers="cpu"))]
+
+    assert all(report.passed for report in reports)
+
+
+def test_model_folded_by_bnfold_passes(tmp_path, params):
+    original = save(conv_bn_model(params), tmp_path / "original.onnx")
+    result = bnfold.fold(original)
+    result.save(tmp_path / "folded.onnx")
+
+    report = verify(original, tmp_path / "folded.onnx", providers="cpu")
+
+    assert report.passed, report.summary()
+
+
+def test_weight_perturbed_by_1e_3_fails_and_names_the_output(tmp_path, params, conv_pair):
+    original, _ = conv_pair
+    candidate = save(perturb_largest_weight(conv_bn_model(params, folded=True), "c_W"), tmp_path / "bad.onnx")
+
+    report = verify(original, candidate, providers="cpu")
+
+    assert not report.passed and report.exit_code == EXIT_CHECK_FAILED
+    assert {c.output for c in report.failures()} == {"y"}
+    assert "'y'" in report.summary()
+    for comparison in report.failures():
+        difference = comparison.difference
+        assert difference.elements_failing > 0
+        # The reported minimum tolerances are exactly what it would take to pass.
+        assert difference.min_passing_atol > comparison.tolerance.atol
+        assert difference.min_passing_rtol > comparison.tolerance.rtol
+
+
+def test_renamed_output_is_a_mismatch_not_a_crash(tmp_path, params, conv_pair):
+    original, _ = conv_pair
+    candidate = save(conv_bn_model(params, folded=True, output_name="logits"), tmp_path / "renamed.onnx")
+
+    report = verify(original, candidate, providers="cpu")
+
+    assert not report.passed and report.exit_code == EXIT_CHECK_FAILED
+    assert any("'y'" in problem and "missing" in problem for problem in report.signature_mismatches)
+    assert any("'logits'" in problem for problem in report.signature_mismatches)
+
+
+def test_changed_input_shape_is_a_mismatch_and_nothing_runs(tmp_path, params, conv_pair):
+    original, _ = conv_pair
+    candidate = save(
+        conv_bn_model(params, folded=True, input_shape=(1, 3, 8, 8), output_shape=(1, 4, 6, 6)),
+        tmp_path / "static.onnx",
+    )
+
+    report = verify(original, candidate, providers="cpu")
+
+    assert not report.passed
+    assert any("input 'x'" in problem for problem in report.signature_mismatches)
+    assert report.comparisons == [] and report.onnxruntime_version is None
+
+
+def test_dynamic_batch_uses_batch_and_samples(conv_pair):
+    original, candidate = conv_pair
+    report = verify(original, candidate, providers="cpu", batch=3, samples=2, seed=7)
+
+    assert report.passed
+    assert report.runs == 2 and report.seed == 7
+    assert report.inputs[0].shape == [3, 3, 8, 8]
+    assert all(c.reference_shape == [3, 4, 6, 6] and c.difference.elements == 2 * 3 * 4 * 6 * 6
+               for c in report.comparisons)
+
+
+def test_dynamic_spatial_dims_need_shape(tmp_path, params):
+    shapes = {"input_shape": ("N", 3, "H", "W"), "output_shape": ("N", 4, "H2", "W2")}
+    original = save(conv_bn_model(params, **shapes), tmp_path / "original.onnx")
+    candidate = save(conv_bn_model(params, folded=True, **shapes), tmp_path / "folded.onnx")
+
+    with pytest.raises(InputError, match=r"dimension 2 \(H\) is dynamic.*--shape x=Nx3xHxW"):
+        verify(original, candidate, providers="cpu")
+    report = verify(original, candidate, providers="cpu", shapes={"x": (1, 3, 10, 12)})
+
+    assert report.passed
+    assert report.comparisons[0].reference_shape == [1, 4, 8, 10]
+
+
+def test_multi_input_multi_output_names_only_the_output_that_differs(tmp_path):
+    rng = np.random.default_rng(1)
+    left, right = ConvBnParams.random(rng, 4, 3, (3, 3)), ConvBnParams.random(rng, 4, 2, (3, 3))
+    original = save(two_branch_model(left, right), tmp_path / "original.onnx")
+    folded = save(two_branch_model(left, right, folded=True), tmp_path / "folded.onnx")
+    broken = save(perturb_largest_weight(two_branch_model(left, right, folded=True), "r_W"), tmp_path / "broken.onnx")
+
+    good = verify(original, folded, providers="cpu")
+    bad = verify(original, broken, providers="cpu")
+
+    assert good.passed
+    assert {c.output for c in good.comparisons} == {"left", "total"}
+    assert [data.name for data in good.inputs] == ["a", "b"]
+    assert {c.output for c in bad.failures()} == {"total"}
+
+
+def test_int64_and_bool_inputs(tmp_path):
+    rng = np.random.default_rng(2)
+    params = ConvBnParams.random(rng, 4, 5, (3,))
+    table = rng.standard_normal((10, 6)).astype(np.float32)
+    original = save(embedding_model(params, table), tmp_path / "original.onnx")
+    folded = save(embedding_model(params, table, folded=True), tmp_path / "folded.onnx")
+
+    report = verify(original, folded, providers="cpu")
+
+    assert report.passed, report.summary()
+    assert [(data.name, data.dtype) for data in report.inputs] == [("ids", "int64"), ("mask", "bool")]
+    assert report.comparisons[0].reference_shape == [2, 4, 4]
+
+
+def test_tolerances_follow_the_output_dtype_and_bfloat16_round_trips(tmp_path):
+    original = save(cast_model(), tmp_path / "original.onnx")
+    scaled = save(cast_model(scale=1.5), tmp_path / "scaled.onnx")
+
+    same = verify(original, original, providers="cpu")
+    report = verify(original, scaled, providers="cpu")
+
+    tolerance_of = {c.output: c.tolerance for c in same.comparisons}
+    assert tolerance_of == {
+        "wide": DEFAULT_TOLERANCES["float32"],
+        "narrow": DEFAULT_TOLERANCES["bfloat16"],
+        "half": DEFAULT_TOLERANCES["float16"],
+    }
+    assert same.passed
+    assert {c.output for c in report.failures()} == {"narrow"}
+    assert {c.reference_dtype for c in report.comparisons if c.output == "narrow"} == {"bfloat16"}
+
+
+def test_tolerance_overrides_apply(conv_pair):
+    original, candidate = conv_pair
+    report = verify(original, candidate, providers="cpu", rtol=0.5, atol=0.25)
+
+    assert {c.tolerance for c in report.comparisons} == {Tolerance(rtol=0.5, atol=0.25)}
+
+
+# --- inputs from npz ----------------------------------------------------------------------
+
+
+def test_npz_samples_along_axis_0_are_split_by_a_static_batch(tmp_path, params):
+    shapes = {"input_shape": (1, 3, 8, 8), "output_shape": (1, 4, 6, 6)}
+    original = save(conv_bn_model(params, **shapes), tmp_path / "original.onnx")
+    candidate = save(conv_bn_model(params, folded=True, **shapes), tmp_path / "folded.onnx")
+    np.savez(tmp_path / "inputs.npz", x=np.random.default_rng(3).standard_normal((3, 3, 8, 8)).astype(np.float32))
+
+    report = verify(original, candidate, providers="cpu", inputs=tmp_path / "inputs.npz")
+
+    assert report.passed
+    assert report.runs == 3 and report.seed is None
+    assert report.input_source == str(tmp_path / "inputs.npz")
+    assert report.inputs[0].shape == [1, 3, 8, 8]
+
+
+def test_npz_with_a_dynamic_batch_runs_all_samples_at_once(tmp_path, conv_pair):
+    original, candidate = conv_pair
+    np.savez(tmp_path / "inputs.npz", x=np.zeros((5, 3, 8, 8), np.float32))
+
+    report = verify(original, candidate, providers="cpu", inputs=tmp_path / "inputs.npz")
+
+    assert report.passed and report.runs == 1 and report.inputs[0].shape == [5, 3, 8, 8]
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"images": np.zeros((2, 3, 8, 8), np.float32)}, "key 'images' is not an input"),
+        ({}, "no array for input 'x'"),
+        ({"x": np.zeros((2, 3, 8, 8), np.float64)}, "'x' is float64, the model input is float32"),
+        ({"x": np.zeros((2, 3, 9, 9), np.float32)}, "has shape"),
+    ],
+)
+def test_bad_npz_is_an_input_error(tmp_path, conv_pair, arrays, message):
+    original, candidate = conv_pair
+    np.savez(tmp_path / "inputs.npz", **arrays)
+
+    with pytest.raises(InputError, match=message):
+        verify(original, candidate, providers="cpu", inputs=tmp_path / "inputs.npz")
+
+
+def test_unreadable_npz_is_an_input_error(tmp_path, conv_pair):
+    original, candidate = conv_pair
+    (tmp_path / "inputs.npz").write_bytes(b"PK\x03\x04 truncated")
+
+    with pytest.raises(InputError, match="not a readable .npz"):
+        verify(original, candidate, providers="cpu", inputs=tmp_path / "inputs.npz")
+
+
+def test_random_input_options_are_refused_with_npz(conv_pair, tmp_path):
+    with pytest.raises(InputError, match="--seed"):
+        VerifyOptions(inputs=tmp_path / "inputs.npz", seed=1)
+
+
+# --- robustness -------------------------------------------------------------------------
+
+
+def test_onnxruntime_crash_is_reported_not_fatal(tmp_path):
+    crashing = save(opset9_bn_with_empty_outputs(), tmp_path / "crash.onnx")
+
+    crash = r"onnxruntime crashed \(signal \d+.*running ORIGINAL on CPUExecutionProvider"
+    with pytest.raises(InputError, match=crash) as error:
+        verify(crashing, crashing, providers="cpu")
+    assert error.value.exit_code == EXIT_BAD_INPUT
+
+
+@pytest.mark.skipif(CUDA_AVAILABLE, reason="CUDAExecutionProvider is available here, so it cannot be missing")
+def test_requesting_missing_cuda_is_an_error_naming_onnxruntime_gpu(conv_pair):
+    original, candidate = conv_pair
+    with pytest.raises(InputError, match="CUDAExecutionProvider is not available.*onnxruntime-gpu"):
+        verify(original, candidate, providers="cpu,cuda")
+
+
+@pytest.mark.skipif(CUDA_AVAILABLE, reason="CUDAExecutionProvider is available here")
+def test_auto_without_cuda_runs_cpu_and_says_so(conv_pair):
+    report = verify(*conv_pair, providers="auto")
+
+    assert report.providers == [CPU]
+    assert any(CUDA in note for note in report.notes)
+
+
+def test_importing_the_cli_does_not_import_onnxruntime():
+    code = "import sys, bnfold.cli; sys.exit('onnxruntime' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# --- CUDA -------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_runs_the_matrix_and_measures_the_noise_floor(conv_pair, tmp_path, params):
+    original, candidate = conv_pair
+    broken = save(perturb_largest_weight(conv_bn_model(params, folded=True), "c_W"), tmp_path / "bad.onnx")
+
+    report = verify(original, candidate, providers="cuda")
+    bad = verify(original, broken, providers="cuda")
+
+    print(f"onnxruntime {report.onnxruntime_version} offered {report.available_providers}")
+    assert report.passed, report.summary()
+    assert report.providers == [CPU, CUDA] and not report.allow_tf32
+    assert {(run[1], run[2]) for run in runs_of(report)} == {
+        (provider, level) for provider in (CPU, CUDA) for level in (OPTIMIZATION_DISABLED, OPTIMIZATION_DEFAULT)
+    }
+    assert [(c.reference.provider, c.subject.provider) for c in report.noise_floor] == [(CPU, CUDA)]
+    assert {c.subject.provider for c in bad.failures()} == {CPU, CUDA}
+
+
+# --- comparison semantics ---------------------------------------------------------------
+
+
+def test_nan_in_the_same_place_is_equal_and_in_one_place_fails():
+    reference = [np.array([1.0, np.nan, np.inf], np.float32)]
+    same = compare_arrays(reference, [reference[0].copy()], DEFAULT_TOLERANCES["float32"])
+    one_sided_nan = [np.array([np.nan, np.nan, np.inf], np.float32)]
+    one_sided = compare_arrays(reference, one_sided_nan, DEFAULT_TOLERANCES["float32"])
+
+    assert same.passed and same.reference_nan == same.subject_nan == 1 and same.reference_inf == 1
+    assert not one_sided.passed
+    assert one_sided.nonfinite_mismatches == 1 and one_sided.subject_nan == 2
+    assert one_sided.min_passing_atol == one_sided.min_passing_rtol == float("inf")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_minimum_passing_tolerances_are_tight(seed):
+    rng = np.random.default_rng(seed)
+    reference = [rng.standard_normal((3, 4)), rng.standard_normal((3, 4))]
+    subject = [array + rng.standard_normal(array.shape) * 1e-3 for array in reference]
+    tolerance = Tolerance(rtol=1e-4, atol=1e-5)
+    difference = compare_arrays(reference, subject, tolerance)
+    min_atol, min_rtol = difference.min_passing_atol, difference.min_passing_rtol
+
+    assert not difference.passed
+    assert compare_arrays(reference, subject, Tolerance(tolerance.rtol, min_atol * (1 + 1e-9))).passed
+    assert not compare_arrays(reference, subject, Tolerance(tolerance.rtol, min_atol * (1 - 1e-6))).passed
+    assert compare_arrays(reference, subject, Tolerance(min_rtol * (1 + 1e-9), tolerance.atol)).passed
+    assert not compare_arrays(reference, subject, Tolerance(min_rtol * (1 - 1e-6), tolerance.atol)).passed
+    run, *index = difference.max_abs_diff_index
+    assert abs(subject[run][tuple(index)] - reference[run][tuple(index)]) == difference.max_abs_diff
+
+
+def test_parse_shape():
+    assert parse_shape("images=1x3x224x224") == ("images", (1, 3, 224, 224))
+    with pytest.raises(InputError, match="NAME=DIMS"):
+        parse_shape("images=1x3xHx224")
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def test_cli_pass_writes_the_versioned_json_report(conv_pair, tmp_path):
+    original, candidate = conv_pair
+    result = invoke("verify", original, candidate, "--providers", "cpu", "--seed", "3", "--json", tmp_path / "r.json")
+
+    assert result.exit_code == EXIT_OK, result.output
+    assert "PASS" in result.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["schema_version"] == REPORT_SCHEMA_VERSION and data["verdict"] == "PASS"
+    assert data["tool_version"] == bnfold.__version__ and data["onnxruntime_version"] == ort.__version__
+    assert data["providers"] == [CPU] and data["seed"] == 3
+    assert data["inputs"] == [{"name": "x", "dtype": "float32", "shape": [2, 3, 8, 8]}]
+    comparison = data["comparisons"][0]
+    assert comparison["passed"] is True and comparison["output"] == "y"
+    assert set(comparison["difference"]) >= {
+        "max_abs_diff", "max_abs_diff_index", "max_rel_diff", "mean_abs_diff", "cosine_similarity",
+        "reference_nan", "reference_inf", "subject_nan", "subject_inf", "min_passing_atol", "min_passing_rtol",
+    }
+
+
+def test_cli_mismatch_exits_1_and_names_the_output(tmp_path, params, conv_pair):
+    original, _ = conv_pair
+    candidate = save(perturb_largest_weight(conv_bn_model(params, folded=True), "c_W"), tmp_path / "bad.onnx")
+
+    result = invoke("verify", original, candidate, "--providers", "cpu", "--json", tmp_path / "r.json")
+
+    assert result.exit_code == EXIT_CHECK_FAILED
+    assert "FAIL: output 'y'" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["verdict"] == "FAIL"
+
+
+def test_cli_nan_in_one_model_only_fails_and_the_json_stays_strict(tmp_path):
+    original = save(elementwise_model("Log"), tmp_path / "log.onnx")
+    candidate = save(elementwise_model("Abs", "Log"), tmp_path / "log_abs.onnx")
+
+    result = invoke("verify", original, candidate, "--providers", "cpu", "--json", tmp_path / "r.json")
+
+    assert result.exit_code == EXIT_CHECK_FAILED
+    text = (tmp_path / "r.json").read_text()
+    difference = json.loads(text, parse_constant=pytest.fail)["comparisons"][0]["difference"]
+    assert difference["reference_nan"] > 0 and difference["subject_nan"] == 0
+    assert difference["nonfinite_mismatches"] == difference["reference_nan"]
+    assert difference["min_passing_atol"] == difference["min_passing_rtol"] == "inf"
+
+
+def test_cli_npz_with_a_wrong_key_exits_2(tmp_path, conv_pair):
+    original, candidate = conv_pair
+    np.savez(tmp_path / "inputs.npz", images=np.zeros((2, 3, 8, 8), np.float32))
+
+    result = invoke("verify", original, candidate, "--inputs", tmp_path / "inputs.npz")
+
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "key 'images' is not an input" in result.output
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["--providers", "tpu"],
+        ["--shape", "x=2x3"],
+        ["--samples", "0"],
+        ["--rtol", "-1"],
+    ],
+)
+def test_cli_bad_options_exit_2(conv_pair, arguments):
+    assert invoke("verify", *conv_pair, *arguments).exit_code == EXIT_BAD_INPUT
+
+
+def test_cli_missing_file_exits_2(conv_pair, tmp_path):
+    result = invoke("verify", conv_pair[0], tmp_path / "absent.onnx")
+
+    assert result.exit_code == EXIT_BAD_INPUT and "no such file" in result.output
+
+
+def test_fold_verify_keeps_a_verified_output(tmp_path, params):
+    original = save(conv_bn_model(params), tmp_path / "original.onnx")
+
+    result = invoke("fold", original, "-o", tmp_path / "out.onnx", "--verify", "--providers", "cpu",
+                    "--verify-json", tmp_path / "r.json")
+
+    assert result.exit_code == EXIT_OK, result.output
+    assert (tmp_path / "out.onnx").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["verdict"] == "PASS"
+
+
+def test_fold_verify_failure_removes_the_output_unless_kept(tmp_path, params):
+    original = save(conv_bn_model(params), tmp_path / "original.onnx")
+    # Folding changes rounding, so zero tolerance fails.
+    strict = ["--verify", "--providers", "cpu", "--rtol", "0", "--atol", "0"]
+
+    removed = invoke("fold", original, "-o", tmp_path / "out.onnx", *strict)
+    kept = invoke("fold", original, "-o", tmp_path / "kept.onnx", *strict, "--keep-on-failure")
+
+    assert removed.exit_code == EXIT_CHECK_FAILED and not (tmp_path / "out.onnx").exists()
+    assert kept.exit_code == EXIT_CHECK_FAILED and (tmp_path / "kept.onnx").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["kept.onnx", "original.onnx"]
+
+
+def test_fold_verify_refuses_in_place(tmp_path, params):
+    original = save(conv_bn_model(params), tmp_path / "original.onnx")
+    before = original.read_bytes()
+
+    result = invoke("fold", original, "-o", original, "--in-place", "--verify")
+
+    assert result.exit_code == EXIT_BAD_INPUT and original.read_bytes() == before
+
+
+def test_fold_verify_failure_removes_external_data_but_not_the_originals(tmp_path, params):
+    model = conv_bn_model(params)
+    onnx.save(model, str(tmp_path / "original.onnx"), save_as_external_data=True, location="original.onnx.data",
+              size_threshold=0)
+    original_files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    result = invoke("fold", tmp_path / "original.onnx", "-o", tmp_path / "out.onnx",
+                    "--verify", "--providers", "cpu", "--rtol", "0", "--atol", "0")
+
+    assert result.exit_code == EXIT_CHECK_FAILED
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == original_files
+
+
+def test_fold_verify_error_removes_the_output_and_says_so(tmp_path, params):
+    original = save(conv_bn_model(params), tmp_path / "original.onnx")
+    np.savez(tmp_path / "inputs.npz", images=np.zeros((2, 3, 8, 8), np.float32))
+
+    result = invoke("fold", original, "-o", tmp_path / "out.onnx", "--verify", "--inputs", tmp_path / "inputs.npz")
+
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "removed" in result.output and not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_json_report_never_overwrites_a_model(conv_pair):
+    original, candidate = conv_pair
+    before = candidate.read_bytes()
+
+    result = invoke("verify", original, candidate, "--json", candidate)
+
+    assert result.exit_code == EXIT_BAD_INPUT and candidate.read_bytes() == before
+
+
+def test_fold_verify_json_never_overwrites_the_input(tmp_path, params):
+    original = save(conv_bn_model(params), tmp_path / "original.onnx")
+    before = original.read_bytes()
+
+    result = invoke("fold", original, "-o", tmp_path / "out.onnx", "--verify", "--verify-json", original)
+
+    assert result.exit_code == EXIT_BAD_INPUT and original.read_bytes() == before
+    assert not (tmp_path / "out.onnx").exists()
