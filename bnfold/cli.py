@@ -74,14 +74,35 @@ def write_json(path: Path, payload: dict) -> None:
         raise InputError(f"{path}: cannot write JSON report ({exc.strerror or exc})") from None
 
 
-def naming_input(path: Path, run, *args):
-    """Call ``run(path, *args)``; an InputError that does not name the file yet gets it prepended."""
+def naming_input(path: Path, call):
+    """Return ``call()``; an InputError that does not name the file yet gets ``path`` prepended."""
     try:
-        return run(path, *args)
+        return call()
     except InputError as exc:
         if str(exc).startswith(f"{path}:"):
             raise
         raise InputError(f"{path}: {exc}") from None
+
+
+def refuse_overwriting_input(model: Path, source, writes: list[tuple[str, Path]], in_place: bool = False) -> None:
+    """No file a command writes may replace the input model or its external data; with
+    ``--in-place`` only OUT (and its weights) may replace the input's own files."""
+    import onnx_ir as ir
+
+    protected = {model.resolve()} | {
+        Path(value.const_value.path).resolve()
+        for graph in source.graphs()
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+    written: set[Path] = set()
+    for what, path in writes:
+        target = path.resolve()
+        allowed = in_place and what in ("output", "weights file")
+        if (target in protected and not allowed) or target in written:
+            raise InputError(f"{path}: the {what} would overwrite the input model {model}, its "
+                             "external data or another output; choose another path")
+        written.add(target)
 
 
 # Options shared by `verify` and `fold --verify`; their meaning is in docs/verify.md.
@@ -102,13 +123,19 @@ VERIFY_ALLOW_TF32 = typer.Option(False, "--allow-tf32", help="Let CUDA use TF32 
 @reports_errors
 def fold(
     model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path [default: IN with .folded.onnx]."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path (default: IN with .folded.onnx)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the ledger as JSON to this file."),
     external_data: Optional[str] = typer.Option(
         None, "--external-data", help="Write weights to this file (relative to OUT) instead of the default."),
     embed: bool = typer.Option(False, "--embed", help="Embed all weights in OUT (refused above 2 GB)."),
     in_place: bool = typer.Option(False, "--in-place", help="Allow OUT to be the input path."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 if any BatchNormalization is kept."),
+    fold_overridable: bool = typer.Option(
+        False, "--fold-overridable", help="Fold parameters that are initializers and graph inputs (IR >= 4); drops those inputs."),
+    decompose_standalone: bool = typer.Option(
+        False, "--decompose-standalone", help="Rewrite a BN with no linear neighbour as one Mul and one Add."),
+    to_inference: bool = typer.Option(
+        False, "--to-inference", help="Convert training-mode BNs (running-stat outputs unused) to inference form, then fold."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     verify_output: bool = typer.Option(
         False, "--verify", help="Verify OUT against MODEL in onnxruntime, like `bnfold verify`; exit 1 on a mismatch."),
@@ -126,7 +153,7 @@ def fold(
         False, "--keep-on-failure", help="With --verify: keep OUT when verification fails (it is removed otherwise)."),
 ) -> None:
     """Fold every foldable BatchNormalization of MODEL into its neighbour and write OUT."""
-    from bnfold.engine import fold as fold_model
+    from bnfold.engine import FoldOptions, fold as fold_model
 
     out = output or default_output(model)
     if out.resolve() == model.resolve() and not in_place:
@@ -136,25 +163,34 @@ def fold(
     if (verify_json or keep_on_failure) and not verify_output:
         raise InputError("--verify-json and --keep-on-failure apply only with --verify")
     if verify_output:
-        from bnfold.verify import VerifyOptions, parse_shapes
+        from bnfold.verification import VerifyOptions, parse_shapes
 
         if out.resolve() == model.resolve():
             raise InputError(f"{out}: --verify compares OUT with MODEL, so OUT must not overwrite it")
         verify_options = VerifyOptions(providers=providers, inputs=inputs, samples=samples, batch=batch,
                                        shapes=parse_shapes(shape or []), seed=seed, rtol=rtol, atol=atol,
                                        allow_tf32=allow_tf32)
-    result = naming_input(model, fold_model)
+    from bnfold.io import has_external_data, load_model
+
+    source = naming_input(model, lambda: load_model(model))
+    data_name = None if embed else (external_data or (f"{out.name}.data" if has_external_data(source) else None))
+    writes = [("output", out)] + [("weights file", out.parent / n) for n in [data_name] if n]
+    refuse_overwriting_input(model, source, writes + [("JSON report", p) for p in [json_path, verify_json] if p],
+                             in_place and out.resolve() == model.resolve())
+    options = FoldOptions(fold_overridable=fold_overridable, decompose_standalone=decompose_standalone,
+                          to_inference=to_inference)
+    result = naming_input(model, lambda: fold_model(source, options))
     result.save(out, external_data=False if embed else (external_data or None))
     if json_path:
         write_json(json_path, result.ledger.to_dict(input=str(model), output=str(out)))
     if not quiet:
         render_ledger(result.ledger, out)
     if verify_output:
-        from bnfold.verify import verify_or_discard
+        from bnfold.verification import verify_or_discard
 
         report = verify_or_discard(model, out, verify_options, keep_on_failure=keep_on_failure)
         finish_verification(report, verify_json, quiet)
-    if strict and result.ledger.kept:
+    if strict and any(e.status == "kept" for e in result.ledger.batch_norms):
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -171,7 +207,11 @@ def inspect(
     """
     from bnfold.audit import findings_to_dict, inspect as inspect_model
 
-    findings = naming_input(model, inspect_model)
+    from bnfold.io import load_model
+
+    source = naming_input(model, lambda: load_model(model))
+    refuse_overwriting_input(model, source, [("JSON report", p) for p in [json_path] if p])
+    findings = naming_input(model, lambda: inspect_model(source))
     if json_path:
         write_json(json_path, findings_to_dict(findings, input=str(model)))
     if not quiet:
@@ -201,16 +241,18 @@ def verify(
 
     Exit 0 when every output matches on every provider, 1 on a mismatch, 2 on bad input.
     """
-    from bnfold.verify import VerifyOptions, parse_shapes, verify as verify_models
+    from bnfold.verification import VerifyOptions, model_files, parse_shapes, verify as verify_models
 
     options = VerifyOptions(providers=providers, inputs=inputs, samples=samples, batch=batch,
                             shapes=parse_shapes(shape or []), seed=seed, rtol=rtol, atol=atol, allow_tf32=allow_tf32)
+    if json_path and json_path.resolve() in model_files(original) | model_files(candidate):
+        raise InputError(f"{json_path}: the JSON report would overwrite a model being verified; choose another path")
     finish_verification(verify_models(original, candidate, options), json_path, quiet)
 
 
 def finish_verification(report, json_path: Optional[Path], quiet: bool) -> None:
     """Write and print a verification report; exit 1 unless it passed."""
-    from bnfold.verify import render_report
+    from bnfold.verification import render_report
 
     if json_path:
         write_json(json_path, report.to_dict())
@@ -256,7 +298,7 @@ def train(
         return
     table = Table(title=f"bnfold train: {len(entries)} model(s) -> {out}")
     for column in ("file", "exporter", "opset", "BN", "test accuracy", "health", "KiB"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "file")
     for e in entries:
         metric = f"{e['test_accuracy']:.4f}" if e["test_accuracy"] is not None else f"mse {e['test_mse']:.5f}"
         table.add_row(e["file"], e["exporter"], str(e["opset"]), str(e["bn_count"]), metric, e["health"],
@@ -265,13 +307,19 @@ def train(
 
 
 def render_ledger(ledger, out: Path) -> None:
-    table = Table(title=f"bnfold: {len(ledger.folded)} of {len(ledger)} BatchNormalization folded -> {out}")
-    for column in ("BN", "graph", "status", "into / reason", "detail", "max rel Δw"):
+    summary = ledger.summary()
+    title = f"bnfold: {summary['folded']} of {summary['bn_total']} BatchNormalization folded"
+    if summary["decomposed"]:
+        title += f", {summary['decomposed']} decomposed"
+    if summary["other_folded"]:
+        title += f", {summary['other_folded']} other affine op(s) folded"
+    table = Table(title=f"{title} -> {out}")
+    for column in ("node", "op", "graph", "status", "into / reason", "detail", "max rel Δw"):
         table.add_column(column, overflow="fold")
     for e in ledger:
-        target = f"{e.into} ({e.pattern})" if e.folded else e.reason
+        target = f"{e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
         change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
-        table.add_row(e.bn, e.graph, e.status, target, e.detail, change,
+        table.add_row(e.node, e.op, e.graph, e.status, target, e.detail, change,
                       style=None if e.folded else "yellow")
     console.print(table)
 
