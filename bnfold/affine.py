@@ -21,24 +21,76 @@ def bn_scale_shift(
     return scale, beta - mean * scale
 
 
-def scale_output_channels(weight: np.ndarray, scale: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
-    """Multiply ``weight`` by ``scale`` along its output-channel axis, in float64.
+def output_channel_factor(shape: tuple[int, ...], scale: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
+    """Per-element multipliers, broadcastable to a weight of ``shape``, for ``W (.)_out s``.
 
     ``axis`` is the weight axis that indexes output channels within a group. With
     ``groups > 1`` and ``axis == 1`` (ConvTranspose, weight ``(C_in, C_out/g, k...)``)
     the output channel of ``(ci, co)`` is ``(ci // (C_in/g)) * (C_out/g) + co``, so the
-    scale is laid out per group along axis 0 as well.
+    factor is laid out per group along axis 0 as well. The factor holds one value per
+    channel (pair), never per kernel element, so it stays small.
     """
-    weight = np.asarray(weight, dtype=np.float64)
     scale = np.asarray(scale, dtype=np.float64)
     if axis == 1 and groups > 1:
-        c_in, per_group = weight.shape[0], weight.shape[1]
-        grouped = weight.reshape(groups, c_in // groups, per_group, *weight.shape[2:])
-        factor = scale.reshape(groups, 1, per_group, *([1] * (weight.ndim - 2)))
-        return (grouped * factor).reshape(weight.shape)
-    shape = [1] * weight.ndim
-    shape[axis] = scale.shape[0]
-    return weight * scale.reshape(shape)
+        return _grouped_factor(shape, scale, groups)
+    factor_shape = [1] * len(shape)
+    factor_shape[axis] = scale.shape[0]
+    return scale.reshape(factor_shape)
+
+
+def input_channel_factor(shape: tuple[int, ...], scale: np.ndarray, in_axis: int, groups: int = 1) -> np.ndarray:
+    """Per-element multipliers for ``W (.)_in s``: the weight of ``W * (s * x)``.
+
+    Grouped Conv weights are ``(M, C/g, k...)``: weight ``[m, j]`` reads input channel
+    ``(m // (M/g)) * (C/g) + j``. Other ops (groups 1) read input channel ``i`` along
+    ``in_axis``.
+    """
+    scale = np.asarray(scale, dtype=np.float64)
+    if groups > 1:
+        return _grouped_factor(shape, scale, groups)
+    factor_shape = [1] * len(shape)
+    factor_shape[in_axis] = scale.shape[0]
+    return scale.reshape(factor_shape)
+
+
+def _grouped_factor(shape: tuple[int, ...], scale: np.ndarray, groups: int) -> np.ndarray:
+    """Factor for weight ``[a, b]`` = ``scale[(a // (shape[0]/g)) * shape[1] + b]``."""
+    rows, per_group = shape[0], shape[1]
+    grid = np.broadcast_to(scale.reshape(groups, 1, per_group), (groups, rows // groups, per_group))
+    return grid.reshape(rows, per_group, *([1] * (len(shape) - 2)))
+
+
+def scale_output_channels(weight: np.ndarray, scale: np.ndarray, axis: int, groups: int = 1) -> np.ndarray:
+    """``W (.)_out s`` in float64."""
+    weight = np.asarray(weight, dtype=np.float64)
+    return weight * output_channel_factor(weight.shape, scale, axis, groups)
+
+
+def scale_input_channels(weight: np.ndarray, scale: np.ndarray, in_axis: int, groups: int = 1) -> np.ndarray:
+    """``W (.)_in s`` in float64."""
+    weight = np.asarray(weight, dtype=np.float64)
+    return weight * input_channel_factor(weight.shape, scale, in_axis, groups)
+
+
+def apply_factor(source: np.ndarray, factor: np.ndarray, dtype: np.dtype,
+                 chunk_elements: int = 1 << 22) -> np.ndarray | None:
+    """``source * factor`` computed in float64 chunk by chunk, cast once to ``dtype``.
+
+    Chunking along axis 0 bounds the float64 temporaries, so folding a huge tensor costs
+    one output-sized buffer, not three. None if a finite value overflows ``dtype``.
+    """
+    if source.ndim == 0:
+        return cast_checked(source.astype(np.float64) * factor, dtype)
+    out = np.empty(source.shape, dtype=dtype)
+    rows = max(1, chunk_elements // max(1, source[0].size))
+    for start in range(0, source.shape[0], rows):
+        stop = min(source.shape[0], start + rows)
+        part_factor = factor if factor.shape[0] == 1 else factor[start:stop]
+        cast = cast_checked(source[start:stop].astype(np.float64) * part_factor, dtype)
+        if cast is None:
+            return None
+        out[start:stop] = cast
+    return out
 
 
 def shifted_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -68,31 +120,6 @@ def cast_checked(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     if not np.all(np.isfinite(cast.astype(np.float64)) | ~np.isfinite(values)):
         return None
     return cast
-
-
-def _grouped_input_factor(weight: np.ndarray, vector: np.ndarray, in_axis: int, groups: int) -> np.ndarray:
-    """``vector`` (one value per input channel) shaped to multiply ``weight`` elementwise.
-
-    Conv weights are ``(M, C/g, k...)``: weight ``[m, j]`` reads input channel
-    ``(m // (M/g)) * (C/g) + j``. Other ops (groups 1) read input channel ``i`` along
-    ``in_axis``.
-    """
-    if groups > 1:
-        m, per_group = weight.shape[0], weight.shape[1]
-        factor = vector.reshape(groups, 1, per_group, *([1] * (weight.ndim - 2)))
-        return np.broadcast_to(factor, (groups, m // groups, per_group, *([1] * (weight.ndim - 2))))
-    shape = [1] * weight.ndim
-    shape[in_axis] = vector.shape[0]
-    return vector.reshape(shape)
-
-
-def scale_input_channels(weight: np.ndarray, scale: np.ndarray, in_axis: int, groups: int = 1) -> np.ndarray:
-    """``W (.)_in s``: the weight of ``W * (s * x)``, in float64."""
-    weight = np.asarray(weight, dtype=np.float64)
-    factor = _grouped_input_factor(weight, np.asarray(scale, dtype=np.float64), in_axis, groups)
-    if groups > 1:
-        return (weight.reshape(factor.shape[0], factor.shape[1], *weight.shape[1:]) * factor).reshape(weight.shape)
-    return weight * factor
 
 
 def input_shift_bias(weight: np.ndarray, shift: np.ndarray, in_axis: int, out_axis: int, groups: int = 1) -> np.ndarray:

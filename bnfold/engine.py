@@ -122,6 +122,10 @@ class Plan:
     after: AfterFold | None = None
     before: ConsumerMatch | None = None
     decompose_rank: int | None = None
+    #: Multipliers (broadcastable to the weight) that fold the map into it.
+    weight_factor: np.ndarray | None = None
+    #: The folded weight, computed at planning time for half types (to catch overflow).
+    eager_weight: np.ndarray | None = None
     reason: str | None = None
     detail: str = ""
 
@@ -384,15 +388,9 @@ def _elementwise_resolver(site: ElementwiseSite):
 
 
 def _check_overflow(plan: Plan) -> Plan:
-    """Half-precision folds are computed now so that an overflow keeps the site."""
     match = plan.after.match
-    dtype = match.weight.dtype
-    if dtype in LAZY_TYPES:
-        return plan
-    folded = affine.scale_output_channels(match.weight.numpy(), plan.scale, match.out_axis, match.groups)
-    if affine.cast_checked(folded, dtype.numpy()) is None:
-        return plan.keep("dtype-overflow", f"folded weight exceeds the range of {dtype.name}")
-    return plan
+    plan.weight_factor = affine.output_channel_factor(match.weight.shape, plan.scale, match.out_axis, match.groups)
+    return _eager_if_half(plan, match.weight)
 
 
 def _check_before(plan: Plan) -> Plan:
@@ -406,12 +404,18 @@ def _check_before(plan: Plan) -> Plan:
     consumer.repeat = consumer.in_channels // stats.channels
     if not consumer.exact_shift and np.any(plan.scale == 0):
         return plan.keep("zero-scale", f"{where} pads its input and a BN scale is 0, so the shift cannot stay as an Add")
-    dtype = consumer.weight.dtype
-    if dtype not in LAZY_TYPES:
-        folded = affine.scale_input_channels(consumer.weight.numpy(), _per_feature(plan.scale, consumer),
-                                             consumer.in_axis, consumer.groups)
-        if affine.cast_checked(folded, dtype.numpy()) is None:
-            return plan.keep("dtype-overflow", f"folded weight exceeds the range of {dtype.name}")
+    plan.weight_factor = affine.input_channel_factor(
+        consumer.weight.shape, _per_feature(plan.scale, consumer), consumer.in_axis, consumer.groups)
+    return _eager_if_half(plan, consumer.weight)
+
+
+def _eager_if_half(plan: Plan, weight: ir.TensorProtocol) -> Plan:
+    """Half-precision folds are computed now, so that an overflow keeps the site."""
+    if weight.dtype in LAZY_TYPES:
+        return plan
+    plan.eager_weight = affine.apply_factor(weight.numpy(), plan.weight_factor, weight.dtype.numpy())
+    if plan.eager_weight is None:
+        return plan.keep("dtype-overflow", f"folded weight exceeds the range of {weight.dtype.name}")
     return plan
 
 
@@ -470,11 +474,7 @@ def _apply_after(plan: Plan, rw: Rewriter) -> LedgerEntry:
         return _kept(plan.keep("dtype-overflow", f"folded bias exceeds the range of {bias_dtype.name}"))
 
     old_weight = match.node.inputs[match.weight_index]
-    folded_weight = _lazy_or_eager(
-        match.weight,
-        lambda w: affine.scale_output_channels(w, plan.scale, match.out_axis, match.groups),
-        f"folded weight of {match.node.name!r}",
-    )
+    folded_weight = _folded_weight(plan, match.weight, match.node)
     match.node.replace_input_with(match.weight_index, rw.constant(scope, f"{old_weight.name}_bnfold", folded_weight, match.node))
 
     old_bias_value = None
@@ -504,11 +504,10 @@ def _apply_after(plan: Plan, rw: Rewriter) -> LedgerEntry:
 def _apply_before(plan: Plan, rw: Rewriter) -> LedgerEntry:
     site, scope, consumer = plan.site, plan.site.scope, plan.before
     bn = site.node
-    scale, shift = _per_feature(plan.scale, consumer), _per_feature(plan.shift, consumer)
     dtype = consumer.weight.dtype
-    source = consumer.weight.numpy() if consumer.exact_shift else None
     if consumer.exact_shift:
-        extra = affine.input_shift_bias(source, shift, consumer.in_axis, consumer.out_axis, consumer.groups)
+        extra = affine.input_shift_bias(consumer.weight.numpy(), _per_feature(plan.shift, consumer),
+                                        consumer.in_axis, consumer.out_axis, consumer.groups)
         old_bias = 0.0 if consumer.bias is None else consumer.bias.numpy().astype(np.float64) * consumer.bias_factor
         bias_dtype = consumer.bias.dtype if consumer.bias is not None else dtype
         new_bias = affine.cast_checked(old_bias + consumer.shift_factor * extra, bias_dtype.numpy())
@@ -521,11 +520,7 @@ def _apply_before(plan: Plan, rw: Rewriter) -> LedgerEntry:
             return _kept(plan.keep("dtype-overflow", f"t / s exceeds the range of {dtype.name}"))
 
     old_weight = consumer.node.inputs[consumer.weight_index]
-    folded_weight = _lazy_or_eager(
-        consumer.weight,
-        lambda w: affine.scale_input_channels(w, scale, consumer.in_axis, consumer.groups),
-        f"folded weight of {consumer.node.name!r}",
-    )
+    folded_weight = _folded_weight(plan, consumer.weight, consumer.node)
     consumer.node.replace_input_with(
         consumer.weight_index, rw.constant(scope, f"{old_weight.name}_bnfold", folded_weight, consumer.node))
 
@@ -603,22 +598,21 @@ def _remove_site(site: Site, replacement: ir.Value) -> None:
         _drop_if_unused(value)
 
 
-def _lazy_or_eager(source: ir.TensorProtocol, compute, what: str) -> ir.TensorProtocol:
-    """The folded tensor: computed at save time for float32/float64, now for half types."""
-    dtype = source.dtype
+def _folded_weight(plan: Plan, source: ir.TensorProtocol, node: ir.Node) -> ir.TensorProtocol:
+    """The folded weight: computed while saving for float32/float64, already for half types."""
+    if plan.eager_weight is not None:
+        return ir.Tensor(plan.eager_weight)
+    dtype, factor = source.dtype, plan.weight_factor
 
     def materialise() -> ir.Tensor:
-        folded = compute(source.numpy())
+        folded = affine.apply_factor(source.numpy(), factor, dtype.numpy())
         if isinstance(source, ir.ExternalTensor):
             source.release()  # the mapped pages of the source are no longer needed
-        cast = affine.cast_checked(folded, dtype.numpy())
-        if cast is None:
-            raise FoldOverflowError(f"{what} overflows {dtype.name}")
-        return ir.Tensor(cast)
+        if folded is None:
+            raise FoldOverflowError(f"folded weight of {node.name!r} overflows {dtype.name}")
+        return ir.Tensor(folded)
 
-    if dtype in LAZY_TYPES:
-        return ir.LazyTensor(materialise, dtype=dtype, shape=ir.Shape(source.shape))
-    return materialise()
+    return ir.LazyTensor(materialise, dtype=dtype, shape=ir.Shape(source.shape))
 
 
 def _drop_if_unused(value: ir.Value | None) -> None:

@@ -78,3 +78,20 @@ def test_cast_checked_refuses_overflow_but_keeps_existing_infinities():
     assert kept is not None and kept.dtype == np.float16 and np.isinf(kept[1])
     exact = affine.cast_checked(np.array([0.5, -2.0]), np.float32)
     np.testing.assert_array_equal(exact, np.array([0.5, -2.0], dtype=np.float32))
+
+
+@given(st.integers(1, 9), st.integers(1, 4), st.integers(1, 50), st.sampled_from([np.float32, np.float16]), seeds)
+@settings(max_examples=50)
+def test_chunked_factor_application_equals_one_shot(rows, cols, chunk, dtype, seed):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((rows, cols, 2)).astype(dtype)
+    scale = rng.standard_normal(rows)
+    factor = affine.output_channel_factor(weight.shape, scale, axis=0)
+    chunked = affine.apply_factor(weight, factor, np.dtype(dtype), chunk_elements=chunk)
+    np.testing.assert_array_equal(chunked, (weight.astype(np.float64) * factor).astype(dtype))
+
+
+def test_apply_factor_reports_overflow():
+    weight = np.full((4, 3), 60000, np.float16)
+    factor = affine.output_channel_factor(weight.shape, np.array([1.0, 1.0, 2.0, 1.0]), axis=0)
+    assert affine.apply_factor(weight, factor, np.dtype(np.float16), chunk_elements=3) is None
