@@ -1,0 +1,16 @@
+"""Hypothesis profiles: ``ci`` (default) and ``nightly``; pick one with HYPOTHESIS_PROFILE.
+
+Property tests that do not fix ``max_examples`` themselves (the random-graph
+equivalence suite) take it from the profile: ``ci`` runs 1,000 random graphs per run,
+``nightly`` 20,000.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=1000, **COMMON)
+settings.register_profile("nightly", max_examples=20000, **COMMON)
+settings.register_profile("dev", max_examples=100, **COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
