@@ -73,23 +73,32 @@ def scale_input_channels(weight: np.ndarray, scale: np.ndarray, in_axis: int, gr
 
 
 def apply_factor(source: np.ndarray, factor: np.ndarray, dtype: np.dtype,
-                 chunk_elements: int = 1 << 22) -> np.ndarray | None:
-    """``source * factor`` computed in float64 chunk by chunk, cast once to ``dtype``.
+                 block_elements: int = 1 << 17) -> np.ndarray | None:
+    """``source * factor`` computed in float64 block by block, cast once to ``dtype``.
 
-    Chunking along axis 0 bounds the float64 temporaries, so folding a huge tensor costs
-    one output-sized buffer, not three. None if a finite value overflows ``dtype``.
+    Blocks along axis 0 go through one reused, cache-sized float64 buffer, so folding a
+    huge tensor costs one output-sized buffer and little else. None if a finite value
+    overflows ``dtype``.
     """
+    dtype = np.dtype(dtype)
     if source.ndim == 0:
         return cast_checked(source.astype(np.float64) * factor, dtype)
     out = np.empty(source.shape, dtype=dtype)
-    rows = max(1, chunk_elements // max(1, source[0].size))
+    row = max(1, source[0].size)
+    rows = max(1, block_elements // row)
+    buffer = np.empty((rows, *source.shape[1:]), dtype=np.float64)
     for start in range(0, source.shape[0], rows):
         stop = min(source.shape[0], start + rows)
-        part_factor = factor if factor.shape[0] == 1 else factor[start:stop]
-        cast = cast_checked(source[start:stop].astype(np.float64) * part_factor, dtype)
-        if cast is None:
+        part = buffer[: stop - start]
+        part[...] = source[start:stop]
+        np.multiply(part, factor if factor.shape[0] == 1 else factor[start:stop], out=part)
+        with np.errstate(over="ignore"):  # overflow is detected below, once
+            out[start:stop] = part  # the single rounding to the model's dtype
+    if not np.isfinite(out).all():
+        # Rare: an infinity either overflowed here or was already in the source.
+        exact = source.astype(np.float64) * factor
+        if not np.all(np.isfinite(out) | ~np.isfinite(exact)):
             return None
-        out[start:stop] = cast
     return out
 
 

@@ -605,14 +605,26 @@ def _folded_weight(plan: Plan, source: ir.TensorProtocol, node: ir.Node) -> ir.T
     dtype, factor = source.dtype, plan.weight_factor
 
     def materialise() -> ir.Tensor:
-        folded = affine.apply_factor(source.numpy(), factor, dtype.numpy())
-        if isinstance(source, ir.ExternalTensor):
-            source.release()  # the mapped pages of the source are no longer needed
+        folded = affine.apply_factor(_source_array(source), factor, dtype.numpy())
         if folded is None:
             raise FoldOverflowError(f"folded weight of {node.name!r} overflows {dtype.name}")
         return ir.Tensor(folded)
 
     return ir.LazyTensor(materialise, dtype=dtype, shape=ir.Shape(source.shape))
+
+
+def _source_array(source: ir.TensorProtocol) -> np.ndarray:
+    """A weight's values; external data through a private read-only map of just that tensor.
+
+    The map is unmapped when the array goes, so its pages count against memory only while
+    this one tensor is folded, and concurrent folds (onnx_ir saves with two workers) never
+    share or close one another's mapping. io.load_model has checked the file and range.
+    """
+    if isinstance(source, ir.ExternalTensor) and source.size:
+        little_endian = np.dtype(source.dtype.numpy()).newbyteorder("<")
+        return np.memmap(source.path, dtype=little_endian, mode="r", offset=source.offset or 0,
+                         shape=tuple(source.shape.numpy()))
+    return source.numpy()
 
 
 def _drop_if_unused(value: ir.Value | None) -> None:

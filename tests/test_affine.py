@@ -87,11 +87,18 @@ def test_chunked_factor_application_equals_one_shot(rows, cols, chunk, dtype, se
     weight = rng.standard_normal((rows, cols, 2)).astype(dtype)
     scale = rng.standard_normal(rows)
     factor = affine.output_channel_factor(weight.shape, scale, axis=0)
-    chunked = affine.apply_factor(weight, factor, np.dtype(dtype), chunk_elements=chunk)
+    chunked = affine.apply_factor(weight, factor, np.dtype(dtype), block_elements=chunk)
     np.testing.assert_array_equal(chunked, (weight.astype(np.float64) * factor).astype(dtype))
+
+
+def test_apply_factor_keeps_infinities_already_in_the_weight():
+    weight = np.array([[np.inf, 1.0], [2.0, -np.inf]], np.float32)
+    factor = affine.output_channel_factor(weight.shape, np.array([2.0, 3.0]), axis=0)
+    folded = affine.apply_factor(weight, factor, np.dtype(np.float32), block_elements=2)
+    np.testing.assert_array_equal(folded, np.array([[np.inf, 2.0], [6.0, -np.inf]], np.float32))
 
 
 def test_apply_factor_reports_overflow():
     weight = np.full((4, 3), 60000, np.float16)
     factor = affine.output_channel_factor(weight.shape, np.array([1.0, 1.0, 2.0, 1.0]), axis=0)
-    assert affine.apply_factor(weight, factor, np.dtype(np.float16), chunk_elements=3) is None
+    assert affine.apply_factor(weight, factor, np.dtype(np.float16), block_elements=3) is None
