@@ -40,6 +40,7 @@ from bnfold.verification import (
     Tolerance,
     VerifyOptions,
     compare_arrays,
+    output_scale,
     parse_shape,
     verify,
 )
@@ -223,14 +224,22 @@ def test_tolerances_follow_the_output_dtype_and_bfloat16_round_trips(tmp_path):
     report = verify(original, scaled, providers="cpu")
 
     tolerance_of = {c.output: c.tolerance for c in same.comparisons}
-    assert tolerance_of == {
-        "wide": DEFAULT_TOLERANCES["float32"],
-        "narrow": DEFAULT_TOLERANCES["bfloat16"],
-        "half": DEFAULT_TOLERANCES["float16"],
-    }
+    expected_type = {"wide": "float32", "narrow": "bfloat16", "half": "float16"}
+    assert set(tolerance_of) == set(expected_type)
+    for output, dtype in expected_type.items():
+        default = DEFAULT_TOLERANCES[dtype]
+        assert tolerance_of[output].rtol == default.rtol
+        # the default atol is in units of max(1, max |reference|): random N(0, 1) inputs reach > 1
+        assert 1.0 < tolerance_of[output].atol / default.atol < 10.0
     assert same.passed
     assert {c.output for c in report.failures()} == {"narrow"}
     assert {c.reference_dtype for c in report.comparisons if c.output == "narrow"} == {"bfloat16"}
+
+
+def test_output_scale_is_the_largest_finite_magnitude_but_at_least_one():
+    assert output_scale([np.array([0.5, -3.0], np.float32), np.array([2.0, np.nan], np.float32)]) == 3.0
+    assert output_scale([np.array([0.1, -0.2], np.float32)]) == 1.0
+    assert output_scale([np.array([np.inf, 4.0], np.float64)]) == 4.0
 
 
 def test_tolerance_overrides_apply(conv_pair):
