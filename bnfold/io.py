@@ -9,9 +9,15 @@ interrupted run never leaves a partial output and never touches the input.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,9 +25,11 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from bnfold.errors import InputError
+from bnfold.errors import BnfoldError, InputError
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
+#: Materialised tensor bytes onnx_ir may hold while writing external data with two workers.
+SAVE_IN_FLIGHT_BYTES = 64 * 2**20
 #: Headroom for the graph itself when deciding whether weights still fit inline.
 EMBED_HEADROOM_BYTES = 64 * 2**20
 
@@ -36,15 +44,34 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version in the file)")
+    _check_text(proto, path)
+    _check_tensors(proto, path)
     _check_external_data(proto, path.resolve().parent, path)
     _check_opsets(proto, path)
     try:
-        model = ir.serde.deserialize_model(proto)
+        with _onnx_ir_quiet():
+            model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # onnx_ir raises many types on malformed protos
         raise InputError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
     ir.external_data.set_base_dir(model.graph, str(path.resolve().parent))
     check_graph_wellformed(model, path)
+    check_linear_shapes(model, path)
     return model
+
+
+@contextlib.contextmanager
+def _onnx_ir_quiet() -> Iterator[None]:
+    """onnx_ir logs and warns about malformed parts as it reads them ("Output 'y' is not
+    produced by any node"); load_model reports those itself, as one error, so mute them."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def as_model(model_or_path: ir.Model | str | os.PathLike) -> ir.Model:
@@ -78,7 +105,8 @@ def save_model(
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        raise InputError(f"{target}: output folder {folder} does not exist")
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"{target}: output folder {folder} {problem}")
     if target.is_dir():
         raise InputError(f"{target}: is a directory")
     if external_data is not None:
@@ -88,28 +116,88 @@ def save_model(
             f"{target}: weights ({weight_bytes(model) / 2**30:.2f} GiB) do not fit in one ONNX "
             "file (protobuf limit 2 GiB); write them as external data instead"
         )
+    staging = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
-    except OSError as exc:
-        raise InputError(f"{target}: cannot write to {folder} ({exc.strerror})") from None
-    try:
+        with _signals_deferred():  # a signal between mkdir and assignment would leak the folder
+            try:
+                staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+            except OSError as exc:
+                raise InputError(f"{target}: cannot write to {folder} ({exc.strerror})") from None
         staged_model = staging / target.name
-        ir.save(model, staged_model, external_data=external_data, callback=callback)
+        if external_data is not None:  # a name like "weights/w.bin" needs its folder staged too
+            (staging / external_data).parent.mkdir(parents=True, exist_ok=True)
+        # Two workers overlap computing lazily folded weights with writing the previous
+        # ones; the in-flight cap keeps that overlap from costing memory.
+        parallel = dict(max_workers=2, max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES) if external_data else {}
+        ir.save(model, staged_model, external_data=external_data, callback=callback, **parallel)
         staged_files = [staged_model]
         if external_data is not None and (staging / external_data).exists():
             staged_files.insert(0, staging / external_data)
         for staged in staged_files:
             _fsync(staged)
-        # Data first: the model file is what makes the pair visible.
-        for staged in staged_files:
-            destination = folder / staged.relative_to(staging)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged, destination)
-        _fsync_dir(folder)
-    except OSError as exc:
-        raise InputError(f"{target}: cannot write ({exc.strerror or exc})") from None
+        # Data first: the model file is what makes the pair visible. An interrupt waits
+        # until both are in place, so it never leaves the data without its model.
+        with _signals_deferred():
+            for staged in staged_files:
+                destination = folder / staged.relative_to(staging)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, destination)
+            _fsync_dir(folder)
+    except Exception as exc:
+        # onnx_ir wraps errors raised while serializing (a lazy weight's FoldOverflowError,
+        # an OSError reading source data) in SerdeError: surface the real cause.
+        cause = _cause_of_type(exc, BnfoldError) or _cause_of_type(exc, OSError)
+        if isinstance(cause, BnfoldError):
+            raise cause from None
+        if isinstance(cause, OSError):
+            raise InputError(f"{target}: cannot write ({cause.strerror or cause})") from None
+        raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while the block runs, then deliver them to the previous handlers.
+
+    Python-level (not pthread_sigmask): any thread may receive the signal, but Python
+    handlers always run in the main thread, which is where this swaps them.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in held}
+    except ValueError:  # not the main interpreter: signals are not ours to hold
+        previous = None
+    if previous is None:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in pending:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            else:  # default or ignore: let the restored disposition decide
+                signal.raise_signal(signum)
+
+
+def _cause_of_type(exc: BaseException, kind: type) -> BaseException | None:
+    """``exc`` or the first exception in its cause/context chain that is a ``kind``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -127,6 +215,56 @@ def check_graph_wellformed(model: ir.Model, path: Path) -> None:
     for function in model.functions.values():
         _check_scope(function, set(function.inputs), path, f"function {function.name}")
     _check_scope(model.graph, set(), path, "graph")
+
+
+def check_linear_shapes(model: ir.Model, path: Path) -> None:
+    """Constant weights of Conv, ConvTranspose and Gemm have the ranks and bias lengths their
+    ONNX schemas require. The checker does not look at shapes, and the fold reads them."""
+    graphs = list(model.graphs()) + [f.graph for f in model.functions.values()]
+    for graph in graphs:
+        for node in graph:
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+                continue
+            weight = _static_shape(node.inputs[1] if len(node.inputs) > 1 else None)
+            if weight is None:
+                continue
+            bias = _static_shape(node.inputs[2] if len(node.inputs) > 2 else None)
+            problem = linear_shape_problem(node, weight, bias)
+            if problem:
+                raise InputError(f"{path}: invalid node {node.name or node.op_type!r}: {problem}")
+
+
+def linear_shape_problem(node: ir.Node, weight: tuple[int, ...], bias: tuple[int, ...] | None) -> str | None:
+    """What is wrong with a Conv/ConvTranspose/Gemm weight and bias shape, if anything."""
+    op = node.op_type
+    if op == "Gemm":
+        if len(weight) != 2:
+            return f"Gemm weight B has shape {list(weight)}, a Gemm needs a 2-D B"
+        n = weight[0] if node.attributes.get_int("transB", 0) else weight[1]
+        if bias is not None and (len(bias) > 2 or (bias and bias[-1] not in (1, n))):
+            return f"Gemm bias C of shape {list(bias)} does not broadcast to (M, {n})"
+        return None
+    group = node.attributes.get_int("group", 1)
+    if len(weight) < 3 or group < 1 or weight[0] % group:
+        return (f"{op} weight has shape {list(weight)} and group {group}: it needs rank >= 3 "
+                "(channels, channels per group, kernel) and a group >= 1 dividing its first axis")
+    channels = weight[0] if op == "Conv" else weight[1] * group
+    if bias is not None and tuple(bias) != (channels,):
+        return f"{op} bias has shape {list(bias)}, it needs [{channels}] (one per output channel)"
+    return None
+
+
+def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """The shape of an initializer or Constant-node tensor, None for anything computed."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    producer = value.producer()
+    if tensor is None and producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        tensor = producer.attributes["value"].value
+    if tensor is None or not hasattr(tensor, "shape"):
+        return None
+    return tuple(int(d) for d in tensor.shape)
 
 
 def _check_scope(graph, outer: set, path: Path, where: str) -> None:
@@ -201,6 +339,9 @@ def _check_nodes(nodes, ir_version: int, declared: dict[str, int], local_functio
             onnx.checker.check_node(node, context)
         except onnx.checker.ValidationError as exc:
             raise InputError(f"{path}: invalid node {node.name or node.op_type!r}: {_first_line(exc)}") from None
+        except UnicodeDecodeError:  # the checker's message quotes text that is not UTF-8
+            raise InputError(f"{path}: invalid node {node.name or node.op_type!r}: "
+                             "names or attributes that are not valid UTF-8") from None
 
 
 def _check_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
@@ -213,39 +354,122 @@ def _check_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None
         where = f"{path}: tensor {tensor.name!r}"
         if not location:
             raise InputError(f"{where} has external data without a location")
+        if not isinstance(location, str) or "\x00" in location:  # bytes: not valid UTF-8
+            raise InputError(f"{where}: external data location {location!r} is not a file name")
+        if tensor.data_type == onnx.TensorProto.STRING:
+            raise InputError(f"{where}: STRING tensors cannot be stored as external data")
         if os.path.isabs(location) or ".." in Path(location).parts:
             raise InputError(f"{where}: external data location {location!r} escapes the model folder")
-        data_file = (base / location).resolve()
-        if base not in data_file.parents:
-            raise InputError(f"{where}: external data location {location!r} escapes the model folder")
-        if not data_file.is_file():
-            raise InputError(f"{where}: external data file {location!r} is missing")
-        offset = int(info.get("offset", 0) or 0)
-        file_size = data_file.stat().st_size
+        try:
+            data_file = (base / location).resolve()
+            if base not in data_file.parents:
+                raise InputError(f"{where}: external data location {location!r} escapes the model folder")
+            if not data_file.is_file():
+                raise InputError(f"{where}: external data file {location!r} is missing")
+            file_size = data_file.stat().st_size
+        except OSError as exc:
+            raise InputError(f"{where}: external data file {location!r} is unusable ({exc.strerror or exc})") from None
+        offset = _int_entry(info, "offset", where, 0)
         needed = _tensor_nbytes(tensor)
-        length = int(info["length"]) if info.get("length") else file_size - offset
+        length = _int_entry(info, "length", where, file_size - offset)
         if offset < 0 or length < 0 or offset + length > file_size:
             raise InputError(
                 f"{where}: external data range {offset}+{length} lies beyond {location!r} ({file_size} bytes)"
             )
         if needed is not None and length < needed:
             raise InputError(f"{where}: external data holds {length} bytes, the tensor needs {needed}")
+        if needed is not None and info.get("length") and length != needed:
+            raise InputError(f"{where}: external data length {length} does not match the {needed} bytes "
+                             f"of its type and shape {list(tensor.dims)}")
+
+
+def _int_entry(info: dict[str, str], key: str, where: str, default: int) -> int:
+    """An external-data offset/length as an int; absent or empty means ``default``."""
+    text = info.get(key, "")
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{where}: external data {key} {text!r} is not an integer") from None
 
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's data takes (sub-byte types packed); None for strings or unknown types."""
     try:
-        dtype = ir.DataType(tensor.data_type)
-    except ValueError:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError):
         return None
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    return int(count * dtype.itemsize + 0.5)
+    return -(-math.prod(tensor.dims) * bits // 8)
+
+
+#: The typed field that holds a tensor's data when there is no raw_data, and entries per element.
+_TYPED_FIELDS: dict[ir.DataType, tuple[str, int]] = {
+    ir.DataType.FLOAT: ("float_data", 1), ir.DataType.COMPLEX64: ("float_data", 2),
+    ir.DataType.DOUBLE: ("double_data", 1), ir.DataType.COMPLEX128: ("double_data", 2),
+    ir.DataType.INT64: ("int64_data", 1), ir.DataType.UINT32: ("uint64_data", 1),
+    ir.DataType.UINT64: ("uint64_data", 1), ir.DataType.STRING: ("string_data", 1),
+    **{t: ("int32_data", 1) for t in (
+        ir.DataType.INT32, ir.DataType.INT16, ir.DataType.INT8, ir.DataType.UINT16, ir.DataType.UINT8,
+        ir.DataType.BOOL, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.FLOAT8E4M3FN,
+        ir.DataType.FLOAT8E4M3FNUZ, ir.DataType.FLOAT8E5M2, ir.DataType.FLOAT8E5M2FNUZ)},
+}
+
+
+def _check_text(message, path: Path) -> None:
+    """Every string field is valid UTF-8. protobuf hands over invalid ones as bytes, which
+    nothing downstream expects (onnx_ir cannot even write such a name back)."""
+    for field, value in message.ListFields():
+        repeated = getattr(field, "is_repeated", None)
+        if repeated is None:  # protobuf < 5
+            repeated = field.label == field.LABEL_REPEATED
+        items = value if repeated else (value,)
+        if field.type == field.TYPE_MESSAGE:
+            for item in items:
+                _check_text(item, path)
+        elif field.type == field.TYPE_STRING:
+            for item in items:
+                if not isinstance(item, str):
+                    raise InputError(f"{path}: {field.containing_type.name}.{field.name} {item!r} is not valid UTF-8")
+
+
+def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
+    """Every tensor in the file has a known type, a valid shape, and exactly the data they need.
+
+    onnx_ir reads tensors lazily, so a mismatch would otherwise surface deep in a fold.
+    External data is checked by ``_check_external_data``.
+    """
+    for tensor in _all_tensors(proto):
+        where = f"{path}: tensor {tensor.name!r}"
+        if any(dim < 0 for dim in tensor.dims):
+            raise InputError(f"{where} has a negative dimension in its shape {list(tensor.dims)}")
+        try:
+            dtype = ir.DataType(tensor.data_type)
+        except ValueError:
+            raise InputError(f"{where} has an unknown data type {tensor.data_type}") from None
+        if dtype == ir.DataType.UNDEFINED:
+            raise InputError(f"{where} has no data type")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        if tensor.HasField("raw_data"):
+            if dtype == ir.DataType.STRING:
+                raise InputError(f"{where} is a STRING tensor with raw_data, which only numeric types may use")
+            stored, needed, unit = len(tensor.raw_data), _tensor_nbytes(tensor), "bytes"
+        elif dtype in _TYPED_FIELDS:
+            field, per_element = _TYPED_FIELDS[dtype]
+            stored, needed, unit = len(getattr(tensor, field)), math.prod(tensor.dims) * per_element, "values"
+        else:
+            continue
+        if needed is not None and stored != needed:
+            raise InputError(f"{where} stores {stored} {unit} of data, but {dtype.name} of shape "
+                             f"{list(tensor.dims)} needs {needed}")
 
 
 def _check_relative_name(name: str, target: Path) -> None:
     if os.path.isabs(name) or ".." in Path(name).parts:
         raise InputError(f"{target}: external data name {name!r} must be a plain name relative to the output folder")
+    if not Path(name).parts or Path(name) == Path(target.name):
+        raise InputError(f"{target}: external data name {name!r} must differ from the model file's name")
 
 
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
