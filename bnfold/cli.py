@@ -70,8 +70,9 @@ def write_json(path: Path, payload: dict) -> None:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise InputError(f"{path}: cannot write JSON report ({exc.strerror or exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure or an interrupt; gone already on success
 
 
 def naming_input(path: Path, call):
@@ -160,6 +161,9 @@ def fold(
         raise InputError(f"{out}: output is the input; pass --in-place to overwrite it")
     if embed and external_data:
         raise InputError("--embed and --external-data exclude each other")
+    for report in (p for p in (json_path, verify_json) if p):  # fail before OUT is written
+        if not report.parent.is_dir() or report.is_dir():
+            raise InputError(f"{report}: cannot write a JSON report there (no such folder, or a folder)")
     if (verify_json or keep_on_failure) and not verify_output:
         raise InputError("--verify-json and --keep-on-failure apply only with --verify")
     if verify_output:
@@ -170,17 +174,23 @@ def fold(
         verify_options = VerifyOptions(providers=providers, inputs=inputs, samples=samples, batch=batch,
                                        shapes=parse_shapes(shape or []), seed=seed, rtol=rtol, atol=atol,
                                        allow_tf32=allow_tf32)
-    from bnfold.io import has_external_data, load_model
+    from bnfold.io import has_external_data, load_model, weight_bytes
+    from bnfold.progress import THRESHOLD_BYTES, Steps, save_callback
 
-    source = naming_input(model, lambda: load_model(model))
+    big_file = model.is_file() and model.stat().st_size >= THRESHOLD_BYTES
+    with Steps(big_file and not quiet, err_console).step(f"load {model.name}"):
+        source = naming_input(model, lambda: load_model(model))
+    steps = Steps(not quiet and weight_bytes(source) >= THRESHOLD_BYTES, err_console)
     data_name = None if embed else (external_data or (f"{out.name}.data" if has_external_data(source) else None))
     writes = [("output", out)] + [("weights file", out.parent / n) for n in [data_name] if n]
     refuse_overwriting_input(model, source, writes + [("JSON report", p) for p in [json_path, verify_json] if p],
                              in_place and out.resolve() == model.resolve())
     options = FoldOptions(fold_overridable=fold_overridable, decompose_standalone=decompose_standalone,
                           to_inference=to_inference)
-    result = naming_input(model, lambda: fold_model(source, options))
-    result.save(out, external_data=False if embed else (external_data or None))
+    with steps.step("fold"):
+        result = naming_input(model, lambda: fold_model(source, options))
+    with steps.step(f"save {out.name}") as advance:
+        result.save(out, external_data=False if embed else (external_data or None), callback=save_callback(advance))
     if json_path:
         write_json(json_path, result.ledger.to_dict(input=str(model), output=str(out)))
     if not quiet:
@@ -313,15 +323,16 @@ def render_ledger(ledger, out: Path) -> None:
         title += f", {summary['decomposed']} decomposed"
     if summary["other_folded"]:
         title += f", {summary['other_folded']} other affine op(s) folded"
-    table = Table(title=f"{title} -> {out}")
+    table = Table(title=title)
     for column in ("node", "op", "graph", "status", "into / reason", "detail", "max rel Δw"):
         table.add_column(column, overflow="fold")
     for e in ledger:
         target = f"{e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
         change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
-        table.add_row(e.node, e.op, e.graph, e.status, target, e.detail, change,
+        table.add_row(e.node, "BN" if e.is_bn else e.op, e.graph, e.status, target, e.detail, change,
                       style=None if e.folded else "yellow")
     console.print(table)
+    console.print(f"wrote {out}", markup=False, highlight=False, soft_wrap=True)
 
 
 def render_findings(findings) -> None:
