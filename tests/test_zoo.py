@@ -45,13 +45,8 @@ def _bn_count(path: Path) -> int:
     return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(path)).graph.node)
 
 
-def _bn_entries(ledger) -> list:
-    """The ledger's BatchNormalization entries (it may also list other affine sites)."""
-    return [le for le in ledger if getattr(le, "op", "BatchNormalization") == "BatchNormalization"]
-
-
 def _label(le) -> str:
-    return f"{getattr(le, 'node', None) or getattr(le, 'bn', '?')}: {le.reason} ({le.detail})"
+    return f"{le.node}: {le.reason} ({le.detail})"
 
 
 def _assert_same_predictions(entry: dict, ref: np.ndarray, got: np.ndarray) -> None:
@@ -136,7 +131,7 @@ def test_fold_and_verify(entry, tmp_path):
     out = tmp_path / "folded.onnx"
     result.save(out)
 
-    ledger = _bn_entries(result.ledger)
+    ledger = result.ledger.batch_norms
     assert len(ledger) == entry["bn_count"], "the ledger must account for every BN"
     kept = [le for le in ledger if le.status != "folded"]
     for le in kept:
@@ -202,7 +197,7 @@ def test_folded_onnx_matches_torch_eval(job_name, tmp_path):
         result = bnfold.fold(src)
         out = tmp_path / f"{exporter}.folded.onnx"
         result.save(out)
-        assert _bn_count(out) == sum(le.status != "folded" for le in _bn_entries(result.ledger))
+        assert _bn_count(out) == sum(le.status != "folded" for le in result.ledger.batch_norms)
         (got,) = E.run_onnx(out, {"input": x})
         np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
         if net.TASK == "classification":

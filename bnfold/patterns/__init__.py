@@ -63,6 +63,16 @@ def match_producer(value: ir.Value, consts: Constants) -> LinearMatch | str:
     return matchers[producer.op_type](producer, consts)
 
 
+def require_valid_shapes(node: ir.Node, weight: ir.TensorProtocol, bias: ir.TensorProtocol | None) -> None:
+    """Weights may come from constant subgraphs the loader could not size: check them here."""
+    from bnfold.errors import InputError
+    from bnfold.io import linear_shape_problem
+
+    problem = linear_shape_problem(node, tuple(weight.shape), None if bias is None else tuple(bias.shape))
+    if problem:
+        raise InputError(f"invalid node {node.name or node.op_type!r}: {problem}")
+
+
 def constant_param(node: ir.Node, index: int, consts: Constants) -> tuple[ir.TensorProtocol | None, str | None]:
     """Input ``index`` of ``node`` as a constant; (None, None) when the input is absent."""
     if index >= len(node.inputs) or node.inputs[index] is None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from bnfold.consts import Constants, rank_of
+from bnfold.patterns import require_valid_shapes
 
 
 @dataclass
@@ -97,6 +98,7 @@ def _conv(node: ir.Node, consts: Constants):
     bias, problem = _bias(node, 2, consts)
     if problem:
         return problem
+    require_valid_shapes(node, weight, bias)
     groups = node.attributes.get_int("group", 1)
     pads = node.attributes.get("pads")
     auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
@@ -118,6 +120,7 @@ def _gemm(node: ir.Node, consts: Constants):
     bias, problem = _bias(node, 2, consts)
     if problem:
         return problem
+    require_valid_shapes(node, weight, bias)
     in_axis = 1 if node.attributes.get_int("transB", 0) else 0
     return ConsumerMatch(
         pattern="bn-gemm", node=node, weight_index=1, weight=weight, in_axis=in_axis, out_axis=1 - in_axis,

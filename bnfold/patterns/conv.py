@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bnfold.consts import Constants
-from bnfold.patterns import LinearMatch, constant_param
+from bnfold.patterns import LinearMatch, constant_param, require_valid_shapes
 
 
 def match(node: ir.Node, consts: Constants) -> LinearMatch | str:
@@ -20,6 +20,7 @@ def match(node: ir.Node, consts: Constants) -> LinearMatch | str:
     bias, reason = constant_param(node, 2, consts)
     if reason:
         return reason
+    require_valid_shapes(node, weight, bias)
     return LinearMatch(
         pattern="conv",
         node=node,

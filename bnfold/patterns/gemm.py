@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bnfold.consts import Constants
-from bnfold.patterns import LinearMatch, constant_param
+from bnfold.patterns import LinearMatch, constant_param, require_valid_shapes
 
 
 def match(node: ir.Node, consts: Constants) -> LinearMatch | str:
@@ -22,6 +22,7 @@ def match(node: ir.Node, consts: Constants) -> LinearMatch | str:
     bias, reason = constant_param(node, 2, consts)
     if reason:
         return reason
+    require_valid_shapes(node, weight, bias)
     out_axis = 0 if node.attributes.get_int("transB", 0) else 1
     return LinearMatch(
         pattern="gemm",
