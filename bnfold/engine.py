@@ -454,6 +454,33 @@ class Rewriter:
             scope.graph.inputs.append(value)
         return value
 
+    def replace_weight(self, plan: Plan, scope: Scope, node: ir.Node, index: int,
+                       source: ir.TensorProtocol) -> ir.Value:
+        """Give ``node`` the folded weight as a new constant; returns the replaced value."""
+        old = node.inputs[index]
+        node.replace_input_with(index, self.constant(scope, f"{old.name}_bnfold", _folded_weight(plan, source, node), node))
+        return old
+
+    def set_bias(self, scope: Scope, node: ir.Node, bias_node: ir.Node | None, bias_index: int | None,
+                 new_bias: np.ndarray, bias_factor: float, base: str) -> ir.Value | None:
+        """Write ``new_bias`` into the bias slot; returns the replaced bias value, if any.
+
+        Without a slot (a bare MatMul) the bias becomes an Add after ``node``, unless it is
+        all zero. A Gemm's beta was folded into the bias, so it is reset to 1.
+        """
+        if bias_node is None:
+            if np.any(new_bias != 0):
+                self.add_after(scope, node, node.outputs[0], new_bias, base)
+            return None
+        old = bias_node.inputs[bias_index] if bias_index < len(bias_node.inputs) else None
+        if bias_index >= len(bias_node.inputs):
+            bias_node.resize_inputs(bias_index + 1)
+        name = old.name if old is not None else f"{node.name or 'node'}_bias"
+        bias_node.replace_input_with(bias_index, self.constant(scope, f"{name}_bnfold", ir.tensor(new_bias), bias_node))
+        if bias_factor != 1.0:
+            bias_node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        return old
+
     def add_after(self, scope: Scope, node: ir.Node, value: ir.Value, addend: np.ndarray, base: str) -> ir.Value:
         """Insert ``value + addend`` after ``node`` and make every reader of ``value`` read it."""
         readers = list(value.uses())
@@ -473,24 +500,9 @@ def _apply_after(plan: Plan, rw: Rewriter) -> LedgerEntry:
     if new_bias is None:
         return _kept(plan.keep("dtype-overflow", f"folded bias exceeds the range of {bias_dtype.name}"))
 
-    old_weight = match.node.inputs[match.weight_index]
-    folded_weight = _folded_weight(plan, match.weight, match.node)
-    match.node.replace_input_with(match.weight_index, rw.constant(scope, f"{old_weight.name}_bnfold", folded_weight, match.node))
-
-    old_bias_value = None
-    if match.bias_node is None:
-        if np.any(new_bias != 0):
-            rw.add_after(scope, match.node, match.output, new_bias, site.node.name or "site")
-    else:
-        if match.bias_index < len(match.bias_node.inputs):
-            old_bias_value = match.bias_node.inputs[match.bias_index]
-        else:
-            match.bias_node.resize_inputs(match.bias_index + 1)
-        base = old_bias_value.name if old_bias_value is not None else f"{match.node.name or 'node'}_bias"
-        match.bias_node.replace_input_with(
-            match.bias_index, rw.constant(scope, f"{base}_bnfold", ir.tensor(new_bias), match.bias_node))
-        if match.bias_factor != 1.0:
-            match.bias_node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    old_weight = rw.replace_weight(plan, scope, match.node, match.weight_index, match.weight)
+    old_bias_value = rw.set_bias(scope, match.node, match.bias_node, match.bias_index, new_bias,
+                                 match.bias_factor, site.node.name or "site")
 
     _remove_site(site, site.node.inputs[site.data_index])
     weight_cloned = bool(old_weight.uses())
@@ -519,10 +531,7 @@ def _apply_before(plan: Plan, rw: Rewriter) -> LedgerEntry:
         if addend is None:
             return _kept(plan.keep("dtype-overflow", f"t / s exceeds the range of {dtype.name}"))
 
-    old_weight = consumer.node.inputs[consumer.weight_index]
-    folded_weight = _folded_weight(plan, consumer.weight, consumer.node)
-    consumer.node.replace_input_with(
-        consumer.weight_index, rw.constant(scope, f"{old_weight.name}_bnfold", folded_weight, consumer.node))
+    old_weight = rw.replace_weight(plan, scope, consumer.node, consumer.weight_index, consumer.weight)
 
     old_bias_value = None
     if not consumer.exact_shift:
@@ -532,18 +541,8 @@ def _apply_before(plan: Plan, rw: Rewriter) -> LedgerEntry:
         scope.graph.insert_before(bn, shifted)
         _remove_site(site, shifted.outputs[0])
     else:
-        if consumer.bias_node is None:
-            rw.add_after(scope, consumer.node, consumer.node.outputs[0], new_bias, bn.name or "bn")
-        else:
-            if consumer.bias_index < len(consumer.bias_node.inputs):
-                old_bias_value = consumer.bias_node.inputs[consumer.bias_index]
-            else:
-                consumer.bias_node.resize_inputs(consumer.bias_index + 1)
-            base = old_bias_value.name if old_bias_value is not None else f"{consumer.node.name or 'node'}_bias"
-            consumer.bias_node.replace_input_with(
-                consumer.bias_index, rw.constant(scope, f"{base}_bnfold", ir.tensor(new_bias), consumer.bias_node))
-            if consumer.bias_factor != 1.0 and consumer.bias_node is consumer.node:
-                consumer.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        old_bias_value = rw.set_bias(scope, consumer.node, consumer.bias_node, consumer.bias_index, new_bias,
+                                     consumer.bias_factor, bn.name or "bn")
         bn.outputs[0].replace_all_uses_with(bn.inputs[0])
         stale = list(bn.inputs[1:])
         scope.graph.remove(bn, safe=True)

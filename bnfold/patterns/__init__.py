@@ -73,6 +73,19 @@ def require_valid_shapes(node: ir.Node, weight: ir.TensorProtocol, bias: ir.Tens
         raise InputError(f"invalid node {node.name or node.op_type!r}: {problem}")
 
 
+def weight_and_bias(node: ir.Node, consts: Constants) -> tuple[ir.TensorProtocol, ir.TensorProtocol | None] | str:
+    """A Conv/ConvTranspose/Gemm's constant weight (input 1) and optional bias (input 2),
+    shapes checked, or the ledger reason they are not constants."""
+    weight, reason = constant_param(node, 1, consts)
+    if weight is None:
+        return reason or "non-constant-weights"
+    bias, reason = constant_param(node, 2, consts)
+    if reason:
+        return reason
+    require_valid_shapes(node, weight, bias)
+    return weight, bias
+
+
 def constant_param(node: ir.Node, index: int, consts: Constants) -> tuple[ir.TensorProtocol | None, str | None]:
     """Input ``index`` of ``node`` as a constant; (None, None) when the input is absent."""
     if index >= len(node.inputs) or node.inputs[index] is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from bnfold.consts import Constants, rank_of
-from bnfold.patterns import require_valid_shapes
+from bnfold.patterns import constant_param, weight_and_bias
 
 
 @dataclass
@@ -74,31 +74,18 @@ def match_consumer(bn_output: ir.Value, consts: Constants) -> ConsumerMatch | tu
     return match
 
 
-def _weight(node: ir.Node, consts: Constants) -> ir.TensorProtocol | tuple[str, str]:
-    weight, reason = consts.tensor(node.inputs[1] if len(node.inputs) > 1 else None)
-    if weight is None:
-        return ("non-constant-weights" if reason == "non-constant-params" else reason,
-                f"{node.op_type} {node.name!r} weight is not a constant")
-    return weight
-
-
-def _bias(node: ir.Node, index: int, consts: Constants):
-    if index >= len(node.inputs) or node.inputs[index] is None:
-        return None, None
-    bias, reason = consts.tensor(node.inputs[index])
-    if bias is None:
-        return None, ("non-constant-weights", f"{node.op_type} {node.name!r} bias is not a constant")
-    return bias, None
+def _params(node: ir.Node, consts: Constants):
+    params = weight_and_bias(node, consts)
+    if isinstance(params, str):
+        return params, f"{node.op_type} {node.name!r} weight or bias is not a constant"
+    return params
 
 
 def _conv(node: ir.Node, consts: Constants):
-    weight = _weight(node, consts)
-    if isinstance(weight, tuple):
-        return weight
-    bias, problem = _bias(node, 2, consts)
-    if problem:
-        return problem
-    require_valid_shapes(node, weight, bias)
+    params = _params(node, consts)
+    if isinstance(params[0], str):
+        return params
+    weight, bias = params
     groups = node.attributes.get_int("group", 1)
     pads = node.attributes.get("pads")
     auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
@@ -114,13 +101,10 @@ def _conv(node: ir.Node, consts: Constants):
 def _gemm(node: ir.Node, consts: Constants):
     if node.attributes.get_int("transA", 0):
         return "channel-axis-mismatch", "Gemm with transA=1 reads the BN channels as rows"
-    weight = _weight(node, consts)
-    if isinstance(weight, tuple):
-        return weight
-    bias, problem = _bias(node, 2, consts)
-    if problem:
-        return problem
-    require_valid_shapes(node, weight, bias)
+    params = _params(node, consts)
+    if isinstance(params[0], str):
+        return params
+    weight, bias = params
     in_axis = 1 if node.attributes.get_int("transB", 0) else 0
     return ConsumerMatch(
         pattern="bn-gemm", node=node, weight_index=1, weight=weight, in_axis=in_axis, out_axis=1 - in_axis,
@@ -130,9 +114,9 @@ def _gemm(node: ir.Node, consts: Constants):
 
 
 def _matmul(node: ir.Node, consts: Constants):
-    weight = _weight(node, consts)
-    if isinstance(weight, tuple):
-        return weight
+    weight, reason = constant_param(node, 1, consts)
+    if weight is None:
+        return reason or "non-constant-weights", f"MatMul {node.name!r} weight is not a constant"
     if len(weight.shape) != 2:
         return "channel-axis-mismatch", f"MatMul {node.name!r} weight is not 2-D"
     bias_node, bias_index, bias = _following_bias(node, weight.shape[1], consts)

@@ -12,17 +12,14 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bnfold.consts import Constants
-from bnfold.patterns import LinearMatch, constant_param, require_valid_shapes
+from bnfold.patterns import LinearMatch, weight_and_bias
 
 
 def match(node: ir.Node, consts: Constants) -> LinearMatch | str:
-    weight, reason = constant_param(node, 1, consts)
-    if weight is None:
-        return reason or "non-constant-weights"
-    bias, reason = constant_param(node, 2, consts)
-    if reason:
-        return reason
-    require_valid_shapes(node, weight, bias)
+    params = weight_and_bias(node, consts)
+    if isinstance(params, str):
+        return params
+    weight, bias = params
     out_axis = 0 if node.attributes.get_int("transB", 0) else 1
     return LinearMatch(
         pattern="gemm",
