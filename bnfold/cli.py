@@ -116,7 +116,8 @@ VERIFY_BATCH = typer.Option(None, "--batch", help="Size of dynamic first dimensi
 VERIFY_SHAPES = typer.Option(None, "--shape", help="NAME=1x3x224x224 for an input's dynamic dims (repeatable).")
 VERIFY_SEED = typer.Option(None, "--seed", help="Seed of the random inputs (default 0).")
 VERIFY_RTOL = typer.Option(None, "--rtol", help="Relative tolerance for all outputs (default by dtype).")
-VERIFY_ATOL = typer.Option(None, "--atol", help="Absolute tolerance for all outputs (default by dtype).")
+VERIFY_ATOL = typer.Option(
+    None, "--atol", help="Absolute tolerance for all outputs (default by dtype, times max(1, max |output|)).")
 VERIFY_ALLOW_TF32 = typer.Option(False, "--allow-tf32", help="Let CUDA use TF32 (off: it changes fp32 results).")
 
 
