@@ -288,7 +288,7 @@ def plan_site(site: Site, consts: Constants, options: FoldOptions = FoldOptions(
     if isinstance(after, tuple):
         return plan.keep(*after)
     plan.after = after
-    return _check_overflow(plan)
+    return _prepare_after(plan)
 
 
 def _plan_bn(plan: Plan, consts: Constants, options: FoldOptions) -> Plan:
@@ -307,11 +307,11 @@ def _plan_bn(plan: Plan, consts: Constants, options: FoldOptions) -> Plan:
     after = _plan_after(plan, consts, _bn_resolver(plan))
     if not isinstance(after, tuple):
         plan.after = after
-        return _check_overflow(plan)
+        return _prepare_after(plan)
     before = match_consumer(bn.outputs[0], consts)
     if isinstance(before, ConsumerMatch):
         plan.before = before
-        return _check_before(plan)
+        return _prepare_before(plan)
     reason, detail = after
     if reason == "no-linear-producer":
         reason, detail = before[0], f"{detail}; {before[1]}"
@@ -387,13 +387,15 @@ def _elementwise_resolver(site: ElementwiseSite):
     return resolve
 
 
-def _check_overflow(plan: Plan) -> Plan:
+def _prepare_after(plan: Plan) -> Plan:
+    """The weight factor of an after-fold (and the folded weight itself for half types)."""
     match = plan.after.match
     plan.weight_factor = affine.output_channel_factor(match.weight.shape, plan.scale, match.out_axis, match.groups)
     return _eager_if_half(plan, match.weight)
 
 
-def _check_before(plan: Plan) -> Plan:
+def _prepare_before(plan: Plan) -> Plan:
+    """Check a before-fold's channel counts and padding; compute its weight factor."""
     consumer, stats = plan.before, plan.stats
     where = f"{consumer.node.op_type} {consumer.node.name!r}"
     if consumer.in_channels % stats.channels or (consumer.flatten is None and consumer.in_channels != stats.channels):
