@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bnfold.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, BnfoldError, InputError
+from bnfold.errors import EXIT_CHECK_FAILED, BnfoldError, InputError
 
 EXIT_INTERNAL = 3
 

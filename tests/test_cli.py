@@ -4,52 +4,21 @@ output, and a light import footprint (no onnxruntime or torch for --help or a fo
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
+from cli_runner import invoke
 from builders import GraphBuilder, count_ops, run
-from typer.testing import CliRunner
 
-from bnfold.cli import app, default_output
+from bnfold.cli import default_output
 
 PYTHON = sys.executable
 FEEDS = {"x": np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)}
-
-
-#: Warning categories Python's default filters do not print (outside __main__).
-HIDDEN = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(f"log {record.name}: {record.getMessage()}")
-
-
-def invoke(*args):
-    """Run the CLI in-process; ``result.noise``: warnings and log records, which a real
-    process would print on stderr but pytest intercepts."""
-    records = _Records()
-    logging.getLogger().addHandler(records)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        logging.getLogger().removeHandler(records)
-    result.noise = records.lines + [f"warning: {w.message}" for w in caught if not issubclass(w.category, HIDDEN)]
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
 
 
 def conv_bn_relu_bn() -> onnx.ModelProto:

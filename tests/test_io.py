@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import os
 import re
 import signal
@@ -19,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +26,11 @@ import onnx.helper as oh
 import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
+from cli_runner import invoke
 from builders import GraphBuilder, count_ops, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
-from bnfold.cli import app
 from bnfold.errors import InputError
 from bnfold.io import load_model, save_model
 
@@ -107,36 +104,6 @@ def snapshot(folder: Path) -> dict[str, str]:
 def temp_leftovers(folder: Path) -> list[str]:
     """Names a staging write could leave behind (bnfold stages in hidden folders/files)."""
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or "tmp" in p.name)
-
-
-#: Warning categories Python's default filters do not print (outside __main__).
-HIDDEN = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
-
-
-class _Records(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(f"log {record.name}: {record.getMessage()}")
-
-
-def invoke(*args: str):
-    """Run the CLI in-process. ``result.noise`` holds what a real process would also print
-    on stderr but pytest intercepts: Python warnings and logging records."""
-    records = _Records()
-    logging.getLogger().addHandler(records)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = CliRunner().invoke(app, [str(a) for a in args])
-    finally:
-        logging.getLogger().removeHandler(records)
-    result.noise = records.lines + [f"warning: {w.message}" for w in caught if not issubclass(w.category, HIDDEN)]
-    # Anything but SystemExit escaping the command would be a bug in the error handling.
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return result
 
 
 def assert_bad_input(result, names: str, problem: str) -> None:

@@ -12,7 +12,6 @@ Every class has an ``INPUT_LAYOUT`` (see :mod:`bnfold.train.data`) and a ``TASK`
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 N_CLASSES = 10
