@@ -11,8 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import onnx_ir as ir
 
+from bnfold._onnx_ir import ir
 from bnfold.consts import Constants
 from bnfold.engine import Site, batch_norms, mode_problem, plan_site, read_stats
 from bnfold.io import as_model

@@ -87,7 +87,7 @@ def naming_input(path: Path, call):
 def refuse_overwriting_input(model: Path, source, writes: list[tuple[str, Path]], in_place: bool = False) -> None:
     """No file a command writes may replace the input model or its external data; with
     ``--in-place`` only OUT (and its weights) may replace the input's own files."""
-    import onnx_ir as ir
+    from bnfold._onnx_ir import ir
 
     protected = {model.resolve()} | {
         Path(value.const_value.path).resolve()

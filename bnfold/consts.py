@@ -9,7 +9,8 @@ the engine sees plain constants.
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
+
+from bnfold._onnx_ir import ir
 
 #: Ops whose output has the rank of their first input.
 _RANK_PRESERVING = {

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 
+from bnfold._onnx_ir import ir
 from bnfold import affine
 from bnfold.consts import Constants, is_evaluated_constant, rank_of
 from bnfold.errors import BnfoldError, InputError

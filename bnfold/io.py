@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
-import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from bnfold._onnx_ir import ir
 from bnfold.errors import BnfoldError, InputError
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1

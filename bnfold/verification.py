@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
+from bnfold._onnx_ir import ir
 from bnfold import __version__
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, InputError
 from bnfold import _ort_worker

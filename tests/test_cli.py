@@ -276,3 +276,31 @@ def test_console_script_help_does_not_import_onnxruntime_or_torch():
     proc = subprocess.run([PYTHON, "-c", probe], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "EXIT 0 []", proc.stdout
+
+
+def test_folding_does_not_import_sympy_yet_symbolic_shapes_still_work():
+    """bnfold imports onnx_ir without its eager sympy import (bnfold/_onnx_ir.py); anything
+    that really needs sympy afterwards gets the real module."""
+    script = """
+import sys
+import bnfold
+result = bnfold.fold(sys.argv[1])
+assert result.ledger.summary()["folded"] == 6, result.ledger.summary()
+print("sympy imported by the fold:", "sympy.core" in sys.modules)
+import onnx_ir as ir
+print("symbolic:", ir.SymbolicDim("N") * 2 + 1)
+import sympy
+print("sympy module:", sympy.Symbol("x") + 1)
+"""
+    model = Path(__file__).resolve().parent.parent / "models" / "resnet_dynamo18.onnx"
+    done = subprocess.run([PYTHON, "-c", script, str(model)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "sympy imported by the fold: False", "symbolic: 2*N + 1", "sympy module: x + 1"]
+
+
+def test_torch_imports_after_bnfold():
+    pytest.importorskip("torch", reason="torch (the [train] extra) is not installed")
+    script = "import bnfold.engine, torch; print(torch.tensor([1.0]).sum().item())"
+    done = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "1.0", done.stderr

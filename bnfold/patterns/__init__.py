@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx_ir as ir
-
+from bnfold._onnx_ir import ir
 from bnfold.consts import Constants
 from bnfold.patterns.layout import Channel
 

@@ -7,8 +7,7 @@ stride, dilation, padding or auto_pad. A missing bias is zero.
 
 from __future__ import annotations
 
-import onnx_ir as ir
-
+from bnfold._onnx_ir import ir
 from bnfold.consts import Constants
 from bnfold.patterns import LinearMatch, weight_and_bias
 

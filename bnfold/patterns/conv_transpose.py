@@ -8,8 +8,7 @@ and sets ``b' = s * b + t``.
 
 from __future__ import annotations
 
-import onnx_ir as ir
-
+from bnfold._onnx_ir import ir
 from bnfold.consts import Constants
 from bnfold.patterns import LinearMatch, weight_and_bias
 

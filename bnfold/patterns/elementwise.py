@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_ir as ir
 
+from bnfold._onnx_ir import ir
 from bnfold.consts import Constants
 from bnfold.patterns.layout import Channel
 

@@ -9,8 +9,7 @@ written into the new C (and set to 1), C may be absent, a scalar, ``[1]``, ``[N]
 
 from __future__ import annotations
 
-import onnx_ir as ir
-
+from bnfold._onnx_ir import ir
 from bnfold.consts import Constants
 from bnfold.patterns import LinearMatch, weight_and_bias
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import onnx_ir as ir
-
+from bnfold._onnx_ir import ir
 from bnfold.consts import Constants, static_dims
 
 LAYOUT_OPS = {"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}

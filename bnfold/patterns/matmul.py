@@ -9,8 +9,7 @@ but the channel axis is not per-channel and stops the fold.
 
 from __future__ import annotations
 
-import onnx_ir as ir
-
+from bnfold._onnx_ir import ir
 from bnfold.consts import Constants, rank_of
 from bnfold.patterns import LinearMatch, constant_param
 
