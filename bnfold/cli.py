@@ -87,14 +87,9 @@ def naming_input(path: Path, call):
 def refuse_overwriting_input(model: Path, source, writes: list[tuple[str, Path]], in_place: bool = False) -> None:
     """No file a command writes may replace the input model or its external data; with
     ``--in-place`` only OUT (and its weights) may replace the input's own files."""
-    from bnfold._onnx_ir import ir
+    from bnfold.io import external_data_files
 
-    protected = {model.resolve()} | {
-        Path(value.const_value.path).resolve()
-        for graph in source.graphs()
-        for value in graph.initializers.values()
-        if isinstance(value.const_value, ir.ExternalTensor)
-    }
+    protected = {model.resolve()} | external_data_files(source)
     written: set[Path] = set()
     for what, path in writes:
         target = path.resolve()

@@ -81,13 +81,19 @@ def as_model(model_or_path: ir.Model | str | os.PathLike) -> ir.Model:
     return load_model(model_or_path)
 
 
-def has_external_data(model: ir.Model) -> bool:
-    """Whether any initializer is stored outside the model file."""
-    return any(
-        isinstance(value.const_value, ir.ExternalTensor)
+def external_data_files(model: ir.Model) -> set[Path]:
+    """The resolved paths of the files holding the model's external data."""
+    return {
+        Path(value.const_value.path).resolve()
         for graph in model.graphs()
         for value in graph.initializers.values()
-    )
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """Whether any initializer is stored outside the model file."""
+    return bool(external_data_files(model))
 
 
 def save_model(
@@ -111,9 +117,9 @@ def save_model(
         raise InputError(f"{target}: is a directory")
     if external_data is not None:
         _check_relative_name(external_data, target)
-    elif weight_bytes(model) > PROTOBUF_LIMIT_BYTES - EMBED_HEADROOM_BYTES:
+    elif (embedded := weight_bytes(model)) > PROTOBUF_LIMIT_BYTES - EMBED_HEADROOM_BYTES:
         raise InputError(
-            f"{target}: weights ({weight_bytes(model) / 2**30:.2f} GiB) do not fit in one ONNX "
+            f"{target}: weights ({embedded / 2**30:.2f} GiB) do not fit in one ONNX "
             "file (protobuf limit 2 GiB); write them as external data instead"
         )
     staging = None
@@ -256,15 +262,8 @@ def linear_shape_problem(node: ir.Node, weight: tuple[int, ...], bias: tuple[int
 
 def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """The shape of an initializer or Constant-node tensor, None for anything computed."""
-    if value is None:
-        return None
-    tensor = value.const_value
-    producer = value.producer()
-    if tensor is None and producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        tensor = producer.attributes["value"].value
-    if tensor is None or not hasattr(tensor, "shape"):
-        return None
-    return tuple(int(d) for d in tensor.shape)
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tuple(int(d) for d in tensor.shape)
 
 
 def _check_scope(graph, outer: set, path: Path, where: str) -> None:

@@ -31,7 +31,7 @@ from bnfold import __version__
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK, InputError
 from bnfold import _ort_worker
 from bnfold._ort_worker import CPU, CUDA, PROGRESS_PREFIX
-from bnfold.io import _first_line, load_model
+from bnfold.io import _first_line, external_data_files, load_model
 
 #: Version of the JSON report layout documented in docs/verify.md.
 REPORT_SCHEMA_VERSION = 1
@@ -769,16 +769,10 @@ def _remove_model(path: str | os.PathLike, keep_files_of: str | os.PathLike) -> 
 def model_files(path: str | os.PathLike) -> set[Path]:
     """The model file and the external-data files it references, resolved: what a report must not overwrite."""
     model_path = Path(path).resolve()
-    files = {model_path}
     try:
-        model = load_model(model_path)
+        return {model_path} | external_data_files(load_model(model_path))
     except InputError:
-        return files
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
-                files.add(Path(value.const_value.path).resolve())
-    return files
+        return {model_path}
 
 
 def render_report(report: VerifyReport, console) -> None:
