@@ -334,6 +334,10 @@ def _check_nodes(nodes, ir_version: int, declared: dict[str, int], local_functio
             _check_nodes(sub.node, ir_version, declared, local_functions, path)
         if subgraphs or domain not in ("", "ai.onnx", "ai.onnx.ml"):
             continue
+        if node.op_type == "Constant" and domain != "ai.onnx.ml" and len(node.attribute) != 1:
+            # The schema allows each value attribute; the checker does not count them.
+            raise InputError(f"{path}: invalid node {node.name or node.op_type!r}: a Constant needs exactly "
+                             f"one value attribute, it has {len(node.attribute)}")
         try:
             onnx.checker.check_node(node, context)
         except onnx.checker.ValidationError as exc:

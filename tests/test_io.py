@@ -296,6 +296,15 @@ def _non_utf8_name(model):
     return model.SerializeToString().replace(name, name[:1] + b"\xd0" + name[2:], 1)  # same length
 
 
+def _constant_two_values(model):
+    """The Conv weight as a Constant node that (invalidly) carries two value attributes."""
+    weight = _initializer(model, "w")
+    model.graph.initializer.remove(weight)
+    weight.name = ""
+    model.graph.node.insert(0, oh.make_node("Constant", [], [model.graph.node[0].input[1]],
+                                            value=weight, value_float=1.0))
+
+
 def _gemm_rank(d):
     b = GraphBuilder()
     x = b.input([2, 3])
@@ -354,6 +363,7 @@ BAD_INPUTS = {
     "conv-bias-length": _edited("bias.onnx", _long_conv_bias, r"bias has shape \[5\], it needs \[4\]"),
     "conv-group": _edited("group.onnx", _group_not_dividing, "group 3"),
     "gemm-weight-rank": _gemm_rank,
+    "constant-two-values": _edited("const.onnx", _constant_two_values, "exactly one value attribute, it has 2"),
     "ext-offset-not-integer": _external_edit("offset 'abc' is not an integer", offset="abc"),
     "ext-location-nul": _external_edit("not a file name", location="ext.onnx.data\x00x"),
     "ext-length-too-long": _external_edit("length 500 does not match the 432 bytes", offset=0, length=500),
