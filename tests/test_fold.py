@@ -176,7 +176,7 @@ def test_parameters_from_constant_nodes(tmp_path):
     ]
     graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 5, 5])],
                           [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 5, 5])])
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
     feeds = {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}
     result, folded = compare(model, feeds, tmp_path)
     assert_single_fold(result, "conv-bn")
@@ -274,7 +274,7 @@ def _if_model(rng):
         [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 3, 3])],
         [onh.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w_outer")],
     )
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
 
 
 @pytest.mark.parametrize("cond", [True, False])
@@ -306,7 +306,7 @@ def test_function_body_bn_folds_with_constant_nodes(tmp_path):
     graph = oh.make_graph([oh.make_node("ConvBN", ["x"], ["y"], domain="local", name="call")], "g",
                           [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 5, 5])],
                           [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 3, 3])])
-    model = oh.make_model(graph, functions=[function],
+    model = oh.make_model(graph, functions=[function], ir_version=9,
                           opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("local", 1)])
     result, folded = fold_and_compare(model, {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)}, tmp_path)
     (entry,) = result.ledger

@@ -59,7 +59,7 @@ def big_model(tmp_path_factory):
         data.truncate(LAYERS * weight_bytes)
     graph = oh.make_graph(nodes, "big", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, CHANNELS, 1, 1])],
                           [oh.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, CHANNELS, 1, 1])], initializers)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
     with open(folder / "big.onnx", "wb") as handle:
         handle.write(model.SerializeToString())
     return folder, heads, LAYERS * weight_bytes
