@@ -28,7 +28,7 @@ from bnfold._onnx_ir import ir
 from bnfold import affine
 from bnfold.consts import Constants, is_evaluated_constant, rank_of
 from bnfold.errors import BnfoldError, InputError
-from bnfold.io import as_model, has_external_data, save_model
+from bnfold.io import EmbeddedTensor, as_model, has_external_data, save_model
 from bnfold.ledger import STATUS_DECOMPOSED, STATUS_FOLDED, STATUS_KEPT, Ledger, LedgerEntry
 from bnfold.patterns import LinearMatch, match_producer
 from bnfold.patterns.consumer import ConsumerMatch, match_consumer
@@ -615,12 +615,15 @@ def _folded_weight(plan: Plan, source: ir.TensorProtocol, node: ir.Node) -> ir.T
 
 
 def _source_array(source: ir.TensorProtocol) -> np.ndarray:
-    """A weight's values; external data through a private read-only map of just that tensor.
+    """A weight's values; data that lies in a file (external data, or a large weight left in
+    the model file at load) through a private read-only map of just that tensor.
 
     The map is unmapped when the array goes, so its pages count against memory only while
     this one tensor is folded, and concurrent folds (onnx_ir saves with two workers) never
     share or close one another's mapping. io.load_model has checked the file and range.
     """
+    if isinstance(source, EmbeddedTensor):
+        source.check_source()
     if isinstance(source, ir.ExternalTensor) and source.size:
         little_endian = np.dtype(source.dtype.numpy()).newbyteorder("<")
         return np.memmap(source.path, dtype=little_endian, mode="r", offset=source.offset or 0,

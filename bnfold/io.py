@@ -2,16 +2,22 @@
 
 Loading validates what onnx_ir does not: that the file is ONNX at all, that every
 external-data reference stays inside the model's folder and within its file, and that
-the graph is well formed (every input defined before use, declared opsets). Saving
-writes to a temporary folder beside the target and renames into place, so a failed or
-interrupted run never leaves a partial output and never touches the input.
+the graph is well formed (every input defined before use, declared opsets). Large
+weights are not parsed: they stay in the model file as ``EmbeddedTensor``s, read by
+offset where a fold needs them and copied file to file when the model is written back
+(``bnfold.wire``). Saving writes to a temporary folder beside the target and renames
+into place, so a failed or interrupted run never leaves a partial output and never
+touches the input.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import errno
+import io as _io
 import math
+import mmap
 import os
 import shutil
 import signal
@@ -19,11 +25,14 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
+from bnfold import wire
 from bnfold._onnx_ir import ir
 from bnfold.errors import BnfoldError, InputError
 
@@ -32,6 +41,59 @@ PROTOBUF_LIMIT_BYTES = 2**31 - 1
 SAVE_IN_FLIGHT_BYTES = 64 * 2**20
 #: Headroom for the graph itself when deciding whether weights still fit inline.
 EMBED_HEADROOM_BYTES = 64 * 2**20
+#: Main-graph initializers at least this large stay in the model file at load (and are
+#: written by copying); smaller ones (BN statistics, biases) are parsed as usual.
+EMBEDDED_MIN_BYTES = 64 * 2**10
+#: Small pieces of an output model are gathered up to this size before each write.
+WRITE_BUFFER_BYTES = 2**20
+#: Errors with which copy_file_range says "not between these files": copy through memory instead.
+_NO_FILE_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM,
+                 errno.EBADF}
+
+
+class EmbeddedTensor(ir.ExternalTensor):
+    """A main-graph initializer whose bytes stay in the model file it was loaded from.
+
+    To everything that reads data it is an ExternalTensor (offset and length into a file,
+    mapped on demand); it is not external data: an embedded save writes it back inline,
+    copying the bytes file to file. The path is absolute and the base folder empty, so
+    onnx_ir's containment checks, meant for data files a model names, do not apply to
+    the model file the user gave. The file must stay as it was at load: replacing it
+    (``--in-place``, a second save over it) makes reading the tensor an InputError
+    rather than a read of the wrong bytes.
+    """
+
+    __slots__ = ("_identity",)
+
+    def __init__(self, source: str, offset: int, length: int, dtype: ir.DataType, *, identity: tuple,
+                 **kwargs) -> None:
+        super().__init__(source, offset, length, dtype, **kwargs)
+        self._identity = identity
+
+    def check_source(self, fileno: int | None = None) -> None:
+        """Raise InputError if the model file (at its path, or open as ``fileno``) is no
+        longer the one this tensor was read from."""
+        try:
+            now = _file_identity(os.stat(self.path) if fileno is None else os.fstat(fileno))
+        except OSError:
+            now = None
+        if now != self._identity:
+            raise InputError(f"{self.path}: the model file changed after it was loaded; "
+                             f"load it again (tensor {self.name!r} lies in it)")
+
+    def numpy(self) -> np.ndarray:
+        if self._array is None:  # once mapped, the data stays valid whatever happens to the path
+            self.check_source()
+        return super().numpy()
+
+    def tobytes(self) -> bytes:
+        if self._array is None:
+            self.check_source()
+        return super().tobytes()
+
+
+def _file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -39,13 +101,13 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     path = Path(path)
     _check_readable_file(path)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto, embedded = _parse(path)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version in the file)")
     _check_text(proto, path)
-    _check_tensors(proto, path)
+    _check_tensors(proto, path, embedded)
     _check_external_data(proto, path.resolve().parent, path)
     _check_opsets(proto, path)
     try:
@@ -54,9 +116,43 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     except Exception as exc:  # onnx_ir raises many types on malformed protos
         raise InputError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
     ir.external_data.set_base_dir(model.graph, str(path.resolve().parent))
+    _attach_embedded(model, proto, embedded, path)
     check_graph_wellformed(model, path)
     check_linear_shapes(model, path)
     return model
+
+
+def _parse(path: Path) -> tuple[onnx.ModelProto, dict[int, tuple[int, int]]]:
+    """The model's proto, with large main-graph weights cut out where the file allows it,
+    and where the cut weights lie: initializer index -> (offset, length) in the file."""
+    _, extension = os.path.splitext(path)
+    binary = onnx.serialization.registry.get_format_from_file_extension(extension) in (None, "protobuf")
+    if binary and path.stat().st_size <= PROTOBUF_LIMIT_BYTES:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+            split = wire.split_weights(buffer, EMBEDDED_MIN_BYTES)
+        if split is not None:
+            return onnx.ModelProto.FromString(split.skeleton), split.spans
+    return onnx.load(str(path), load_external_data=False), {}
+
+
+def _attach_embedded(model: ir.Model, proto: onnx.ModelProto, embedded: dict[int, tuple[int, int]],
+                     path: Path) -> None:
+    """Give each cut initializer its bytes back, as an EmbeddedTensor over the model file."""
+    if not embedded:
+        return
+    names = [tensor.name for tensor in proto.graph.initializer]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise InputError(f"{path}: invalid ONNX model (initializer {duplicate!r} is defined more than once)")
+    source = str(path.resolve())
+    identity = _file_identity(os.stat(source))
+    for index, (offset, length) in embedded.items():
+        value = model.graph.initializers[names[index]]
+        skeleton = value.const_value
+        value.const_value = EmbeddedTensor(
+            source, offset, length, skeleton.dtype, identity=identity, shape=skeleton.shape, name=value.name,
+            doc_string=skeleton.doc_string, metadata_props=dict(skeleton.metadata_props) or None,
+        )
 
 
 @contextlib.contextmanager
@@ -87,7 +183,7 @@ def external_data_files(model: ir.Model) -> set[Path]:
         Path(value.const_value.path).resolve()
         for graph in model.graphs()
         for value in graph.initializers.values()
-        if isinstance(value.const_value, ir.ExternalTensor)
+        if isinstance(value.const_value, ir.ExternalTensor) and not isinstance(value.const_value, EmbeddedTensor)
     }
 
 
@@ -132,10 +228,13 @@ def save_model(
         staged_model = staging / target.name
         if external_data is not None:  # a name like "weights/w.bin" needs its folder staged too
             (staging / external_data).parent.mkdir(parents=True, exist_ok=True)
-        # Two workers overlap computing lazily folded weights with writing the previous
-        # ones; the in-flight cap keeps that overlap from costing memory.
-        parallel = dict(max_workers=2, max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES) if external_data else {}
-        ir.save(model, staged_model, external_data=external_data, callback=callback, **parallel)
+        if external_data is None:
+            _write_embedded(model, staged_model, callback)
+        else:
+            # Two workers overlap computing lazily folded weights with writing the previous
+            # ones; the in-flight cap keeps that overlap from costing memory.
+            ir.save(model, staged_model, external_data=external_data, callback=callback, max_workers=2,
+                    max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES)
         staged_files = [staged_model]
         if external_data is not None and (staging / external_data).exists():
             staged_files.insert(0, staging / external_data)
@@ -161,6 +260,164 @@ def save_model(
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_embedded(model: ir.Model, path: Path, callback: Callable | None) -> None:
+    """Write ``model`` with all weights inline, without building it in memory.
+
+    Large main-graph weights are serialized as data-less placeholders; ``wire.encode_model``
+    then lays out the file and each weight's bytes are written in their place: copied
+    file to file for a tensor that lies in a file (the input's EmbeddedTensors, external
+    data), computed one at a time for a folded LazyTensor. The bytes equal those of
+    serializing the whole model with protobuf.
+    """
+    values = [value for value in model.graph.initializers.values() if value.const_value is not None]
+    sources = {index: value.const_value for index, value in enumerate(values) if _streamable(value.const_value)}
+    for index, tensor in sources.items():
+        values[index].const_value = ir.ExternalTensor(
+            "", None, None, tensor.dtype, shape=tensor.shape, name=values[index].name,
+            doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props) or None)
+    try:
+        skeleton = ir.serde.serialize_model(model).SerializeToString()
+    finally:
+        for index, tensor in sources.items():
+            values[index].const_value = tensor
+    lengths = [sources[index].nbytes if index in sources else None for index in range(len(values))]
+    pieces = wire.encode_model(skeleton, lengths)
+    _, extension = os.path.splitext(path)
+    if onnx.serialization.registry.get_format_from_file_extension(extension) not in (None, "protobuf"):
+        # A text format (the output's extension asks for it) needs the whole message.
+        buffer = _io.BytesIO()
+        _write_pieces(buffer, pieces, sources, callback)
+        onnx.save_model(onnx.ModelProto.FromString(buffer.getvalue()), str(path))
+        return
+    with open(path, "wb", buffering=0) as handle:
+        _write_pieces(handle, pieces, sources, callback)
+
+
+def _streamable(tensor: ir.TensorProtocol) -> bool:
+    """Whether a weight's bytes go straight to the output: any tensor that lies in a file or
+    is computed on writing, and large in-memory ones; whole bytes per element only."""
+    if tensor.dtype == ir.DataType.STRING or tensor.dtype.bitwidth % 8:
+        return False
+    if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
+        return True
+    return isinstance(tensor, ir.Tensor) and tensor.nbytes >= EMBEDDED_MIN_BYTES
+
+
+def _write_pieces(handle, pieces, sources: dict[int, ir.TensorProtocol], callback: Callable | None) -> None:
+    """Write ``wire.encode_model``'s pieces; tensors that must be computed are computed on a
+    worker thread ahead of the writer (numpy releases the GIL), copies run in the kernel."""
+    computed = [index for index, tensor in sources.items() if not _in_file(tensor)]
+    with _Prefetch(sources, computed, SAVE_IN_FLIGHT_BYTES) as prefetch:
+        pending = bytearray()
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                pending += piece
+                if len(pending) >= WRITE_BUFFER_BYTES:
+                    _write_all(handle, pending)
+                    pending.clear()
+                continue
+            _write_all(handle, pending)
+            pending.clear()
+            tensor = sources[piece]
+            if _in_file(tensor):
+                _copy_from_file(tensor, handle)
+            else:
+                _write_all(handle, prefetch.take(piece))
+            if callback is not None:
+                callback(tensor, ir.external_data.CallbackInfo(total=len(sources), index=piece, offset=0))
+        _write_all(handle, pending)
+
+
+def _in_file(tensor: ir.TensorProtocol) -> bool:
+    return isinstance(tensor, ir.ExternalTensor) and tensor.nbytes > 0
+
+
+class _Prefetch:
+    """The bytes of tensors, in the order they will be taken, computed one at a time on a
+    worker thread while the caller writes; at most ``budget`` bytes (or one tensor) wait."""
+
+    def __init__(self, sources: dict[int, ir.TensorProtocol], order: list[int], budget: int):
+        self._sources, self._order, self._budget = sources, list(reversed(order)), budget
+        self._executor = ThreadPoolExecutor(max_workers=1) if order else None
+        self._waiting: dict[int, Future] = {}
+        self._waiting_bytes = 0
+
+    def __enter__(self) -> _Prefetch:
+        self._top_up()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def take(self, index: int) -> memoryview:
+        if index not in self._waiting:  # not announced in ``order``: compute it here
+            return _tensor_bytes(self._sources[index])
+        data = self._waiting.pop(index).result()
+        self._waiting_bytes -= self._sources[index].nbytes
+        self._top_up()
+        return data
+
+    def _top_up(self) -> None:
+        while self._order and (not self._waiting or
+                               self._waiting_bytes + self._sources[self._order[-1]].nbytes <= self._budget):
+            index = self._order.pop()
+            self._waiting[index] = self._executor.submit(_tensor_bytes, self._sources[index])
+            self._waiting_bytes += self._sources[index].nbytes
+
+
+def _tensor_bytes(tensor: ir.TensorProtocol) -> memoryview:
+    """The tensor's little-endian bytes; a folded (lazy) tensor's straight from its array."""
+    if isinstance(tensor, ir.LazyTensor):
+        array = np.ascontiguousarray(tensor.numpy())
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        data = memoryview(array.reshape(-1).view(np.uint8))
+    else:
+        data = memoryview(tensor.tobytes())
+    if data.nbytes != tensor.nbytes:
+        raise RuntimeError(f"tensor {tensor.name!r} gave {data.nbytes} bytes, its shape needs {tensor.nbytes}")
+    return data
+
+
+def _write_all(handle, data) -> None:
+    view = memoryview(data)
+    while view:
+        written = handle.write(view)
+        view = view[written:]
+
+
+def _copy_from_file(tensor: ir.ExternalTensor, handle) -> None:
+    """Append the tensor's bytes from its file to ``handle``: in the kernel where the file
+    systems allow it, else through a bounded buffer."""
+    source, offset, length = tensor.path, tensor.offset or 0, tensor.nbytes
+    with open(source, "rb") as src:
+        if isinstance(tensor, EmbeddedTensor):
+            tensor.check_source(src.fileno())
+        remaining = length
+        try:
+            fileno = handle.fileno()
+            while remaining:
+                copied = os.copy_file_range(src.fileno(), fileno, remaining, offset + length - remaining)
+                if copied == 0:
+                    break
+                remaining -= copied
+        except (OSError, AttributeError, _io.UnsupportedOperation) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, _io.UnsupportedOperation) \
+                    and exc.errno not in _NO_FILE_COPY:
+                raise
+            src.seek(offset + length - remaining)
+            while remaining:
+                chunk = src.read(min(remaining, 8 * WRITE_BUFFER_BYTES))
+                if not chunk:
+                    break
+                _write_all(handle, chunk)
+                remaining -= len(chunk)
+    if remaining:
+        raise InputError(f"{source}: ends before the {length} bytes of a tensor at offset {offset} "
+                         "(the file changed while bnfold ran)")
 
 
 @contextlib.contextmanager
@@ -436,36 +693,44 @@ def _check_text(message, path: Path) -> None:
                     raise InputError(f"{path}: {field.containing_type.name}.{field.name} {item!r} is not valid UTF-8")
 
 
-def _check_tensors(proto: onnx.ModelProto, path: Path) -> None:
+def _check_tensors(proto: onnx.ModelProto, path: Path, embedded: dict[int, tuple[int, int]]) -> None:
     """Every tensor in the file has a known type, a valid shape, and exactly the data they need.
 
     onnx_ir reads tensors lazily, so a mismatch would otherwise surface deep in a fold.
-    External data is checked by ``_check_external_data``.
+    ``embedded`` gives the data length of main-graph initializers cut out at load; external
+    data is checked by ``_check_external_data``.
     """
-    for tensor in _all_tensors(proto):
-        where = f"{path}: tensor {tensor.name!r}"
-        if any(dim < 0 for dim in tensor.dims):
-            raise InputError(f"{where} has a negative dimension in its shape {list(tensor.dims)}")
-        try:
-            dtype = ir.DataType(tensor.data_type)
-        except ValueError:
-            raise InputError(f"{where} has an unknown data type {tensor.data_type}") from None
-        if dtype == ir.DataType.UNDEFINED:
-            raise InputError(f"{where} has no data type")
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            continue
-        if tensor.HasField("raw_data"):
-            if dtype == ir.DataType.STRING:
-                raise InputError(f"{where} is a STRING tensor with raw_data, which only numeric types may use")
-            stored, needed, unit = len(tensor.raw_data), _tensor_nbytes(tensor), "bytes"
-        elif dtype in _TYPED_FIELDS:
-            field, per_element = _TYPED_FIELDS[dtype]
-            stored, needed, unit = len(getattr(tensor, field)), math.prod(tensor.dims) * per_element, "values"
-        else:
-            continue
-        if needed is not None and stored != needed:
-            raise InputError(f"{where} stores {stored} {unit} of data, but {dtype.name} of shape "
-                             f"{list(tensor.dims)} needs {needed}")
+    for index, tensor in enumerate(proto.graph.initializer):
+        _check_tensor(tensor, path, embedded[index][1] if index in embedded else None)
+    for tensor in _all_tensors(proto, initializers=False):
+        _check_tensor(tensor, path, None)
+
+
+def _check_tensor(tensor: onnx.TensorProto, path: Path, embedded_length: int | None) -> None:
+    where = f"{path}: tensor {tensor.name!r}"
+    if any(dim < 0 for dim in tensor.dims):
+        raise InputError(f"{where} has a negative dimension in its shape {list(tensor.dims)}")
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        raise InputError(f"{where} has an unknown data type {tensor.data_type}") from None
+    if dtype == ir.DataType.UNDEFINED:
+        raise InputError(f"{where} has no data type")
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    if embedded_length is not None or tensor.HasField("raw_data"):
+        if dtype == ir.DataType.STRING:
+            raise InputError(f"{where} is a STRING tensor with raw_data, which only numeric types may use")
+        stored = len(tensor.raw_data) if embedded_length is None else embedded_length
+        needed, unit = _tensor_nbytes(tensor), "bytes"
+    elif dtype in _TYPED_FIELDS:
+        field, per_element = _TYPED_FIELDS[dtype]
+        stored, needed, unit = len(getattr(tensor, field)), math.prod(tensor.dims) * per_element, "values"
+    else:
+        return
+    if needed is not None and stored != needed:
+        raise InputError(f"{where} stores {stored} {unit} of data, but {dtype.name} of shape "
+                         f"{list(tensor.dims)} needs {needed}")
 
 
 def _check_relative_name(name: str, target: Path) -> None:
@@ -475,8 +740,9 @@ def _check_relative_name(name: str, target: Path) -> None:
         raise InputError(f"{target}: external data name {name!r} must differ from the model file's name")
 
 
-def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    yield from proto.graph.initializer
+def _all_tensors(proto: onnx.ModelProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
+    if initializers:
+        yield from proto.graph.initializer
     for sparse in proto.graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
