@@ -14,8 +14,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from bnfold.errors import EXIT_CHECK_FAILED, BnfoldError, InputError
 
@@ -28,8 +26,22 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+@functools.cache
+def console():
+    """stdout's rich Console, made on first use: rich costs ~35 ms to import, which
+    ``fold -q`` (the CI case) never needs."""
+    from rich.console import Console
+
+    return Console()
+
+
+@functools.cache
+def err_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def reports_errors(command):
@@ -40,14 +52,14 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except BnfoldError as exc:
-            err_console.print(f"bnfold: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            err_console().print(f"bnfold: error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
             if os.environ.get("BNFOLD_DEBUG"):
                 raise
-            err_console.print(
+            err_console().print(
                 f"bnfold: internal error: {type(exc).__name__}: {exc} (set BNFOLD_DEBUG=1 for a traceback)",
                 markup=False, highlight=False, soft_wrap=True,
             )
@@ -262,7 +274,7 @@ def finish_verification(report, json_path: Optional[Path], quiet: bool) -> None:
     if json_path:
         write_json(json_path, report.to_dict())
     if not quiet:
-        render_report(report, console)
+        render_report(report, console())
     if not report.passed:
         raise typer.Exit(report.exit_code)
 
@@ -283,7 +295,7 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=quiet, transient=True) as progress:
+                  console=console(), disable=quiet, transient=True) as progress:
         task = progress.add_task("bnfold train", total=None)
 
         def report(ev) -> None:
@@ -301,6 +313,8 @@ def train(
         entries = build_zoo(out, only=only or None, epochs=epochs, progress=report)
     if quiet:
         return
+    from rich.table import Table
+
     table = Table(title=f"bnfold train: {len(entries)} model(s) -> {out}")
     for column in ("file", "exporter", "opset", "BN", "test accuracy", "health", "KiB"):
         table.add_column(column, no_wrap=column == "file")
@@ -308,10 +322,12 @@ def train(
         metric = f"{e['test_accuracy']:.4f}" if e["test_accuracy"] is not None else f"mse {e['test_mse']:.5f}"
         table.add_row(e["file"], e["exporter"], str(e["opset"]), str(e["bn_count"]), metric, e["health"],
                       f"{e['size_bytes'] / 1024:.0f}", style=None if e["health"] == "healthy" else "yellow")
-    console.print(table)
+    console().print(table)
 
 
 def render_ledger(ledger, out: Path) -> None:
+    from rich.table import Table
+
     summary = ledger.summary()
     title = f"bnfold: {summary['folded']} of {summary['bn_total']} BatchNormalization folded"
     if summary["decomposed"]:
@@ -326,11 +342,13 @@ def render_ledger(ledger, out: Path) -> None:
         change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
         table.add_row(e.node, "BN" if e.is_bn else e.op, e.graph, e.status, target, e.detail, change,
                       style=None if e.folded else "yellow")
-    console.print(table)
-    console.print(f"wrote {out}", markup=False, highlight=False, soft_wrap=True)
+    console().print(table)
+    console().print(f"wrote {out}", markup=False, highlight=False, soft_wrap=True)
 
 
 def render_findings(findings) -> None:
+    from rich.table import Table
+
     ready = sum(f.ok for f in findings)
     table = Table(title=f"bnfold inspect: {ready} of {len(findings)} BatchNormalization inference-ready")
     for column in ("BN", "graph", "ready", "problems", "fold plan"):
@@ -339,7 +357,7 @@ def render_findings(findings) -> None:
         problems = "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))
         table.add_row(f.bn, f.graph, "yes" if f.ok else "NO", problems, f.plan,
                       style=None if f.ok else "red")
-    console.print(table)
+    console().print(table)
 
 
 def _terminate(signum, frame):

@@ -9,16 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
 THRESHOLD_BYTES = 64 * 2**20
 
 
 class Steps:
-    """One bar per step; ``step`` yields a function that advances it (tensors written)."""
+    """One bar per step; ``step`` yields a function that advances it (tensors written).
 
-    def __init__(self, enabled: bool, console: Console):
+    ``console`` makes the rich Console to draw on, called only when bars are enabled, so
+    a quiet or small run never imports rich.
+    """
+
+    def __init__(self, enabled: bool, console: Callable):
         self.enabled = enabled
         self.console = console
 
@@ -27,9 +28,11 @@ class Steps:
         if not self.enabled:
             yield None
             return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn()]
-        with Progress(*columns, console=self.console, transient=False) as progress:
+        with Progress(*columns, console=self.console(), transient=False) as progress:
             task = progress.add_task(description, total=None)
 
             def advance(total: int) -> None:
