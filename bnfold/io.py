@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import errno
+import functools
 import io as _io
 import math
 import mmap
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import warnings
@@ -37,13 +39,15 @@ from bnfold._onnx_ir import ir
 from bnfold.errors import BnfoldError, InputError
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
-#: Materialised tensor bytes onnx_ir may hold while writing external data with two workers.
+#: Bytes of computed (folded) tensors that may wait for the writer.
 SAVE_IN_FLIGHT_BYTES = 64 * 2**20
 #: Headroom for the graph itself when deciding whether weights still fit inline.
 EMBED_HEADROOM_BYTES = 64 * 2**20
 #: Main-graph initializers at least this large stay in the model file at load (and are
 #: written by copying); smaller ones (BN statistics, biases) are parsed as usual.
 EMBEDDED_MIN_BYTES = 64 * 2**10
+#: In-memory initializers at least this large go to the external-data file when there is one.
+EXTERNAL_MIN_BYTES = 1024
 #: Small pieces of an output model are gathered up to this size before each write.
 WRITE_BUFFER_BYTES = 2**20
 #: Errors with which copy_file_range says "not between these files": copy through memory instead.
@@ -203,6 +207,7 @@ def save_model(
 
     ``external_data`` names the weights file relative to ``path``'s folder; None embeds
     the weights, which is refused when they cannot fit protobuf's 2 GB limit.
+    ``callback(tensor, written, total)`` runs after each large weight is written.
     """
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
@@ -231,10 +236,7 @@ def save_model(
         if external_data is None:
             _write_embedded(model, staged_model, callback)
         else:
-            # Two workers overlap computing lazily folded weights with writing the previous
-            # ones; the in-flight cap keeps that overlap from costing memory.
-            ir.save(model, staged_model, external_data=external_data, callback=callback, max_workers=2,
-                    max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES)
+            _write_external(model, staged_model, external_data, callback)
         staged_files = [staged_model]
         if external_data is not None and (staging / external_data).exists():
             staged_files.insert(0, staging / external_data)
@@ -271,17 +273,15 @@ def _write_embedded(model: ir.Model, path: Path, callback: Callable | None) -> N
     data), computed one at a time for a folded LazyTensor. The bytes equal those of
     serializing the whole model with protobuf.
     """
-    values = [value for value in model.graph.initializers.values() if value.const_value is not None]
+    values = _initializers(model.graph)
     sources = {index: value.const_value for index, value in enumerate(values) if _streamable(value.const_value)}
-    for index, tensor in sources.items():
-        values[index].const_value = ir.ExternalTensor(
-            "", None, None, tensor.dtype, shape=tensor.shape, name=values[index].name,
-            doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props) or None)
-    try:
+    placeholders = {index: _placeholder(tensor, values[index].name) for index, tensor in sources.items()}
+    inner = [v for graph in model.graphs() if graph is not model.graph for v in _initializers(graph)]
+    # External data of subgraphs is rare and small: it goes inline through protobuf.
+    in_memory = {i: ir.Tensor(v.const_value.numpy(), dtype=v.const_value.dtype, name=v.name)
+                 for i, v in enumerate(inner) if isinstance(v.const_value, ir.ExternalTensor)}
+    with _swapped(values, placeholders), _swapped(inner, in_memory):
         skeleton = ir.serde.serialize_model(model).SerializeToString()
-    finally:
-        for index, tensor in sources.items():
-            values[index].const_value = tensor
     lengths = [sources[index].nbytes if index in sources else None for index in range(len(values))]
     pieces = wire.encode_model(skeleton, lengths)
     _, extension = os.path.splitext(path)
@@ -295,20 +295,73 @@ def _write_embedded(model: ir.Model, path: Path, callback: Callable | None) -> N
         _write_pieces(handle, pieces, sources, callback)
 
 
+def _write_external(model: ir.Model, path: Path, data_name: str, callback: Callable | None) -> None:
+    """Write ``model`` with its weights in ``data_name`` beside ``path``, one after another.
+
+    Every initializer that lies in a file or is computed on writing, and in-memory ones
+    of at least EXTERNAL_MIN_BYTES, goes to the data file (copied file to file, or
+    computed on a worker while the previous one is written); the model file, written
+    last, references each by offset and length.
+    """
+    values = [value for graph in model.graphs() for value in _initializers(graph)]
+    sources = {index: value.const_value for index, value in enumerate(values)
+               if _streamable(value.const_value) or value.const_value.nbytes >= EXTERNAL_MIN_BYTES
+               and value.const_value.dtype != ir.DataType.STRING}
+    references = {}
+    if sources:
+        offset = 0
+        for index, tensor in sources.items():
+            references[index] = ir.ExternalTensor(
+                data_name, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=values[index].name,
+                doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props) or None)
+            offset += tensor.nbytes
+        with open(path.parent / data_name, "wb", buffering=0) as handle:
+            _write_pieces(handle, list(sources), sources, callback)
+    with _swapped(values, references):
+        proto = ir.serde.serialize_model(model)
+    onnx.save_model(proto, str(path))
+
+
+def _initializers(graph: ir.Graph) -> list[ir.Value]:
+    """A graph's initializers as protobuf will hold them (those without a value are not written)."""
+    return [value for value in graph.initializers.values() if value.const_value is not None]
+
+
+@contextlib.contextmanager
+def _swapped(values: list[ir.Value], tensors: dict[int, ir.TensorProtocol]) -> Iterator[None]:
+    """Give ``values[i]`` the tensor ``tensors[i]`` for the block (to serialize it), then the old one back."""
+    originals = {index: values[index].const_value for index in tensors}
+    try:
+        for index, tensor in tensors.items():
+            values[index].const_value = tensor
+        yield
+    finally:
+        for index, tensor in originals.items():
+            values[index].const_value = tensor
+
+
+def _placeholder(tensor: ir.TensorProtocol, name: str) -> ir.ExternalTensor:
+    """A data-less stand-in that serializes to the tensor's name, type, shape and metadata."""
+    return ir.ExternalTensor("", None, None, tensor.dtype, shape=tensor.shape, name=name,
+                             doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props) or None)
+
+
 def _streamable(tensor: ir.TensorProtocol) -> bool:
-    """Whether a weight's bytes go straight to the output: any tensor that lies in a file or
-    is computed on writing, and large in-memory ones; whole bytes per element only."""
-    if tensor.dtype == ir.DataType.STRING or tensor.dtype.bitwidth % 8:
+    """Whether a weight's bytes go straight to the output: any tensor that lies in a file
+    (its bytes are already ONNX's encoding) or is computed on writing, and large in-memory
+    ones of whole bytes per element."""
+    if tensor.dtype == ir.DataType.STRING:
         return False
     if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
         return True
-    return isinstance(tensor, ir.Tensor) and tensor.nbytes >= EMBEDDED_MIN_BYTES
+    return isinstance(tensor, ir.Tensor) and tensor.nbytes >= EMBEDDED_MIN_BYTES and tensor.dtype.bitwidth % 8 == 0
 
 
 def _write_pieces(handle, pieces, sources: dict[int, ir.TensorProtocol], callback: Callable | None) -> None:
     """Write ``wire.encode_model``'s pieces; tensors that must be computed are computed on a
     worker thread ahead of the writer (numpy releases the GIL), copies run in the kernel."""
     computed = [index for index, tensor in sources.items() if not _in_file(tensor)]
+    written = 0
     with _Prefetch(sources, computed, SAVE_IN_FLIGHT_BYTES) as prefetch:
         pending = bytearray()
         for piece in pieces:
@@ -321,13 +374,47 @@ def _write_pieces(handle, pieces, sources: dict[int, ir.TensorProtocol], callbac
             _write_all(handle, pending)
             pending.clear()
             tensor = sources[piece]
+            start = handle.tell()
             if _in_file(tensor):
                 _copy_from_file(tensor, handle)
             else:
                 _write_all(handle, prefetch.take(piece))
+            _start_writeback(handle, start, handle.tell() - start)
+            written += 1
             if callback is not None:
-                callback(tensor, ir.external_data.CallbackInfo(total=len(sources), index=piece, offset=0))
+                callback(tensor, written, len(sources))
         _write_all(handle, pending)
+
+
+def _start_writeback(handle, offset: int, length: int) -> None:
+    """Have the kernel start writing these bytes to disk now (Linux ``sync_file_range``).
+
+    The final fsync then has little left to wait for, and the dirty pages never pile up
+    to where the kernel throttles the writer: on the bench's conv stack this took the
+    fsync from ~0.15 s to ~0 and sped up the writes. Elsewhere a no-op.
+    """
+    sync_file_range = _sync_file_range()
+    if sync_file_range is None or not hasattr(handle, "fileno") or isinstance(handle, _io.BytesIO):
+        return
+    sync_file_range(handle.fileno(), offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 def _in_file(tensor: ir.TensorProtocol) -> bool:
@@ -340,7 +427,7 @@ class _Prefetch:
 
     def __init__(self, sources: dict[int, ir.TensorProtocol], order: list[int], budget: int):
         self._sources, self._order, self._budget = sources, list(reversed(order)), budget
-        self._executor = ThreadPoolExecutor(max_workers=1) if order else None
+        self._executor = ThreadPoolExecutor(max_workers=2) if order else None
         self._waiting: dict[int, Future] = {}
         self._waiting_bytes = 0
 

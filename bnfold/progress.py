@@ -44,7 +44,7 @@ class Steps:
 
 
 def save_callback(advance: Callable[[int], None] | None):
-    """An onnx_ir.save callback advancing a bar by one tensor per call."""
+    """A save_model callback advancing a bar by one tensor per call."""
     if advance is None:
         return None
-    return lambda tensor, info: advance(info.total)
+    return lambda tensor, written, total: advance(total)

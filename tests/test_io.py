@@ -648,19 +648,19 @@ def test_save_that_raises_midway_leaves_no_temp_files(tmp_path, failure, externa
 @pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
 def test_save_interrupted_while_writing_external_data(tmp_path, failure):
     """The callback runs between tensors: the staging data file is half written when it raises."""
-    model = load_model(_write(tmp_path / "in" / "m.onnx", conv_bn(channels=80)))  # 6 tensors > 256 B
+    model = load_model(_write(tmp_path / "in" / "m.onnx", conv_bn(channels=300)))  # 6 tensors >= 1 KiB
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     seen = []
 
-    def explode(tensor, metadata):
-        seen.append(tensor.name)
-        if len(seen) == 3:
+    def explode(tensor, written, total):
+        seen.append((tensor.name, written, total))
+        if written == 3:
             raise failure("stop")
 
     with pytest.raises(failure):
         save_model(model, out_dir / "out.onnx", external_data="weights.bin", callback=explode)
-    assert len(seen) >= 3  # external data is written by two workers: others may finish first
+    assert [written for _, written, _ in seen] == [1, 2, 3] and seen[0][2] > 3
     assert os.listdir(out_dir) == []
 
 

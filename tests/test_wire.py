@@ -204,3 +204,26 @@ def test_text_format_output_holds_the_same_model(tmp_path):
     binary = onnx.load(tmp_path / "out.onnx")
     text = onnx.load(tmp_path / "out.textproto")
     assert text.SerializeToString() == binary.SerializeToString()
+
+
+def test_external_data_round_trips_in_both_layouts_subgraphs_included(tmp_path):
+    from test_fold import _if_model
+
+    rng = np.random.default_rng(5)
+    model = _if_model(rng)
+    (tmp_path / "ext").mkdir()
+    source = tmp_path / "ext" / "m.onnx"
+    onnx.save(model, source, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+              size_threshold=0)
+    feeds = {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32), "cond": np.array(True)}
+    expected = run(source, feeds)
+
+    save_model(load_model(source), tmp_path / "inline.onnx")
+    save_model(load_model(source), tmp_path / "external.onnx", external_data="w.bin")
+
+    inline = onnx.load(tmp_path / "inline.onnx", load_external_data=False)
+    tensors = list(bnfold.io._all_tensors(inline))
+    assert tensors and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
+    for saved in ("inline.onnx", "external.onnx"):
+        for want, got in zip(expected, run(tmp_path / saved, feeds)):
+            np.testing.assert_array_equal(got, want)
