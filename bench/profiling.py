@@ -2,10 +2,11 @@
 
 Runs the CLI's fold in this process and reports wall-clock phases measured by wrapping
 the functions involved at run time (nothing in ``bnfold/`` is changed): imports, load
-(protobuf parse, checks, onnx_ir deserialisation), the graph rewrite, and the save
-(folded-weight computation inside the lazy tensors, onnx_ir serialisation, the protobuf
-write, fsync). Phases are inclusive and may nest, e.g. ``fold weights`` runs inside
-``save``. A wrapped name that no longer exists is reported as absent, not as an error.
+(the wire scan that leaves large weights in the file, protobuf parse of the rest,
+checks, onnx_ir deserialisation), the graph rewrite, and the save (graph serialisation,
+weights copied or folded and written, fsync). Phases are inclusive and may nest, e.g.
+``write`` runs inside ``save``; folding runs on worker threads, so its total overlaps
+the writes. A wrapped name that no longer exists is reported as absent, not as an error.
 
 With ``--cprofile N`` it also prints cProfile's top N entries by cumulative and by own
 time (cProfile inflates import and many-small-call costs; trust the phases for totals).
@@ -57,26 +58,23 @@ def wrap(module_name: str, attr: str, label: str) -> None:
 PHASES = [
     # (module, attribute, label); the module must be the one the caller looks the name up in.
     ("bnfold.io", "load_model", "load (all)"),
-    ("onnx", "load", "  onnx.load (parse)"),
-    ("onnx", "load_model", "  onnx.load (parse)"),
+    ("bnfold.wire", "split_weights", "  cut large weights out (wire scan)"),
+    ("onnx", "load", "  onnx.load (whole-file parse: fallback)"),
+    ("bnfold.io", "_check_tensors", "  check tensors"),
     ("bnfold.io", "_check_external_data", "  check external data"),
     ("bnfold.io", "_check_opsets", "  check opsets/nodes"),
     ("onnx_ir.serde", "deserialize_model", "  onnx_ir deserialise"),
     ("bnfold.io", "check_graph_wellformed", "  check well-formed"),
     ("bnfold.engine", "fold", "fold() (graph work; loads too if given a path)"),
     ("bnfold.engine", "plan_site", "  plan (all sites)"),
-    ("bnfold.engine", "plan_bn", "  plan (all BNs)"),
     ("bnfold.engine", "_fold_node", "  plan+rewrite (all nodes)"),
-    ("bnfold.engine", "apply_fold", "  rewrite (all BNs)"),
     ("bnfold.engine", "save_model", "save (all)"),
-    ("onnx_ir", "save", "  onnx_ir.save"),
-    ("bnfold.affine", "apply_factor", "    fold weights: apply_factor"),
-    ("bnfold.affine", "scale_output_channels", "    fold weights: scale"),
-    ("bnfold.affine", "cast_checked", "    fold weights: cast+check"),
-    ("onnx_ir.serde", "serialize_model", "    onnx_ir serialise (proto build)"),
-    ("onnx_ir.external_data", "unload_from_model", "    external data write"),
-    ("onnx", "save", "    onnx.save (SerializeToString+write)"),
-    ("onnx", "save_model", "    onnx.save (SerializeToString+write)"),
+    ("onnx_ir.serde", "serialize_model", "  serialise the graph (weights as placeholders)"),
+    ("bnfold.io", "_write_embedded", "  write embedded"),
+    ("bnfold.io", "_write_external", "  write external data + model"),
+    ("bnfold.affine", "apply_factor", "    fold weights (worker threads, overlaps writing)"),
+    ("bnfold.io", "_copy_from_file", "    copy weights file to file"),
+    ("bnfold.io", "_write_all", "    write (incl. waiting for folded weights)"),
     ("bnfold.io", "_fsync", "  fsync files"),
     ("bnfold.io", "_fsync_dir", "  fsync folder"),
     ("bnfold.cli", "render_ledger", "render ledger"),

@@ -39,8 +39,9 @@ from bnfold._onnx_ir import ir
 from bnfold.errors import BnfoldError, InputError
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
-#: Bytes of computed (folded) tensors that may wait for the writer.
-SAVE_IN_FLIGHT_BYTES = 64 * 2**20
+#: Bytes of computed (folded) tensors that may be in flight ahead of the writer (two
+#: tensors are always allowed, so both workers stay busy whatever the tensor size).
+SAVE_IN_FLIGHT_BYTES = 32 * 2**20
 #: Headroom for the graph itself when deciding whether weights still fit inline.
 EMBED_HEADROOM_BYTES = 64 * 2**20
 #: Main-graph initializers at least this large stay in the model file at load (and are
@@ -301,12 +302,10 @@ def _write_external(model: ir.Model, path: Path, data_name: str, callback: Calla
     Every initializer that lies in a file or is computed on writing, and in-memory ones
     of at least EXTERNAL_MIN_BYTES, goes to the data file (copied file to file, or
     computed on a worker while the previous one is written); the model file, written
-    last, references each by offset and length.
+    last, references each by offset and length (packed, no alignment, as onnx_ir writes).
     """
     values = [value for graph in model.graphs() for value in _initializers(graph)]
-    sources = {index: value.const_value for index, value in enumerate(values)
-               if _streamable(value.const_value) or value.const_value.nbytes >= EXTERNAL_MIN_BYTES
-               and value.const_value.dtype != ir.DataType.STRING}
+    sources = {index: value.const_value for index, value in enumerate(values) if _goes_external(value.const_value)}
     references = {}
     if sources:
         offset = 0
@@ -320,6 +319,12 @@ def _write_external(model: ir.Model, path: Path, data_name: str, callback: Calla
     with _swapped(values, references):
         proto = ir.serde.serialize_model(model)
     onnx.save_model(proto, str(path))
+
+
+def _goes_external(tensor: ir.TensorProtocol) -> bool:
+    if tensor.dtype == ir.DataType.STRING:  # ONNX keeps strings inline
+        return False
+    return _streamable(tensor) or tensor.nbytes >= EXTERNAL_MIN_BYTES
 
 
 def _initializers(graph: ir.Graph) -> list[ir.Value]:
@@ -358,8 +363,9 @@ def _streamable(tensor: ir.TensorProtocol) -> bool:
 
 
 def _write_pieces(handle, pieces, sources: dict[int, ir.TensorProtocol], callback: Callable | None) -> None:
-    """Write ``wire.encode_model``'s pieces; tensors that must be computed are computed on a
-    worker thread ahead of the writer (numpy releases the GIL), copies run in the kernel."""
+    """Write ``wire.encode_model``'s pieces (bytes, or the index of a tensor in ``sources``);
+    tensors that must be computed are computed on worker threads ahead of the writer
+    (numpy releases the GIL), copies run in the kernel."""
     computed = [index for index, tensor in sources.items() if not _in_file(tensor)]
     written = 0
     with _Prefetch(sources, computed, SAVE_IN_FLIGHT_BYTES) as prefetch:
@@ -391,12 +397,12 @@ def _start_writeback(handle, offset: int, length: int) -> None:
 
     The final fsync then has little left to wait for, and the dirty pages never pile up
     to where the kernel throttles the writer: on the bench's conv stack this took the
-    fsync from ~0.15 s to ~0 and sped up the writes. Elsewhere a no-op.
+    fsync from ~0.15 s to ~0 and sped up the writes. A hint: a failure changes nothing
+    (the fsync still makes the file durable), and elsewhere this is a no-op.
     """
     sync_file_range = _sync_file_range()
-    if sync_file_range is None or not hasattr(handle, "fileno") or isinstance(handle, _io.BytesIO):
-        return
-    sync_file_range(handle.fileno(), offset, length, _SYNC_FILE_RANGE_WRITE)
+    if sync_file_range is not None and not isinstance(handle, _io.BytesIO):
+        sync_file_range(handle.fileno(), offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 _SYNC_FILE_RANGE_WRITE = 2
@@ -422,8 +428,8 @@ def _in_file(tensor: ir.TensorProtocol) -> bool:
 
 
 class _Prefetch:
-    """The bytes of tensors, in the order they will be taken, computed one at a time on a
-    worker thread while the caller writes; at most ``budget`` bytes (or one tensor) wait."""
+    """The bytes of tensors, in the order they will be taken, computed on two worker threads
+    while the caller writes; at most ``budget`` bytes, or two tensors, are in flight."""
 
     def __init__(self, sources: dict[int, ir.TensorProtocol], order: list[int], budget: int):
         self._sources, self._order, self._budget = sources, list(reversed(order)), budget
@@ -448,7 +454,7 @@ class _Prefetch:
         return data
 
     def _top_up(self) -> None:
-        while self._order and (not self._waiting or
+        while self._order and (len(self._waiting) < 2 or
                                self._waiting_bytes + self._sources[self._order[-1]].nbytes <= self._budget):
             index = self._order.pop()
             self._waiting[index] = self._executor.submit(_tensor_bytes, self._sources[index])
