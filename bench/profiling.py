@@ -21,6 +21,7 @@ import importlib
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +29,7 @@ from pathlib import Path
 TOTALS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
 ABSENT: list[str] = []
+LOCK = threading.Lock()
 
 
 def wrap(module_name: str, attr: str, label: str) -> None:
@@ -38,19 +40,20 @@ def wrap(module_name: str, attr: str, label: str) -> None:
     except (ImportError, AttributeError):
         ABSENT.append(f"{module_name}.{attr}")
         return
-    depth = {"n": 0}
+    depth = threading.local()  # the fold runs on worker threads: nesting is per thread
 
     @functools.wraps(original)
     def timed(*args, **kwargs):
-        depth["n"] += 1
+        depth.n = getattr(depth, "n", 0) + 1
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
-            depth["n"] -= 1
-            if depth["n"] == 0:
-                TOTALS[label] += time.perf_counter() - start
-                CALLS[label] += 1
+            depth.n -= 1
+            if depth.n == 0:
+                with LOCK:
+                    TOTALS[label] += time.perf_counter() - start
+                    CALLS[label] += 1
 
     setattr(module, attr, timed)
 

@@ -436,8 +436,8 @@ def markdown(results: dict) -> str:
     if gaps:
         lines += ["", "Against onnxruntime's offline optimisation (C++, no Python protobuf round trip), bnfold's "
                   "wall time is " + ", ".join(f"{g:.2f}x on {k}" for k, g in gaps)
-                  + " of onnxruntime's (< 1: bnfold is faster). Where the rest goes: bench/README.md, "
-                  "\"Gap to onnxruntime\"."]
+                  + " of onnxruntime's (< 1: bnfold is faster). Where the time goes: bench/README.md, "
+                  "\"Where the time goes, and the gap to onnxruntime\"."]
     for model in results["models"]:
         timing = model.get("fold") or {}
         load = model.get("loadavg_before")
@@ -536,7 +536,7 @@ def main(argv=None) -> int:
                                            "(default all; --quick skips the embedded conv stack)")
     parser.add_argument("--tools", default=",".join(TOOLS), help=f"comma-separated subset of {','.join(TOOLS)}")
     parser.add_argument("--stack-layers", type=int, help="layers of the 512-channel conv stack (default 40; 10 with --quick)")
-    parser.add_argument("--latency-runs", type=int, help="ORT runs per session (default 20; 10 with --quick)")
+    parser.add_argument("--latency-runs", type=int, help="ORT runs per session (default 60; 10 with --quick)")
     parser.add_argument("--no-latency", action="store_true", help="skip ORT latency and verify")
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up measurements")
     parser.add_argument("--bnfold-src", type=Path,
@@ -549,7 +549,7 @@ def main(argv=None) -> int:
     reps = args.reps or (3 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     layers = args.stack_layers or (10 if args.quick else 40)
-    latency_runs = args.latency_runs or (10 if args.quick else 20)
+    latency_runs = args.latency_runs or (10 if args.quick else 60)
     creations = 1 if args.quick else 3
     models_arg = args.models or ("resnet50,convstack-ext,mlp,zoo" if args.quick else "resnet50,convstack,convstack-ext,mlp,zoo")
     model_keys = [k for k in models_arg.split(",") if k]

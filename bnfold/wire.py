@@ -112,19 +112,20 @@ def split_weights(buffer, min_bytes: int) -> Split | None:
         _, _, graph_field, graph_start, graph_end = graphs[0]
         graph_parts: list = []
         spans: dict[int, tuple[int, int]] = {}
-        index = 0
+        index = -1  # of the initializer in graph.initializer
         for number, wire_type, field_start, start, end in fields(buffer, graph_start, graph_end):
-            if number == GRAPH_INITIALIZER and wire_type == LENGTH_DELIMITED:
-                cut = _raw_data_field(buffer, start, end, min_bytes)
-                if cut is not None:
-                    raw_field_start, raw_start, raw_end = cut
-                    tensor = bytes(buffer[start:raw_field_start]) + bytes(buffer[raw_end:end])
-                    graph_parts += [_tag(GRAPH_INITIALIZER, LENGTH_DELIMITED), encode_varint(len(tensor)), tensor]
-                    spans[index] = (raw_start, raw_end - raw_start)
-                    index += 1
-                    continue
+            cut = None
+            if number == GRAPH_INITIALIZER:
                 index += 1
-            graph_parts.append(bytes(buffer[field_start:end]))
+                if wire_type == LENGTH_DELIMITED:
+                    cut = _raw_data_field(buffer, start, end, min_bytes)
+            if cut is None:
+                graph_parts.append(bytes(buffer[field_start:end]))
+                continue
+            raw_field_start, raw_start, raw_end = cut
+            tensor = bytes(buffer[start:raw_field_start]) + bytes(buffer[raw_end:end])
+            graph_parts += [_tag(GRAPH_INITIALIZER, LENGTH_DELIMITED), encode_varint(len(tensor)), tensor]
+            spans[index] = (raw_start, raw_end - raw_start)
     except (Malformed, IndexError):
         return None
     if not spans:
