@@ -11,8 +11,9 @@ shows the same plan); the ``_apply_*`` functions rewrite the graph for a legal p
 - *decompose* (opt-in): a BN with no linear neighbour becomes one Mul and one Add.
 
 New weights are ``onnx_ir.LazyTensor``s for float32/float64, computed while the model is
-written, one at a time; half-precision weights are computed up front because an overflow
-there is a real risk that must keep the BN rather than fail the save.
+written (``io.save_model``: a few at a time, on worker threads); half-precision weights
+are computed up front because an overflow there is a real risk that must keep the BN
+rather than fail the save.
 """
 
 from __future__ import annotations
@@ -619,7 +620,7 @@ def _source_array(source: ir.TensorProtocol) -> np.ndarray:
     the model file at load) through a private read-only map of just that tensor.
 
     The map is unmapped when the array goes, so its pages count against memory only while
-    this one tensor is folded, and concurrent folds (onnx_ir saves with two workers) never
+    this one tensor is folded, and concurrent folds (the save folds on two workers) never
     share or close one another's mapping. io.load_model has checked the file and range.
     """
     if isinstance(source, EmbeddedTensor):

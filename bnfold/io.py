@@ -13,10 +13,10 @@ touches the input.
 from __future__ import annotations
 
 import contextlib
-import logging
 import errno
 import functools
 import io as _io
+import logging
 import math
 import mmap
 import os
@@ -63,9 +63,9 @@ class EmbeddedTensor(ir.ExternalTensor):
     mapped on demand); it is not external data: an embedded save writes it back inline,
     copying the bytes file to file. The path is absolute and the base folder empty, so
     onnx_ir's containment checks, meant for data files a model names, do not apply to
-    the model file the user gave. The file must stay as it was at load: replacing it
-    (``--in-place``, a second save over it) makes reading the tensor an InputError
-    rather than a read of the wrong bytes.
+    the model file the user gave. The file must stay as it was until the model is saved:
+    if it is replaced (say, a save over it followed by another save of the same model),
+    reading the tensor is an InputError rather than a read of the wrong bytes.
     """
 
     __slots__ = ("_identity",)
@@ -484,33 +484,41 @@ def _write_all(handle, data) -> None:
 
 def _copy_from_file(tensor: ir.ExternalTensor, handle) -> None:
     """Append the tensor's bytes from its file to ``handle``: in the kernel where the file
-    systems allow it, else through a bounded buffer."""
+    systems allow it, the rest through a bounded buffer."""
     source, offset, length = tensor.path, tensor.offset or 0, tensor.nbytes
     with open(source, "rb") as src:
         if isinstance(tensor, EmbeddedTensor):
             tensor.check_source(src.fileno())
-        remaining = length
-        try:
-            fileno = handle.fileno()
-            while remaining:
-                copied = os.copy_file_range(src.fileno(), fileno, remaining, offset + length - remaining)
-                if copied == 0:
-                    break
-                remaining -= copied
-        except (OSError, AttributeError, _io.UnsupportedOperation) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, _io.UnsupportedOperation) \
-                    and exc.errno not in _NO_FILE_COPY:
-                raise
-            src.seek(offset + length - remaining)
-            while remaining:
-                chunk = src.read(min(remaining, 8 * WRITE_BUFFER_BYTES))
-                if not chunk:
-                    break
-                _write_all(handle, chunk)
-                remaining -= len(chunk)
+        remaining = length - _kernel_copy(src.fileno(), handle, offset, length)
+        src.seek(offset + length - remaining)
+        while remaining:
+            chunk = src.read(min(remaining, 8 * WRITE_BUFFER_BYTES))
+            if not chunk:
+                break
+            _write_all(handle, chunk)
+            remaining -= len(chunk)
     if remaining:
         raise InputError(f"{source}: ends before the {length} bytes of a tensor at offset {offset} "
                          "(the file changed while bnfold ran)")
+
+
+def _kernel_copy(source_fd: int, handle, offset: int, length: int) -> int:
+    """Bytes appended to ``handle`` by ``copy_file_range``: all of them, or fewer (maybe none)
+    where the platform or the pair of file systems does not allow it."""
+    copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
+    if copy_file_range is None or isinstance(handle, _io.BytesIO):
+        return 0
+    done = 0
+    try:
+        while done < length:
+            copied = copy_file_range(source_fd, handle.fileno(), length - done, offset + done)
+            if copied == 0:  # the source ends early: the buffered copy reports it
+                break
+            done += copied
+    except OSError as exc:
+        if exc.errno not in _NO_FILE_COPY:
+            raise
+    return done
 
 
 @contextlib.contextmanager

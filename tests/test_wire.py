@@ -227,3 +227,17 @@ def test_external_data_round_trips_in_both_layouts_subgraphs_included(tmp_path):
     for saved in ("inline.onnx", "external.onnx"):
         for want, got in zip(expected, run(tmp_path / saved, feeds)):
             np.testing.assert_array_equal(got, want)
+
+
+def test_external_data_cut_short_after_loading_is_an_error_and_no_output(tmp_path):
+    path = conv_stack(tmp_path)
+    external = tmp_path / "ext" / "m.onnx"
+    external.parent.mkdir()
+    onnx.save(onnx.load(path), external, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=0)
+    model = load_model(external)
+    os.truncate(external.parent / "m.data", 1000)
+
+    with pytest.raises(InputError, match="ends before"):
+        save_model(model, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
