@@ -446,8 +446,6 @@ class _Prefetch:
             self._executor.shutdown(wait=True, cancel_futures=True)
 
     def take(self, index: int) -> memoryview:
-        if index not in self._waiting:  # not announced in ``order``: compute it here
-            return _tensor_bytes(self._sources[index])
         data = self._waiting.pop(index).result()
         self._waiting_bytes -= self._sources[index].nbytes
         self._top_up()

@@ -45,6 +45,11 @@ def protobuf_round_trip(path: Path) -> bytes:
     return ir.serde.serialize_model(ir.load(path)).SerializeToString()
 
 
+def protobuf_fold(path: Path) -> bytes:
+    """What folding the fully parsed model and serializing it with protobuf gives."""
+    return ir.serde.serialize_model(bnfold.fold(ir.load(path)).model).SerializeToString()
+
+
 def conv_stack(tmp_path: Path, layers: int = 3, channels: int = 16) -> Path:
     """Conv+BN layers with weights well above EMBEDDED_MIN_BYTES."""
     b = GraphBuilder(seed=3)
@@ -55,6 +60,14 @@ def conv_stack(tmp_path: Path, layers: int = 3, channels: int = 16) -> Path:
     path = tmp_path / "stack.onnx"
     onnx.save(b.model(), path)
     return path
+
+
+def with_external_data(model: onnx.ModelProto, folder: Path) -> Path:
+    """``folder/m.onnx`` with every tensor, subgraphs' too, in ``folder/m.data``."""
+    folder.mkdir()
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=0)
+    return folder / "m.onnx"
 
 
 # --- the wire format ----------------------------------------------------------------------
@@ -117,8 +130,7 @@ def test_folding_weights_left_in_the_file_equals_folding_parsed_ones(tmp_path, p
         with cut_at(min_bytes):
             bnfold.fold(path).save(tmp_path / f"{min_bytes}.onnx")
         outputs.append((tmp_path / f"{min_bytes}.onnx").read_bytes())
-    reference = ir.serde.serialize_model(bnfold.fold(ir.load(path)).model).SerializeToString()
-    assert outputs[0] == outputs[1] == reference
+    assert outputs[0] == outputs[1] == protobuf_fold(path)
 
 
 @settings(max_examples=60)
@@ -131,7 +143,7 @@ def test_random_graphs_fold_the_same_from_a_file(cfg):
         with cut_at(EVERYTHING_CUT):
             bnfold.fold(source).save(Path(folder) / "out.onnx")
         streamed = (Path(folder) / "out.onnx").read_bytes()
-        assert streamed == ir.serde.serialize_model(bnfold.fold(ir.load(source)).model).SerializeToString()
+        assert streamed == protobuf_fold(source)
         expected, actual = run(model, feeds), run(onnx.ModelProto.FromString(streamed), feeds)
     tolerance = 2e-2 if cfg["dtype"] == np.float16 else 1e-4
     for want, got in zip(expected, actual):
@@ -146,8 +158,7 @@ def test_large_weights_stay_in_the_file_until_written(tmp_path):
     assert weights and all(isinstance(t, EmbeddedTensor) for t in weights)
     assert not bnfold.io.has_external_data(model)
     bnfold.fold(model).save(tmp_path / "out.onnx")
-    assert (tmp_path / "out.onnx").read_bytes() == ir.serde.serialize_model(
-        bnfold.fold(ir.load(path)).model).SerializeToString()
+    assert (tmp_path / "out.onnx").read_bytes() == protobuf_fold(path)
     assert not (tmp_path / "out.onnx.data").exists()
 
 
@@ -156,8 +167,7 @@ def test_a_hard_linked_model_file_folds(tmp_path):
     os.link(path, tmp_path / "link.onnx")  # onnx_ir refuses hard-linked *external data* files
 
     bnfold.fold(path).save(tmp_path / "out.onnx")
-    assert (tmp_path / "out.onnx").read_bytes() == ir.serde.serialize_model(
-        bnfold.fold(ir.load(path)).model).SerializeToString()
+    assert (tmp_path / "out.onnx").read_bytes() == protobuf_fold(path)
 
 
 def test_a_model_file_replaced_after_loading_is_an_error_not_wrong_weights(tmp_path):
@@ -186,10 +196,7 @@ def test_copy_without_the_kernel_copy_gives_the_same_bytes(tmp_path, monkeypatch
 
 def test_external_weights_written_inline_when_asked(tmp_path):
     path = conv_stack(tmp_path)
-    external = tmp_path / "ext" / "m.onnx"
-    external.parent.mkdir()
-    onnx.save(onnx.load(path), external, save_as_external_data=True, all_tensors_to_one_file=True,
-              location="m.data", size_threshold=0)
+    external = with_external_data(onnx.load(path), tmp_path / "ext")
 
     bnfold.fold(external).save(tmp_path / "inline.onnx", external_data=False)
     bnfold.fold(path).save(tmp_path / "reference.onnx")
@@ -210,11 +217,7 @@ def test_external_data_round_trips_in_both_layouts_subgraphs_included(tmp_path):
     from test_fold import _if_model
 
     rng = np.random.default_rng(5)
-    model = _if_model(rng)
-    (tmp_path / "ext").mkdir()
-    source = tmp_path / "ext" / "m.onnx"
-    onnx.save(model, source, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
-              size_threshold=0)
+    source = with_external_data(_if_model(rng), tmp_path / "ext")
     feeds = {"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32), "cond": np.array(True)}
     expected = run(source, feeds)
 
@@ -231,10 +234,7 @@ def test_external_data_round_trips_in_both_layouts_subgraphs_included(tmp_path):
 
 def test_external_data_cut_short_after_loading_is_an_error_and_no_output(tmp_path):
     path = conv_stack(tmp_path)
-    external = tmp_path / "ext" / "m.onnx"
-    external.parent.mkdir()
-    onnx.save(onnx.load(path), external, save_as_external_data=True, all_tensors_to_one_file=True,
-              location="m.data", size_threshold=0)
+    external = with_external_data(onnx.load(path), tmp_path / "ext")
     model = load_model(external)
     os.truncate(external.parent / "m.data", 1000)
 
