@@ -1,3 +1,3 @@
-from bnfold.cli import main
+from bnfold.cli import console_script
 
-main()
+console_script()

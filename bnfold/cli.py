@@ -10,8 +10,9 @@ import functools
 import json
 import os
 import signal
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
@@ -366,5 +367,32 @@ def _terminate(signum, frame):
 
 
 def main() -> None:
+    """Run the CLI; ends, as click does, by raising SystemExit (callers in-process may catch it)."""
     signal.signal(signal.SIGTERM, _terminate)
     app()
+
+
+def console_script() -> NoReturn:
+    """The installed ``bnfold`` command and ``python -m bnfold``: ``main()``, then exit
+    without the interpreter's teardown.
+
+    Tearing down onnx, protobuf, numpy and onnx_ir takes 60-80 ms, a fifth of folding a
+    small model. Nothing of bnfold's is left for it to do: every file is closed, synced and
+    renamed before a command returns, and no thread of bnfold's is running. So flush the
+    standard streams and leave; where that flush fails (a closed pipe), or SystemExit
+    carries a message to print, Python's own exit runs as usual.
+    """
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code is not None and not isinstance(exc.code, int):
+            raise
+        code = exc.code or 0
+    else:
+        code = 0
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        raise SystemExit(code) from None
+    os._exit(code)

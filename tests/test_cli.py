@@ -4,6 +4,7 @@ output, and a light import footprint (no onnxruntime or torch for --help or a fo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,37 @@ def test_python_dash_m_help():
     assert proc.returncode == 0, proc.stderr
     assert "fold" in proc.stdout and "inspect" in proc.stdout
     assert proc.stderr == ""
+
+
+def test_the_command_exits_with_each_status_and_delivers_all_its_output(keeps_one, tmp_path):
+    """The command leaves without the interpreter's teardown (cli.console_script): exit
+    codes, output and the written files must all survive that, with stdout block-buffered
+    as in a pipeline."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    not_onnx = tmp_path / "notes.onnx"
+    not_onnx.write_text("not a model")
+
+    def command(*args):
+        return subprocess.run([PYTHON, "-m", "bnfold", *map(str, args)], capture_output=True, text=True,
+                              timeout=60, env=env, cwd=tmp_path)
+
+    out = tmp_path / "out.onnx"
+    kept = command("fold", keeps_one, "-o", out, "--strict", "--json", tmp_path / "ledger.json")
+    assert kept.returncode == 1, kept.stderr
+    assert "bn_b" in kept.stdout and kept.stdout.rstrip().endswith(f"wrote {out}")
+    assert json.loads((tmp_path / "ledger.json").read_text())["summary"]["folded"] == 1
+    assert count_ops(onnx.load(out), "BatchNormalization") == 1
+    run(onnx.load(out), FEEDS)  # a complete model, not a file cut short by the exit
+
+    ok = command("fold", keeps_one, "-o", tmp_path / "again.onnx", "-q")
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+
+    bad = command("fold", not_onnx)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("bnfold: error: ")
+
+    usage = command("fold", keeps_one, "--no-such-option")
+    assert usage.returncode == 2 and "No such option" in usage.stderr
 
 
 IMPORT_PROBE = r"""
