@@ -2,10 +2,10 @@
 
 ``python bench/latency.py ORIGINAL FOLDED REPORT.json --inputs '{"input": [1, 3, 224, 224]}'``
 
-Five sessions: {original, folded} x {ORT_DISABLE_ALL, ORT's default (ORT_ENABLE_ALL)}, and
-the original with ORT_ENABLE_BASIC (where ORT's own Conv+BN fusion happens, without the
-layout and activation fusions of the default level),
-each with ``intra_op_num_threads`` (default 2), batch as given. Session creation is timed
+Six sessions: {original, folded} x {ORT_DISABLE_ALL, ORT's default (ORT_ENABLE_ALL)}, and
+the original with ORT_ENABLE_BASIC (where ORT's own Conv+BN fusion happens) and with
+ORT_ENABLE_EXTENDED (every fusion, e.g. Conv+activation, but not the default level's
+hardware-specific NCHWc layout), each with ``intra_op_num_threads`` (default 2), batch as given. Session creation is timed
 ``creations`` times per session, the kinds alternating; then, after ``warmup`` runs
 each, ``runs`` rounds run every session once, in an order rotated each round so that no
 session always follows the same one. Reports every sample, and the outputs' largest
@@ -27,6 +27,7 @@ import onnxruntime as ort
 CONFIGS = (
     ("original", "disabled"),
     ("original", "basic"),
+    ("original", "extended"),
     ("original", "default"),
     ("folded", "disabled"),
     ("folded", "default"),
@@ -35,6 +36,8 @@ LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     # Basic: constant folding and BN fusion, but not the layout (NCHWc) and activation fusions.
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    # Extended: also the fusions into contrib ops (FusedConv, FusedGemm, ...), still no layout change.
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 
@@ -45,6 +48,10 @@ def _options(level: str, threads: int) -> ort.SessionOptions:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # ORT's pool threads spin-wait after each run by default. With six sessions alive on two
+    # cores, one session's spinning threads took the CPU from the next session's run (the
+    # MLP's median was 4x its minimum); without spinning every session gets the cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -92,6 +99,7 @@ def measure(paths: dict[str, str], inputs: dict[str, list[int]], runs: int, warm
     pairs = {
         "folded/disabled ÷ original/default": (("folded", "disabled"), ("original", "default")),
         "folded/disabled ÷ original/basic": (("folded", "disabled"), ("original", "basic")),
+        "folded/disabled ÷ original/extended": (("folded", "disabled"), ("original", "extended")),
         "folded/disabled ÷ original/disabled": (("folded", "disabled"), ("original", "disabled")),
         "folded/default ÷ original/default": (("folded", "default"), ("original", "default")),
     }

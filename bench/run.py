@@ -9,7 +9,8 @@ rotates every round, so no tool always runs first or after the same neighbour):
    onnxruntime's offline optimisation (``bench/tools.py`` runs each);
 2. peak RSS of each process (``os.wait4``'s rusage of that child);
 3. ORT CPU latency and session-creation time of the original and the folded model,
-   optimisations disabled and default (``bench/latency.py``);
+   optimisations disabled and default, and the original at ORT's basic and extended
+   levels (``bench/latency.py``);
 4. the folded model's largest output difference (``bnfold verify --json``).
 
 It writes ``bench/results/latest.json`` (every sample) and ``latest.md`` (tables of
@@ -380,6 +381,8 @@ def targets(results: dict) -> list[dict]:
                 ("folded/disabled ÷ original/default", "latency: folded ORT_DISABLE_ALL <= original default opt", 1.0),
                 ("folded/disabled ÷ original/disabled", "latency: folded ORT_DISABLE_ALL < original ORT_DISABLE_ALL", 1.0),
                 ("folded/disabled ÷ original/basic", "(extra) latency: folded ORT_DISABLE_ALL <= original ORT_ENABLE_BASIC", 1.0),
+                ("folded/disabled ÷ original/extended",
+                 "(extra) latency: folded ORT_DISABLE_ALL <= original ORT_ENABLE_EXTENDED", 1.0),
             ):
                 value = ratios[name]
                 ok = value < limit if "<" in target and "<=" not in target else value <= limit
@@ -464,7 +467,8 @@ def markdown(results: dict) -> str:
                           f"(session creation: median of {lat['creations']}):", "",
                       "| model | ORT optimisation | run ms (median) | min ms | session creation s | max abs diff vs original, disabled |",
                       "|---|---|---|---|---|---|"]
-            levels = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "default": "default (ORT_ENABLE_ALL)"}
+            levels = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                      "default": "default (ORT_ENABLE_ALL)"}
             for key, data in c.items():
                 m, level = key.split("/")
                 lines.append(f"| {m} | {levels[level]} | {data['run_ms_median']:.2f} | {data['run_ms_min']:.2f} | "
@@ -472,7 +476,8 @@ def markdown(results: dict) -> str:
             r = lat["ratios"]
             lines += ["", "Per-round ratios (median): folded ORT_DISABLE_ALL ÷ original default "
                           f"**{r['folded/disabled ÷ original/default']:.3f}**; ÷ original ORT_ENABLE_BASIC "
-                          f"**{r['folded/disabled ÷ original/basic']:.3f}**; ÷ original ORT_DISABLE_ALL "
+                          f"**{r['folded/disabled ÷ original/basic']:.3f}**; ÷ original ORT_ENABLE_EXTENDED "
+                          f"**{r['folded/disabled ÷ original/extended']:.3f}**; ÷ original ORT_DISABLE_ALL "
                           f"**{r['folded/disabled ÷ original/disabled']:.3f}**; folded default ÷ original default "
                           f"{r['folded/default ÷ original/default']:.3f}. Largest output "
                           f"{c['original/disabled']['diff_vs_original_disabled']['max_abs_output']:.3g}; ORT's own "
