@@ -70,6 +70,14 @@ def _diff(reference: list[np.ndarray], subject: list[np.ndarray]) -> dict:
             "max_abs_output": float(np.abs(ref).max(initial=0.0))}
 
 
+def _median_ci95(values: np.ndarray, resamples: int = 2000) -> list[float]:
+    """A bootstrap 95% interval of the median: a ratio whose interval holds 1.0 is a tie
+    on this machine, however its median falls."""
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(values, size=(resamples, len(values))), axis=1)
+    return [float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))]
+
+
 def measure(paths: dict[str, str], inputs: dict[str, list[int]], runs: int, warmup: int, creations: int,
             threads: int) -> dict:
     rng = np.random.default_rng(0)
@@ -103,12 +111,11 @@ def measure(paths: dict[str, str], inputs: dict[str, list[int]], runs: int, warm
         "folded/disabled ÷ original/disabled": (("folded", "disabled"), ("original", "disabled")),
         "folded/default ÷ original/default": (("folded", "default"), ("original", "default")),
     }
-    ratios = {
-        name: statistics.median(a / b for a, b in zip(run_ms[num], run_ms[den]))
-        for name, (num, den) in pairs.items()
-    }
+    per_round = {name: np.array(run_ms[num]) / np.array(run_ms[den]) for name, (num, den) in pairs.items()}
+    ratios = {name: float(np.median(values)) for name, values in per_round.items()}
     result = {"threads": threads, "runs": runs, "warmup": warmup, "creations": creations,
-              "onnxruntime": ort.__version__, "ratios": ratios, "configs": {}}
+              "onnxruntime": ort.__version__, "ratios": ratios,
+              "ratio_ci95": {name: _median_ci95(values) for name, values in per_round.items()}, "configs": {}}
     for config in CONFIGS:
         key = "/".join(config)
         result["configs"][key] = {

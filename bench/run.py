@@ -386,7 +386,9 @@ def targets(results: dict) -> list[dict]:
             ):
                 value = ratios[name]
                 ok = value < limit if "<" in target and "<=" not in target else value <= limit
-                rows.append({"model": key, "target": target, "value": value, "ok": ok})
+                low, high = (model["latency"].get("ratio_ci95") or {}).get(name, (value, value))
+                rows.append({"model": key, "target": target, "value": value, "ok": ok,
+                             "detail": f"95% interval {low:.3f}–{high:.3f}", "tie": low <= limit <= high})
     imports = (results.get("startup") or {}).get("imports") or {}
     for label, loaded in imports.items():
         heavy = [m for m in ("onnxruntime", "torch") if isinstance(loaded, dict) and loaded.get(m)]
@@ -473,15 +475,15 @@ def markdown(results: dict) -> str:
                 m, level = key.split("/")
                 lines.append(f"| {m} | {levels[level]} | {data['run_ms_median']:.2f} | {data['run_ms_min']:.2f} | "
                              f"{data['create_s_median']:.3f} | {data['diff_vs_original_disabled']['max_abs_diff']:.3g} |")
-            r = lat["ratios"]
-            lines += ["", "Per-round ratios (median): folded ORT_DISABLE_ALL ÷ original default "
-                          f"**{r['folded/disabled ÷ original/default']:.3f}**; ÷ original ORT_ENABLE_BASIC "
-                          f"**{r['folded/disabled ÷ original/basic']:.3f}**; ÷ original ORT_ENABLE_EXTENDED "
-                          f"**{r['folded/disabled ÷ original/extended']:.3f}**; ÷ original ORT_DISABLE_ALL "
-                          f"**{r['folded/disabled ÷ original/disabled']:.3f}**; folded default ÷ original default "
-                          f"{r['folded/default ÷ original/default']:.3f}. Largest output "
-                          f"{c['original/disabled']['diff_vs_original_disabled']['max_abs_output']:.3g}; ORT's own "
-                          "default optimisation moves the original's output by max abs "
+            ci = lat.get("ratio_ci95") or {}
+            lines += ["", "| per-round ratio | median | 95% interval of the median |", "|---|---|---|"]
+            for name, value in lat["ratios"].items():
+                num, den = (part.strip().split("/") for part in name.split("÷"))
+                interval = "–".join(f"{x:.3f}" for x in ci[name]) if name in ci else "—"
+                lines.append(f"| {num[0]} {levels[num[1]]} ÷ {den[0]} {levels[den[1]]} | **{value:.3f}** | "
+                             f"{interval} |")
+            lines += ["", f"Largest output {c['original/disabled']['diff_vs_original_disabled']['max_abs_output']:.3g}; "
+                          "ORT's own default optimisation moves the original's output by max abs "
                           f"{c['original/default']['diff_vs_original_disabled']['max_abs_diff']:.3g}."]
         elif lat.get("error"):
             lines += ["", f"latency: {lat['error']}"]
@@ -512,7 +514,7 @@ def markdown(results: dict) -> str:
         value = fmt(row["value"], ".3f") if row.get("value") is not None else ""
         detail = row.get("detail")
         lines.append(f"| {row['model']} | {row['target']} | {value}{' (' + detail + ')' if detail else ''} | "
-                     f"{'yes' if row['ok'] else '**no**'} |")
+                     f"{'within noise' if row.get('tie') else 'yes' if row['ok'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
 
