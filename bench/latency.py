@@ -2,10 +2,13 @@
 
 ``python bench/latency.py ORIGINAL FOLDED REPORT.json --inputs '{"input": [1, 3, 224, 224]}'``
 
-Six sessions: {original, folded} x {ORT_DISABLE_ALL, ORT's default (ORT_ENABLE_ALL)}, and
+Seven sessions: {original, folded} x {ORT_DISABLE_ALL, ORT's default (ORT_ENABLE_ALL)};
 the original with ORT_ENABLE_BASIC (where ORT's own Conv+BN fusion happens) and with
 ORT_ENABLE_EXTENDED (every fusion, e.g. Conv+activation, but not the default level's
-hardware-specific NCHWc layout), each with ``intra_op_num_threads`` (default 2), batch as given. Session creation is timed
+hardware-specific NCHWc layout); and a second session of the original with
+ORT_DISABLE_ALL, whose ratio to the first (an A/A test) is the measurement's own noise:
+two sessions of one model differ by a few percent in buffer placement alone. Each runs
+with ``intra_op_num_threads`` (default 2), batch as given. Session creation is timed
 ``creations`` times per session, the kinds alternating; then, after ``warmup`` runs
 each, ``runs`` rounds run every session once, in an order rotated each round so that no
 session always follows the same one. Reports every sample, and the outputs' largest
@@ -31,6 +34,7 @@ CONFIGS = (
     ("original", "default"),
     ("folded", "disabled"),
     ("folded", "default"),
+    ("original-again", "disabled"),
 )
 LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -110,6 +114,7 @@ def measure(paths: dict[str, str], inputs: dict[str, list[int]], runs: int, warm
         "folded/disabled ÷ original/extended": (("folded", "disabled"), ("original", "extended")),
         "folded/disabled ÷ original/disabled": (("folded", "disabled"), ("original", "disabled")),
         "folded/default ÷ original/default": (("folded", "default"), ("original", "default")),
+        "original-again/disabled ÷ original/disabled": (("original-again", "disabled"), ("original", "disabled")),
     }
     per_round = {name: np.array(run_ms[num]) / np.array(run_ms[den]) for name, (num, den) in pairs.items()}
     ratios = {name: float(np.median(values)) for name, values in per_round.items()}
@@ -140,8 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--creations", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    result = measure({"original": args.original, "folded": args.folded}, json.loads(args.inputs),
-                     args.runs, max(1, args.warmup), max(1, args.creations), args.threads)
+    result = measure({"original": args.original, "folded": args.folded, "original-again": args.original},
+                     json.loads(args.inputs), args.runs, max(1, args.warmup), max(1, args.creations), args.threads)
     args.report.write_text(json.dumps(result, indent=1))
     return 0
 
