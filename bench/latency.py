@@ -75,8 +75,8 @@ def _diff(reference: list[np.ndarray], subject: list[np.ndarray]) -> dict:
 
 
 def _median_ci95(values: np.ndarray, resamples: int = 2000) -> list[float]:
-    """A bootstrap 95% interval of the median: a ratio whose interval holds 1.0 is a tie
-    on this machine, however its median falls."""
+    """A bootstrap 95% interval of the median: how far the run-to-run scatter alone could
+    move a per-round ratio (bench/run.py widens it by the A/A ratio's deviation)."""
     rng = np.random.default_rng(0)
     medians = np.median(rng.choice(values, size=(resamples, len(values))), axis=1)
     return [float(np.quantile(medians, 0.025)), float(np.quantile(medians, 0.975))]
