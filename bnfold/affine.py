@@ -102,6 +102,24 @@ def apply_factor(source: np.ndarray, factor: np.ndarray, dtype: np.dtype,
     return out
 
 
+def peak_by_factor(weight: np.ndarray, factor: np.ndarray, block_elements: int = 1 << 20) -> np.ndarray:
+    """``max |W|`` over the elements that share one value of ``factor``, shaped to broadcast
+    with it. ``max |W| * |factor|`` is then the largest magnitude of each folded cell, so
+    one small array decides whether the folded weight fits its dtype (NaN propagates).
+
+    Read in blocks along axis 0, so a huge weight costs one block of float64 at a time.
+    """
+    axes = tuple(a for a in range(weight.ndim) if factor.shape[a] == 1)
+    rows = max(1, block_elements // max(1, weight[0].size)) if weight.ndim else 1
+    if weight.ndim == 0:
+        return np.abs(np.asarray(weight, dtype=np.float64))
+    parts = [np.abs(np.asarray(weight[start:start + rows], dtype=np.float64)).max(axis=axes, keepdims=True)
+             for start in range(0, weight.shape[0], rows)]
+    if 0 in axes:
+        return np.maximum.reduce(parts) if len(parts) > 1 else parts[0]
+    return np.concatenate(parts, axis=0)
+
+
 def shifted_bias(bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """New bias ``s * b + t`` for a producer whose old bias is ``b`` (None: zero).
 

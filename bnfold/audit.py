@@ -7,15 +7,16 @@ trained and healthy. Problems are codes from ``PROBLEMS``; the fold plan (what
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from bnfold._onnx_ir import ir
-from bnfold.consts import Constants
-from bnfold.engine import Site, batch_norms, mode_problem, plan_site, read_stats
-from bnfold.io import as_model
+from bnfold.constant_eval import Constants
+from bnfold.engine import run
+from bnfold.io import as_source
+from bnfold.ledger import STATUS_FOLDED, NoMatch
+from bnfold.plan import Site, mode_problem, read_stats
 
 INSPECT_SCHEMA_VERSION = 1
 
@@ -59,32 +60,42 @@ class Finding:
         return {**asdict(self), "ok": self.ok}
 
 
-def inspect(model_or_path: ir.Model | str | os.PathLike) -> list[Finding]:
-    """Audit every BN of the model; nothing is changed."""
-    model = as_model(model_or_path)
-    consts = Constants(model.ir_version)
-    findings = []
-    for scope, bn in batch_norms(model):
-        finding = Finding(bn=bn.name, graph=scope.label)
-        mode = mode_problem(bn, scope.opset)
+def inspect(model) -> list[Finding]:
+    """Audit every BN of the model (a path, ModelProto, onnx_ir Model or Source); the plan
+    of each is the one ``fold`` carries out, from the same run on bnfold's own copy."""
+    source = as_source(model)
+    findings: list[Finding] = []
+
+    def observe(site: Site) -> None:
+        if not site.is_bn:
+            return
+        bn = site.node
+        finding = Finding(bn=bn.name, graph=site.scope.label)
+        mode = mode_problem(bn, site.scope.opset)
         if mode is not None and mode[0] == "training-mode":
             finding.add("training-mode", mode[1])
-        stats = read_stats(bn, consts)
-        if isinstance(stats, tuple):
-            _non_constant_stats(finding, bn, stats)
+        try:
+            stats = read_stats(bn, consts_of(source))
+        except NoMatch as no:
+            _non_constant_stats(finding, bn, (no.reason, no.detail))
         else:
             finding.channels = stats.channels
             _check_health(finding, stats)
-        plan = plan_site(Site(bn, scope), consts)
-        if plan.foldable:
-            target = plan.after.match.node if plan.after is not None else plan.before.node
-            direction = "into" if plan.after is not None else "forward into"
-            finding.plan = f"fold {direction} {target.op_type} {target.name!r}"
-        else:
-            finding.fold_reason = plan.reason
-            finding.plan = f"keep: {plan.reason} ({plan.detail})"
         findings.append(finding)
+
+    _, ledger = run(source, observe=observe)
+    for finding, entry in zip(findings, ledger.batch_norms):
+        if entry.status == STATUS_FOLDED:
+            direction = "forward into" if entry.pattern.startswith("bn-") else "into"
+            finding.plan = f"fold {direction} {entry.into_op} {entry.into!r} ({entry.pattern})"
+        else:
+            finding.fold_reason = entry.reason
+            finding.plan = f"keep: {entry.reason} ({entry.detail})"
     return findings
+
+
+def consts_of(source) -> Constants:
+    return Constants(source.model.ir_version)
 
 
 def _non_constant_stats(finding: Finding, bn: ir.Node, problem: tuple[str, str]) -> None:

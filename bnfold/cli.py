@@ -182,13 +182,13 @@ def fold(
         verify_options = VerifyOptions(providers=providers, inputs=inputs, samples=samples, batch=batch,
                                        shapes=parse_shapes(shape or []), seed=seed, rtol=rtol, atol=atol,
                                        allow_tf32=allow_tf32)
-    from bnfold.io import has_external_data, load_model, weight_bytes
+    from bnfold.io import has_external_data, load_source, weight_bytes
     from bnfold.progress import THRESHOLD_BYTES, Steps, save_callback
 
     big_file = model.is_file() and model.stat().st_size >= THRESHOLD_BYTES
     with Steps(big_file and not quiet, err_console).step(f"load {model.name}"):
-        source = naming_input(model, lambda: load_model(model))
-    steps = Steps(not quiet and weight_bytes(source) >= THRESHOLD_BYTES, err_console)
+        source = naming_input(model, lambda: load_source(model))
+    steps = Steps(not quiet and weight_bytes(source.model) >= THRESHOLD_BYTES, err_console)
     data_name = None if embed else (external_data or (f"{out.name}.data" if has_external_data(source) else None))
     writes = [("output", out)] + [("weights file", out.parent / n) for n in [data_name] if n]
     refuse_overwriting_input(model, source, writes + [("JSON report", p) for p in [json_path, verify_json] if p],
@@ -225,9 +225,9 @@ def inspect(
     """
     from bnfold.audit import findings_to_dict, inspect as inspect_model
 
-    from bnfold.io import load_model
+    from bnfold.io import load_source
 
-    source = naming_input(model, lambda: load_model(model))
+    source = naming_input(model, lambda: load_source(model))
     refuse_overwriting_input(model, source, [("JSON report", p) for p in [json_path] if p])
     findings = naming_input(model, lambda: inspect_model(source))
     if json_path:

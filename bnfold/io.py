@@ -37,6 +37,8 @@ from google.protobuf.message import DecodeError
 from bnfold import wire
 from bnfold._onnx_ir import ir
 from bnfold.errors import BnfoldError, InputError
+from bnfold.source import Source, analysis_copy, link
+from bnfold.writer import Edited, all_tensors, external_range, file_bytes, set_external, set_inline
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 #: Bytes of computed (folded) tensors that may be in flight ahead of the writer (two
@@ -103,6 +105,11 @@ def _file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
 
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Read ``path`` into an onnx_ir model, lazily for external data, or raise InputError."""
+    return load_source(path).model
+
+
+def load_source(path: str | os.PathLike) -> Source:
+    """Read ``path``: its proto (large weights left in the file) and the analysis model."""
     path = Path(path)
     _check_readable_file(path)
     try:
@@ -115,16 +122,48 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _check_tensors(proto, path, embedded)
     _check_external_data(proto, path.resolve().parent, path)
     _check_opsets(proto, path)
+    names = [tensor.name for tensor in proto.graph.initializer]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise InputError(f"{path}: invalid ONNX model (initializer {duplicate!r} is defined more than once)")
+    source = _analyse(proto, path)
+    source.spans = {names[index]: span for index, span in embedded.items()}
+    _attach_embedded(source)
+    check_graph_wellformed(source.model, path)
+    check_linear_shapes(source.model, path)
+    return source
+
+
+def source_from_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> Source:
+    """A model given in memory: checked like a file, analysed on bnfold's own copy."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    where = Path("<model>")
+    _check_text(copy, where)
+    _check_tensors(copy, where, {})
+    if base_dir is not None:
+        _check_external_data(copy, base_dir, where)
+    _check_opsets(copy, where)
+    source = _analyse(copy, None)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(source.model.graph, str(base_dir))
+        source.base = base_dir
+    check_graph_wellformed(source.model, where)
+    check_linear_shapes(source.model, where)
+    return source
+
+
+def _analyse(proto: onnx.ModelProto, path: Path | None) -> Source:
+    analysed, opaque = analysis_copy(proto)
     try:
         with _onnx_ir_quiet():
-            model = ir.serde.deserialize_model(proto)
+            model = ir.serde.deserialize_model(analysed)
     except Exception as exc:  # onnx_ir raises many types on malformed protos
-        raise InputError(f"{path}: invalid ONNX model ({_first_line(exc)})") from None
-    ir.external_data.set_base_dir(model.graph, str(path.resolve().parent))
-    _attach_embedded(model, proto, embedded, path)
-    check_graph_wellformed(model, path)
-    check_linear_shapes(model, path)
-    return model
+        raise InputError(f"{path or '<model>'}: invalid ONNX model ({_first_line(exc)})") from None
+    if path is not None:
+        ir.external_data.set_base_dir(model.graph, str(path.resolve().parent))
+    nodes, graphs = link(model, proto)
+    return Source(proto=proto, model=model, path=path, node_protos=nodes, graph_protos=graphs, opaque_inputs=opaque)
 
 
 def _parse(path: Path) -> tuple[onnx.ModelProto, dict[int, tuple[int, int]]]:
@@ -140,22 +179,17 @@ def _parse(path: Path) -> tuple[onnx.ModelProto, dict[int, tuple[int, int]]]:
     return onnx.load(str(path), load_external_data=False), {}
 
 
-def _attach_embedded(model: ir.Model, proto: onnx.ModelProto, embedded: dict[int, tuple[int, int]],
-                     path: Path) -> None:
+def _attach_embedded(source: Source) -> None:
     """Give each cut initializer its bytes back, as an EmbeddedTensor over the model file."""
-    if not embedded:
+    if not source.spans:
         return
-    names = [tensor.name for tensor in proto.graph.initializer]
-    if len(set(names)) != len(names):
-        duplicate = next(name for name in names if names.count(name) > 1)
-        raise InputError(f"{path}: invalid ONNX model (initializer {duplicate!r} is defined more than once)")
-    source = str(path.resolve())
-    identity = _file_identity(os.stat(source))
-    for index, (offset, length) in embedded.items():
-        value = model.graph.initializers[names[index]]
+    path = str(source.path.resolve())
+    identity = _file_identity(os.stat(path))
+    for name, (offset, length) in source.spans.items():
+        value = source.model.graph.initializers[name]
         skeleton = value.const_value
         value.const_value = EmbeddedTensor(
-            source, offset, length, skeleton.dtype, identity=identity, shape=skeleton.shape, name=value.name,
+            path, offset, length, skeleton.dtype, identity=identity, shape=skeleton.shape, name=value.name,
             doc_string=skeleton.doc_string, metadata_props=dict(skeleton.metadata_props) or None,
         )
 
@@ -175,15 +209,22 @@ def _onnx_ir_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def as_model(model_or_path: ir.Model | str | os.PathLike) -> ir.Model:
-    """Accept either a loaded model or a path, so the API takes both."""
-    if isinstance(model_or_path, ir.Model):
-        return model_or_path
-    return load_model(model_or_path)
+def as_source(model: Source | ir.Model | onnx.ModelProto | str | os.PathLike) -> Source:
+    """What the API accepts: a path, a ModelProto, an onnx_ir Model, or a loaded Source.
+    In-memory models are copied: bnfold never changes what it is given."""
+    if isinstance(model, Source):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return source_from_proto(model)
+    if isinstance(model, ir.Model):
+        return source_from_proto(ir.serde.serialize_model(model))
+    return load_source(model)
 
 
-def external_data_files(model: ir.Model) -> set[Path]:
+def external_data_files(model: ir.Model | Source) -> set[Path]:
     """The resolved paths of the files holding the model's external data."""
+    if isinstance(model, Source):
+        return {path.resolve() for path in _proto_external_files(model)}
     return {
         Path(value.const_value.path).resolve()
         for graph in model.graphs()
@@ -192,9 +233,17 @@ def external_data_files(model: ir.Model) -> set[Path]:
     }
 
 
-def has_external_data(model: ir.Model) -> bool:
-    """Whether any initializer is stored outside the model file."""
+def has_external_data(model: ir.Model | Source) -> bool:
+    """Whether any tensor is stored outside the model file."""
     return bool(external_data_files(model))
+
+
+def _proto_external_files(source: Source) -> set[Path]:
+    base = source.base_dir
+    if base is None:
+        return set()
+    return {external_range(tensor, base)[0] for tensor, _ in all_tensors(source.proto)
+            if tensor.data_location == onnx.TensorProto.EXTERNAL}
 
 
 def save_model(
@@ -204,7 +253,18 @@ def save_model(
     external_data: str | None = None,
     callback: Callable | None = None,
 ) -> None:
-    """Write ``model`` to ``path`` atomically.
+    """Write an onnx_ir ``model`` to ``path`` atomically (see ``save_edited``)."""
+    save_edited(_edited_from_ir(model), path, external_data=external_data, callback=callback)
+
+
+def save_edited(
+    edited: Edited,
+    path: str | os.PathLike,
+    *,
+    external_data: str | None = None,
+    callback: Callable | None = None,
+) -> None:
+    """Write an edited model to ``path`` atomically.
 
     ``external_data`` names the weights file relative to ``path``'s folder; None embeds
     the weights, which is refused when they cannot fit protobuf's 2 GB limit.
@@ -219,9 +279,10 @@ def save_model(
         raise InputError(f"{target}: is a directory")
     if external_data is not None:
         _check_relative_name(external_data, target)
-    elif (embedded := weight_bytes(model)) > PROTOBUF_LIMIT_BYTES - EMBED_HEADROOM_BYTES:
+    layout = _Layout(edited, external_data)
+    if external_data is None and layout.embedded_bytes > PROTOBUF_LIMIT_BYTES - EMBED_HEADROOM_BYTES:
         raise InputError(
-            f"{target}: weights ({embedded / 2**30:.2f} GiB) do not fit in one ONNX "
+            f"{target}: weights ({layout.embedded_bytes / 2**30:.2f} GiB) do not fit in one ONNX "
             "file (protobuf limit 2 GiB); write them as external data instead"
         )
     staging = None
@@ -232,15 +293,14 @@ def save_model(
             except OSError as exc:
                 raise InputError(f"{target}: cannot write to {folder} ({exc.strerror})") from None
         staged_model = staging / target.name
-        if external_data is not None:  # a name like "weights/w.bin" needs its folder staged too
-            (staging / external_data).parent.mkdir(parents=True, exist_ok=True)
-        if external_data is None:
-            _write_embedded(model, staged_model, callback)
-        else:
-            _write_external(model, staged_model, external_data, callback)
         staged_files = [staged_model]
-        if external_data is not None and (staging / external_data).exists():
-            staged_files.insert(0, staging / external_data)
+        if layout.external:
+            staged_data = staging / external_data
+            staged_data.parent.mkdir(parents=True, exist_ok=True)  # a name like "weights/w.bin"
+            with open(staged_data, "wb", buffering=0) as handle:
+                _write_pieces(handle, list(layout.external), layout.external, callback)
+            staged_files.insert(0, staged_data)
+        layout.write_model(staged_model, callback)
         for staged in staged_files:
             _fsync(staged)
         # Data first: the model file is what makes the pair visible. An interrupt waits
@@ -252,8 +312,6 @@ def save_model(
                 os.replace(staged, destination)
             _fsync_dir(folder)
     except Exception as exc:
-        # onnx_ir wraps errors raised while serializing (a lazy weight's FoldOverflowError,
-        # an OSError reading source data) in SerdeError: surface the real cause.
         cause = _cause_of_type(exc, BnfoldError) or _cause_of_type(exc, OSError)
         if isinstance(cause, BnfoldError):
             raise cause from None
@@ -265,90 +323,118 @@ def save_model(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_embedded(model: ir.Model, path: Path, callback: Callable | None) -> None:
-    """Write ``model`` with all weights inline, without building it in memory.
+class _Layout:
+    """Where each tensor's data goes in the output, decided on a copy of the edited proto.
 
-    Large main-graph weights are serialized as data-less placeholders; ``wire.encode_model``
-    then lays out the file and each weight's bytes are written in their place: copied
-    file to file for a tensor that lies in a file (the input's EmbeddedTensors, external
-    data), computed one at a time for a folded LazyTensor. The bytes equal those of
-    serializing the whole model with protobuf.
+    Embedded: every tensor inline; the data of main-graph initializers that lie in a file
+    or are folded is written in place by ``wire.encode_model`` (never assembled in memory),
+    other such tensors (subgraphs, Constant nodes) are read into the proto, they are small.
+    External: what was external data stays external (in the new data file, its other keys
+    such as a checksum kept), folded weights go there too, and, when the input had no
+    external data, so do initializers of at least EXTERNAL_MIN_BYTES.
+    Everything else stays exactly where it was.
     """
-    values = _initializers(model.graph)
-    sources = {index: value.const_value for index, value in enumerate(values) if _streamable(value.const_value)}
-    placeholders = {index: _placeholder(tensor, values[index].name) for index, tensor in sources.items()}
-    inner = [v for graph in model.graphs() if graph is not model.graph for v in _initializers(graph)]
-    # External data of subgraphs is rare and small: it goes inline through protobuf.
-    in_memory = {i: ir.Tensor(v.const_value.numpy(), dtype=v.const_value.dtype, name=v.name)
-                 for i, v in enumerate(inner) if isinstance(v.const_value, ir.ExternalTensor)}
-    with _swapped(values, placeholders), _swapped(inner, in_memory):
-        skeleton = ir.serde.serialize_model(model).SerializeToString()
-    lengths = [sources[index].nbytes if index in sources else None for index in range(len(values))]
-    pieces = wire.encode_model(skeleton, lengths)
-    _, extension = os.path.splitext(path)
-    if onnx.serialization.registry.get_format_from_file_extension(extension) not in (None, "protobuf"):
-        # A text format (the output's extension asks for it) needs the whole message.
-        buffer = _io.BytesIO()
-        _write_pieces(buffer, pieces, sources, callback)
-        onnx.save_model(onnx.ModelProto.FromString(buffer.getvalue()), str(path))
-        return
-    with open(path, "wb", buffering=0) as handle:
-        _write_pieces(handle, pieces, sources, callback)
 
-
-def _write_external(model: ir.Model, path: Path, data_name: str, callback: Callable | None) -> None:
-    """Write ``model`` with its weights in ``data_name`` beside ``path``, one after another.
-
-    Every initializer that lies in a file or is computed on writing, and in-memory ones
-    of at least EXTERNAL_MIN_BYTES, goes to the data file (copied file to file, or
-    computed on a worker while the previous one is written); the model file, written
-    last, references each by offset and length (packed, no alignment, as onnx_ir writes).
-    """
-    values = [value for graph in model.graphs() for value in _initializers(graph)]
-    sources = {index: value.const_value for index, value in enumerate(values) if _goes_external(value.const_value)}
-    references = {}
-    if sources:
+    def __init__(self, edited: Edited, data_name: str | None):
+        self.proto = onnx.ModelProto()
+        self.proto.CopyFrom(edited.proto)
+        self.data_name = data_name
+        self.streamed: dict[int, ir.TensorProtocol] = {}  # main-graph initializer index -> data
+        self.external: dict[int, ir.TensorProtocol] = {}  # order in the data file -> data
+        source = edited.source
+        move_inline = data_name is not None and not _proto_external_files(source)
         offset = 0
-        for index, tensor in sources.items():
-            references[index] = ir.ExternalTensor(
-                data_name, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=values[index].name,
-                doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props) or None)
-            offset += tensor.nbytes
-        with open(path.parent / data_name, "wb", buffering=0) as handle:
-            _write_pieces(handle, list(sources), sources, callback)
-    with _swapped(values, references):
-        proto = ir.serde.serialize_model(model)
-    onnx.save_model(proto, str(path))
+        main_index = 0
+        for tensor, kind in all_tensors(self.proto):
+            index = main_index if kind == "main" else None
+            main_index += kind == "main"
+            data = _data_of(tensor, kind, edited)
+            nbytes = data.nbytes if data is not None else None
+            if data_name is not None and tensor.data_type != onnx.TensorProto.STRING and (
+                    tensor.data_location == onnx.TensorProto.EXTERNAL
+                    or (tensor.name in edited.folded and kind != "attribute")
+                    or (move_inline and kind != "attribute" and _inline_nbytes(tensor, data) >= EXTERNAL_MIN_BYTES)):
+                if data is None:  # read now: the proto is about to point elsewhere
+                    data = ir.Tensor(ir.serde.TensorProtoTensor(tensor).numpy(), dtype=ir.DataType(tensor.data_type))
+                    nbytes = data.nbytes
+                set_external(tensor, data_name, offset, nbytes)
+                self.external[len(self.external)] = data
+                offset += nbytes
+            elif data is not None:
+                if index is not None:
+                    set_inline(tensor, None)
+                    self.streamed[index] = data
+                else:
+                    set_inline(tensor, _tensor_bytes(data).tobytes())
+        self.lengths = [self.streamed[i].nbytes if i in self.streamed else None for i in range(main_index)]
+        self.embedded_bytes = self.proto.ByteSize() + sum(t.nbytes for t in self.streamed.values())
+
+    def write_model(self, path: Path, callback: Callable | None) -> None:
+        skeleton = self.proto.SerializeToString()
+        pieces = wire.encode_model(skeleton, self.lengths) if self.streamed else [skeleton]
+        _, extension = os.path.splitext(path)
+        if onnx.serialization.registry.get_format_from_file_extension(extension) not in (None, "protobuf"):
+            # A text format (the output's extension asks for it) needs the whole message.
+            buffer = _io.BytesIO()
+            _write_pieces(buffer, pieces, self.streamed, callback)
+            onnx.save_model(onnx.ModelProto.FromString(buffer.getvalue()), str(path))
+            return
+        with open(path, "wb", buffering=0) as handle:
+            _write_pieces(handle, pieces, self.streamed, callback)
 
 
-def _goes_external(tensor: ir.TensorProtocol) -> bool:
-    if tensor.dtype == ir.DataType.STRING:  # ONNX keeps strings inline
-        return False
-    return _streamable(tensor) or tensor.nbytes >= EXTERNAL_MIN_BYTES
+def _data_of(tensor: onnx.TensorProto, kind: str, edited: Edited) -> ir.TensorProtocol | None:
+    """The data of a tensor the proto does not hold: folded, left in the input file, or
+    external; None for a tensor whose data is in the proto."""
+    source = edited.source
+    if tensor.name in edited.folded and not tensor.HasField("raw_data") and kind != "attribute":
+        return edited.folded[tensor.name]
+    if kind == "main" and tensor.name in source.spans and not tensor.HasField("raw_data") \
+            and tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return source.model.graph.initializers[tensor.name].const_value
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        path, offset, length = external_range(tensor, source.base_dir)
+        dtype = ir.DataType(tensor.data_type)
+        if length == 0:
+            return ir.Tensor(np.empty(tuple(tensor.dims), dtype=dtype.numpy()), dtype=dtype)
+        return ir.ExternalTensor(str(path), offset, length, dtype, shape=ir.Shape(tuple(tensor.dims)),
+                                 name=tensor.name)
+    return None
 
 
-def _initializers(graph: ir.Graph) -> list[ir.Value]:
-    """A graph's initializers as protobuf will hold them (those without a value are not written)."""
-    return [value for value in graph.initializers.values() if value.const_value is not None]
+def _inline_nbytes(tensor: onnx.TensorProto, data: ir.TensorProtocol | None) -> int:
+    if data is not None:
+        return data.nbytes
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    return tensor.ByteSize()
 
 
-@contextlib.contextmanager
-def _swapped(values: list[ir.Value], tensors: dict[int, ir.TensorProtocol]) -> Iterator[None]:
-    """Give ``values[i]`` the tensor ``tensors[i]`` for the block (to serialize it), then the old one back."""
-    originals = {index: values[index].const_value for index in tensors}
+def _edited_from_ir(model: ir.Model) -> Edited:
+    """An onnx_ir model as an Edited proto: tensors in files or computed on writing become
+    data-less placeholders whose data is streamed; nothing is read into memory for it."""
+    streamed: dict[str, ir.TensorProtocol] = {}
+    values = [v for graph in model.graphs() for v in graph.initializers.values() if v.const_value is not None]
+    placeholders = {}
+    for value in values:
+        tensor = value.const_value
+        if _streamable(tensor) or isinstance(tensor, ir.ExternalTensor):
+            streamed[value.name] = tensor
+            placeholders[value] = ir.ExternalTensor("", None, None, tensor.dtype, shape=tensor.shape, name=value.name,
+                                                    doc_string=tensor.doc_string,
+                                                    metadata_props=dict(tensor.metadata_props) or None)
+    originals = {value: value.const_value for value in placeholders}
     try:
-        for index, tensor in tensors.items():
-            values[index].const_value = tensor
-        yield
+        for value, placeholder in placeholders.items():
+            value.const_value = placeholder
+        proto = ir.serde.serialize_model(model)
     finally:
-        for index, tensor in originals.items():
-            values[index].const_value = tensor
-
-
-def _placeholder(tensor: ir.TensorProtocol, name: str) -> ir.ExternalTensor:
-    """A data-less stand-in that serializes to the tensor's name, type, shape and metadata."""
-    return ir.ExternalTensor("", None, None, tensor.dtype, shape=tensor.shape, name=name,
-                             doc_string=tensor.doc_string, metadata_props=dict(tensor.metadata_props) or None)
+        for value, tensor in originals.items():
+            value.const_value = tensor
+    for tensor, _ in all_tensors(proto):
+        if tensor.name in streamed and tensor.data_location == onnx.TensorProto.EXTERNAL:
+            set_inline(tensor, None)
+    return Edited(proto, Source(proto=proto, model=model), streamed)
 
 
 def _streamable(tensor: ir.TensorProtocol) -> bool:

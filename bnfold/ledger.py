@@ -7,7 +7,6 @@ match on these codes, so they are part of the public interface (see docs/ledger.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 
 LEDGER_SCHEMA_VERSION = 1
@@ -31,7 +30,22 @@ REASONS: dict[str, str] = {
     "unproven-layout": "a layout op between the linear op and the site moves, merges or splits the channel axis, or its shapes are unknown",
     "zero-scale": "a BN before a padded Conv has a zero scale, so its shift cannot be kept as an Add before the conv",
     "dtype-overflow": "the folded weights or bias would overflow the model's dtype",
+    "zero-size": "the site has no channels, or the weight it would fold into has no elements",
+    "attribute-reference": "an attribute that decides the fold refers to a function attribute whose call sites disagree (or that is never given)",
 }
+
+
+class NoMatch(Exception):
+    """The one way a matcher or planning step says no: a reason code and a detail.
+
+    Planning turns it into a kept site; the reason must be one of ``REASONS``.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        if reason not in REASONS:
+            raise ValueError(f"unknown ledger reason {reason!r}")
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
 
 STATUS_FOLDED = "folded"
 STATUS_KEPT = "kept"
@@ -49,6 +63,8 @@ class LedgerEntry:
     status: str
     pattern: str | None = None
     into: str | None = None
+    #: The op type of ``into``.
+    into_op: str | None = None
     reason: str | None = None
     detail: str = ""
     channels: int | None = None
@@ -90,10 +106,6 @@ class Ledger:
         return [e for e in self.entries if e.folded]
 
     @property
-    def kept(self) -> list[LedgerEntry]:
-        return [e for e in self.entries if e.status == STATUS_KEPT]
-
-    @property
     def batch_norms(self) -> list[LedgerEntry]:
         return [e for e in self.entries if e.is_bn]
 
@@ -120,6 +132,3 @@ class Ledger:
             "summary": self.summary(),
             "entries": [e.to_dict() for e in self.entries],
         }
-
-    def to_json(self, **context) -> str:
-        return json.dumps(self.to_dict(**context), indent=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import errno
 import os
 import re
 import signal
@@ -31,6 +32,7 @@ from builders import GraphBuilder, count_ops, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import bnfold
 from bnfold.errors import InputError
 from bnfold.io import load_model, save_model
 
@@ -600,23 +602,41 @@ def test_inspect_report_may_not_replace_the_model(tmp_path):
 
 
 def _overflowing_model() -> onnx.ModelProto:
-    """A float32 Conv whose folded weight overflows: only found while the weight is written."""
+    """A float32 Conv whose folded weight would overflow, beside one that folds."""
     b = GraphBuilder()
     x = b.input([1, 3, 4, 4])
     c = b.node("Conv", [x, b.const(np.full((2, 3, 1, 1), 3e38, np.float32))])
     params = [b.const(np.full(2, 100.0, np.float32)), b.const(np.zeros(2, np.float32)),
               b.const(np.zeros(2, np.float32)), b.const(np.ones(2, np.float32))]
-    b.output(b.node("BatchNormalization", [c, *params], name="bn"))
+    y = b.node("Relu", [b.node("BatchNormalization", [c, *params], name="bn")])
+    b.output(b.bn(b.node("Conv", [y, b.random([2, 2, 1, 1])]), 2))
     return b.model()
 
 
-def test_failed_save_through_cli_leaves_nothing(tmp_path):
+def test_an_overflowing_fold_keeps_that_site_and_folds_the_rest(tmp_path):
+    """Overflow is decided while planning: that site is kept, the model is still written."""
     model = tmp_path / "m.onnx"
     onnx.save(_overflowing_model(), model)
+    result = bnfold.fold(model)
+    statuses = {e.node or e.pattern: (e.status, e.reason) for e in result.ledger}
+    assert statuses["bn"] == ("kept", "dtype-overflow")
+    assert sum(e.status == "folded" for e in result.ledger) == 1
+    result.save(tmp_path / "out.onnx")
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_failed_save_through_cli_leaves_nothing(tmp_path, monkeypatch):
+    model = tmp_path / "m.onnx"
+    onnx.save(conv_bn(), model)
     (tmp_path / "out.onnx").write_bytes(b"previous output")  # an older OUT stays as it was
     before = snapshot(tmp_path)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
     result = invoke("fold", model, "-o", tmp_path / "out.onnx", "--external-data", "out.bin")
-    assert_bad_input(result, "out.onnx", "overflow")
+    assert_bad_input(result, "out.onnx", "No space left")
     assert snapshot(tmp_path) == before
     assert temp_leftovers(tmp_path) == []
 

@@ -131,7 +131,7 @@ def test_opset9_running_stat_outputs_mean_training():
     b = GraphBuilder(seed=11)
     x = b.input([2, 3, 5, 5])
     y = b.node("Conv", [x, b.random([4, 3, 3, 3])])
-    out, running_mean, _ = b.node("BatchNormalization", [y, *b.bn_params(4)], n_out=3, name="the_bn")
+    out, running_mean, *_ = b.node("BatchNormalization", [y, *b.bn_params(4)], n_out=5, name="the_bn")
     b.output(out)
     b.output(running_mean, shape=[4])
     result = bnfold.fold(_ir(b.model(opset=9)))

@@ -46,8 +46,9 @@ def protobuf_round_trip(path: Path) -> bytes:
 
 
 def protobuf_fold(path: Path) -> bytes:
-    """What folding the fully parsed model and serializing it with protobuf gives."""
-    return ir.serde.serialize_model(bnfold.fold(ir.load(path)).model).SerializeToString()
+    """What folding the fully parsed model (a ModelProto in memory) and serializing it with
+    protobuf gives."""
+    return bnfold.fold(onnx.load(path)).to_proto().SerializeToString()
 
 
 def conv_stack(tmp_path: Path, layers: int = 3, channels: int = 16) -> Path:

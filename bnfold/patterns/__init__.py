@@ -2,11 +2,11 @@
 
 Producer matchers (one module per op) look at the value an affine site reads and return a
 ``LinearMatch``: where the weight and bias live, along which weight axis the output
-channels run, and where those channels are in the output tensor. The engine applies every
+channels run, and where those channels are in the output tensor. Planning applies every
 match the same way: ``W' = s (.)_out W`` and ``b' = s * (factor * b) + t``.
 ``consumer`` matches the other direction (BN before a linear op), ``layout`` follows the
 channel axis through Transpose/Reshape/..., and ``elementwise`` turns constant
-Mul/Div/Add/Sub into (s, t).
+Mul/Div/Add/Sub into (s, t). Every matcher says no the same way: ``NoMatch(reason, detail)``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bnfold._onnx_ir import ir
-from bnfold.consts import Constants
+from bnfold.constant_eval import Constants, has_unresolved_reference
+from bnfold.ledger import NoMatch
 from bnfold.patterns.layout import Channel
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinearMatch:
     """A foldable linear producer, described by where its parameters are."""
 
@@ -45,8 +46,25 @@ class LinearMatch:
         return Channel(self.rank, self.channel_axis, self.channels)
 
 
-def match_producer(value: ir.Value, consts: Constants) -> LinearMatch | str:
-    """The linear producer of ``value`` as a LinearMatch, or the reason there is none."""
+def describe(node: ir.Node | None, value: ir.Value | None = None) -> str:
+    """A label for messages, even for unnamed nodes: name, else op and output name."""
+    if node is None:
+        return f"graph input {value.name!r}" if value is not None else "nothing"
+    if node.name:
+        return f"{node.op_type} {node.name!r}"
+    output = node.outputs[0].name if node.outputs and node.outputs[0] is not None else ""
+    return f"{node.op_type} (output {output!r})"
+
+
+def require_resolved(node: ir.Node) -> None:
+    """Refuse a node whose attributes still refer to a function attribute of unknown value."""
+    if has_unresolved_reference(node):
+        names = ", ".join(a.name for a in node.attributes.values() if a.is_ref())
+        raise NoMatch("attribute-reference", f"{describe(node)} takes {names} from its function's call sites, which disagree")
+
+
+def match_producer(value: ir.Value, consts: Constants) -> LinearMatch:
+    """The linear producer of ``value``; NoMatch if there is none to fold into."""
     from bnfold.patterns import conv, conv_transpose, gemm, matmul
 
     producer = value.producer()
@@ -58,7 +76,8 @@ def match_producer(value: ir.Value, consts: Constants) -> LinearMatch | str:
         "Add": matmul.match_with_bias,
     }
     if producer is None or producer.domain not in ("", "ai.onnx") or producer.op_type not in matchers:
-        return "no-linear-producer"
+        raise NoMatch("no-linear-producer", f"input comes from {describe(producer, value)}")
+    require_resolved(producer)
     return matchers[producer.op_type](producer, consts)
 
 
@@ -72,24 +91,23 @@ def require_valid_shapes(node: ir.Node, weight: ir.TensorProtocol, bias: ir.Tens
         raise InputError(f"invalid node {node.name or node.op_type!r}: {problem}")
 
 
-def weight_and_bias(node: ir.Node, consts: Constants) -> tuple[ir.TensorProtocol, ir.TensorProtocol | None] | str:
+def weight_and_bias(node: ir.Node, consts: Constants) -> tuple[ir.TensorProtocol, ir.TensorProtocol | None]:
     """A Conv/ConvTranspose/Gemm's constant weight (input 1) and optional bias (input 2),
-    shapes checked, or the ledger reason they are not constants."""
-    weight, reason = constant_param(node, 1, consts)
+    shapes checked; NoMatch if they are not constants."""
+    weight = constant_param(node, 1, consts)
     if weight is None:
-        return reason or "non-constant-weights"
-    bias, reason = constant_param(node, 2, consts)
-    if reason:
-        return reason
+        raise NoMatch("non-constant-weights", f"{describe(node)} has no weight input")
+    bias = constant_param(node, 2, consts)
     require_valid_shapes(node, weight, bias)
     return weight, bias
 
 
-def constant_param(node: ir.Node, index: int, consts: Constants) -> tuple[ir.TensorProtocol | None, str | None]:
-    """Input ``index`` of ``node`` as a constant; (None, None) when the input is absent."""
+def constant_param(node: ir.Node, index: int, consts: Constants) -> ir.TensorProtocol | None:
+    """Input ``index`` of ``node`` as a constant; None when the input is absent."""
     if index >= len(node.inputs) or node.inputs[index] is None:
-        return None, None
+        return None
     tensor, reason = consts.tensor(node.inputs[index])
-    if reason == "non-constant-params":
-        reason = "non-constant-weights"
-    return tensor, reason
+    if tensor is None:
+        reason = "non-constant-weights" if reason == "non-constant-params" else reason
+        raise NoMatch(reason, f"input {index} ({node.inputs[index].name!r}) of {describe(node)} is not a constant")
+    return tensor

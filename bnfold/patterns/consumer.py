@@ -10,14 +10,18 @@ Through ``Flatten(axis=1)`` each BN channel covers ``K / C`` consecutive feature
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from bnfold._onnx_ir import ir
-from bnfold.consts import Constants, rank_of
-from bnfold.patterns import constant_param, weight_and_bias
+from bnfold.constant_eval import Constants, rank_of
+from bnfold.errors import InputError
+from bnfold.ledger import NoMatch
+from bnfold.patterns import constant_param, describe, require_resolved, weight_and_bias
+from bnfold.patterns.matmul import constant_2d_weight
 
 
-@dataclass
+@dataclass(frozen=True)
 class ConsumerMatch:
     pattern: str
     node: ir.Node
@@ -26,6 +30,7 @@ class ConsumerMatch:
     in_axis: int
     out_axis: int
     in_channels: int
+    #: The node whose input ``bias_index`` holds the bias; None: insert an Add after ``node``.
     bias_node: ir.Node | None
     bias_index: int | None
     bias: ir.TensorProtocol | None
@@ -40,51 +45,49 @@ class ConsumerMatch:
     flatten: ir.Node | None = None
 
 
-def match_consumer(bn_output: ir.Value, consts: Constants) -> ConsumerMatch | tuple[str, str]:
-    """The linear op reading ``bn_output``, or (reason, detail)."""
+def match_consumer(bn: ir.Node, channels: int, consts: Constants) -> ConsumerMatch:
+    """The linear op reading the BN's output (directly or through Flatten(axis=1)); NoMatch if none."""
+    bn_output = bn.outputs[0]
     uses = list(bn_output.uses())
-    readers = ", ".join(f"{node.op_type} {node.name!r}" for node, _ in uses) or "nothing"
+    readers = ", ".join(describe(node) for node, _ in uses) or "nothing"
     if not any(node.op_type in _MATCHERS or node.op_type == "Flatten" for node, _ in uses):
-        return "no-linear-producer", f"the BN output is read by {readers}"
-    if bn_output.is_graph_output():
-        return "graph-output", "the BN output is a graph output"
+        raise NoMatch("no-linear-producer", f"the BN output is read by {readers}")
+    if consts.is_output(bn_output):
+        raise NoMatch("graph-output", "the BN output is a graph output")
     if len(uses) != 1:
-        return "fan-out", f"the BN output has {len(uses)} readers ({readers})"
+        raise NoMatch("fan-out", f"the BN output has {len(uses)} readers ({readers})")
     node, index = uses[0]
     flatten = None
-    if node.op_type == "Flatten" and node.attributes.get_int("axis", 1) == 1 and index == 0:
+    if node.op_type == "Flatten" and node.domain in ("", "ai.onnx") and index == 0:
+        require_resolved(node)
+        if node.attributes.get_int("axis", 1) != 1:
+            raise NoMatch("no-linear-producer", f"{describe(node)} after the BN does not flatten from axis 1")
         flatten = node
-        flat_out = node.outputs[0]
-        if flat_out.is_graph_output() or len(flat_out.uses()) != 1:
-            return "fan-out", "the Flatten after the BN has other readers"
-        node, index = next(iter(flat_out.uses()))
+        if consts.sole_reader(node.outputs[0]) is None:
+            raise NoMatch("fan-out", f"{describe(node)} after the BN has other readers")
+        node, index = next(iter(node.outputs[0].uses()))
     if node.domain not in ("", "ai.onnx") or index != 0 or node.op_type not in _MATCHERS:
-        return "no-linear-producer", f"the BN output is read by {node.op_type} {node.name!r}"
+        raise NoMatch("no-linear-producer", f"the BN output is read by {describe(node)}")
     if flatten is not None and node.op_type not in ("Gemm", "MatMul"):
-        return "no-linear-producer", "Flatten after the BN feeds a non-matrix op"
+        raise NoMatch("no-linear-producer", f"Flatten after the BN feeds {describe(node)}, not a matrix op")
+    require_resolved(node)
     match = _MATCHERS[node.op_type](node, consts)
-    if isinstance(match, tuple):
-        return match
-    match.flatten = flatten
-    if flatten is not None:
-        match.pattern = match.pattern.replace("bn-", "bn-flatten-")
-    elif node.op_type == "MatMul" and rank_of(bn_output) != 2:
-        return "channel-axis-mismatch", "BN before MatMul on an activation that is not proven 2-D"
-    return match
+    if flatten is None and node.op_type == "MatMul":
+        rank = rank_of(bn_output)
+        if rank is None:
+            raise NoMatch("unknown-rank", f"the rank of the BN output read by {describe(node)} cannot be proven")
+        if rank != 2:
+            raise NoMatch("channel-axis-mismatch", f"BN before {describe(node)} on a {rank}-D activation")
+    if match.in_channels % max(channels, 1) or (flatten is None and match.in_channels != channels):
+        raise InputError(f"BatchNormalization {bn.name!r} has {channels} channels but {describe(node)} reads "
+                         f"{match.in_channels} input channels: invalid model")
+    repeat = match.in_channels // channels if channels else 1
+    pattern = match.pattern.replace("bn-", "bn-flatten-") if flatten is not None else match.pattern
+    return dataclasses.replace(match, flatten=flatten, repeat=repeat, pattern=pattern)
 
 
-def _params(node: ir.Node, consts: Constants):
-    params = weight_and_bias(node, consts)
-    if isinstance(params, str):
-        return params, f"{node.op_type} {node.name!r} weight or bias is not a constant"
-    return params
-
-
-def _conv(node: ir.Node, consts: Constants):
-    params = _params(node, consts)
-    if isinstance(params[0], str):
-        return params
-    weight, bias = params
+def _conv(node: ir.Node, consts: Constants) -> ConsumerMatch:
+    weight, bias = weight_and_bias(node, consts)
     groups = node.attributes.get_int("group", 1)
     pads = node.attributes.get("pads")
     auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
@@ -97,13 +100,10 @@ def _conv(node: ir.Node, consts: Constants):
     )
 
 
-def _gemm(node: ir.Node, consts: Constants):
+def _gemm(node: ir.Node, consts: Constants) -> ConsumerMatch:
     if node.attributes.get_int("transA", 0):
-        return "channel-axis-mismatch", "Gemm with transA=1 reads the BN channels as rows"
-    params = _params(node, consts)
-    if isinstance(params[0], str):
-        return params
-    weight, bias = params
+        raise NoMatch("channel-axis-mismatch", f"{describe(node)} has transA=1: it reads the BN channels as rows")
+    weight, bias = weight_and_bias(node, consts)
     in_axis = 1 if node.attributes.get_int("transB", 0) else 0
     return ConsumerMatch(
         pattern="bn-gemm", node=node, weight_index=1, weight=weight, in_axis=in_axis, out_axis=1 - in_axis,
@@ -112,12 +112,8 @@ def _gemm(node: ir.Node, consts: Constants):
     )
 
 
-def _matmul(node: ir.Node, consts: Constants):
-    weight, reason = constant_param(node, 1, consts)
-    if weight is None:
-        return reason or "non-constant-weights", f"MatMul {node.name!r} weight is not a constant"
-    if len(weight.shape) != 2:
-        return "channel-axis-mismatch", f"MatMul {node.name!r} weight is not 2-D"
+def _matmul(node: ir.Node, consts: Constants) -> ConsumerMatch:
+    weight = constant_2d_weight(node, consts)
     bias_node, bias_index, bias = _following_bias(node, weight.shape[1], consts)
     return ConsumerMatch(
         pattern="bn-matmul", node=node, weight_index=1, weight=weight, in_axis=0, out_axis=1,
@@ -127,15 +123,17 @@ def _matmul(node: ir.Node, consts: Constants):
 
 def _following_bias(matmul: ir.Node, channels: int, consts: Constants):
     """A per-channel constant Add right after the MatMul, used as its bias slot."""
-    out = matmul.outputs[0]
-    uses = list(out.uses())
-    if out.is_graph_output() or len(uses) != 1:
+    reader = consts.sole_reader(matmul.outputs[0])
+    if reader is None:
         return None, None, None
-    add, index = uses[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+    add, index = reader
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
         return None, None, None
     bias_index = 1 - index
-    bias, _ = consts.tensor(add.inputs[bias_index])
+    try:
+        bias = constant_param(add, bias_index, consts)
+    except NoMatch:
+        return None, None, None
     if bias is None or tuple(bias.shape) not in ((), (1,), (channels,), (1, channels)):
         return None, None, None
     return add, bias_index, bias

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnfold._onnx_ir import ir
-from bnfold.consts import Constants
+from bnfold.constant_eval import Constants
+from bnfold.ledger import NoMatch
 from bnfold.patterns.layout import Channel
 
 AFFINE_OPS = {"Mul", "Div", "Add", "Sub"}
@@ -44,43 +45,53 @@ def as_site(node: ir.Node, consts: Constants) -> ElementwiseSite | None:
     return ElementwiseSite(node, data_index, constant)
 
 
-def channel_vector(constant: np.ndarray, channel: Channel) -> np.ndarray | str:
-    """The constant as one value per channel, or why it is not per-channel."""
+def channel_vector(constant: np.ndarray, channel: Channel) -> np.ndarray:
+    """The constant as one value per channel; NoMatch("non-channel-constant") if it is not.
+
+    Removing the site must not change the output's shape either: the constant may not
+    broadcast the tensor to a higher rank, so an unknown rank allows only a scalar.
+    """
     shape = constant.shape
     known = channel.normalized()
-    if known is None:  # rank unknown, channel counted from the end
-        if len(shape) > 1:
-            return f"constant of shape {list(shape)} on a tensor of unknown rank"
-        full, axis = shape, (0 if shape else None)
+    if known is None or known.rank is None:
+        # Rank unknown: a scalar is safe; a 1-D constant only where the channels are counted
+        # from the end (a MatMul output, rank >= 1), and then it must run along the last axis.
+        if len(shape) > 1 or (len(shape) == 1 and known is not None):
+            _refuse(f"constant of shape {list(shape)} on a tensor of unknown rank")
         if shape and shape[0] not in (1, channel.count):
-            return f"constant of shape {list(shape)} does not match {channel.count} channels"
-        if channel.axis != -1 and shape and shape[0] != 1:
-            return f"constant of shape {list(shape)} runs along the last axis, not the channel axis"
+            _refuse(f"constant of shape {list(shape)} does not match {channel.count} channels")
+        if shape and channel.axis != -1 and shape[0] != 1:
+            _refuse(f"constant of shape {list(shape)} runs along the last axis, not the channel axis")
     else:
-        if known.rank is not None and len(shape) > known.rank:
-            return f"constant of shape {list(shape)} broadcasts the tensor to a higher rank"
-        rank = known.rank if known.rank is not None else len(shape)
-        full = (1,) * (rank - len(shape)) + tuple(shape)
-        axis = known.axis
+        if len(shape) > known.rank:
+            _refuse(f"constant of shape {list(shape)} broadcasts the tensor to a higher rank")
+        full = (1,) * (known.rank - len(shape)) + tuple(shape)
         for i, size in enumerate(full):
-            if i == axis:
+            if i == known.axis:
                 if size not in (1, channel.count):
-                    return f"constant of shape {list(shape)} does not match {channel.count} channels"
+                    _refuse(f"constant of shape {list(shape)} does not match {channel.count} channels")
             elif size != 1:
-                return f"constant of shape {list(shape)} varies along axis {i}, not only the channel axis"
+                _refuse(f"constant of shape {list(shape)} varies along axis {i}, not only the channel axis")
     values = constant.astype(np.float64).reshape(-1)
     return np.broadcast_to(values if values.size == channel.count else values.reshape(()), (channel.count,)).copy()
 
 
-def scale_shift(site: ElementwiseSite, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
+def scale_shift(site: ElementwiseSite, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The site as ``(s, t)``; NoMatch if the constant is not finite or divides by zero."""
+    if not np.all(np.isfinite(vector)):
+        raise NoMatch("non-finite-params", f"the {site.node.op_type} constant holds NaN or infinity")
     op = site.node.op_type
     ones, zeros = np.ones_like(vector), np.zeros_like(vector)
     if op == "Mul":
         return vector, zeros
     if op == "Div":
         if np.any(vector == 0):
-            return "division by zero"
+            raise NoMatch("non-finite-params", "division by zero")
         return 1.0 / vector, zeros
     if op == "Add":
         return ones, vector
     return (ones, -vector) if site.data_index == 0 else (-ones, vector)
+
+
+def _refuse(detail: str) -> None:
+    raise NoMatch("non-channel-constant", detail)

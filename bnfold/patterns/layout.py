@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass, replace
 
 from bnfold._onnx_ir import ir
-from bnfold.consts import Constants, static_dims
+from bnfold.constant_eval import Constants, static_dims
+from bnfold.ledger import NoMatch
 
 LAYOUT_OPS = {"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 
@@ -43,8 +44,16 @@ def is_layout(node: ir.Node) -> bool:
     return node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS
 
 
-def through(node: ir.Node, channel: Channel, consts: Constants) -> Channel | str:
-    """The channel after ``node``, or a sentence saying why it cannot be proven."""
+def through(node: ir.Node, channel: Channel, consts: Constants) -> Channel:
+    """The channel after ``node``; NoMatch("unproven-layout") saying why it cannot be proven."""
+    result = _through(node, channel, consts)
+    if isinstance(result, str):
+        label = node.name or f"output {node.outputs[0].name!r}"
+        raise NoMatch("unproven-layout", f"{result} ({node.op_type} {label})")
+    return result
+
+
+def _through(node: ir.Node, channel: Channel, consts: Constants) -> Channel | str:
     op = node.op_type
     if op == "Identity":
         return channel
@@ -57,6 +66,8 @@ def through(node: ir.Node, channel: Channel, consts: Constants) -> Channel | str
         else:
             perm_list = list(perm.value)
         rank = len(perm_list)
+        if sorted(perm_list) != list(range(rank)) or (channel.rank is not None and channel.rank != rank):
+            return "Transpose whose perm does not match its input rank"
         if channel.axis is None:
             return Channel(rank, None, channel.count)
         axis = channel.axis % rank
@@ -113,7 +124,8 @@ def _reshape_like(node: ir.Node, channel: Channel, consts: Constants) -> Channel
     before = static_dims(node.inputs[0])
     after = _output_dims(node, before, consts)
     if channel.count == 1:  # a scalar map: wherever the one channel goes, it stays whole
-        return Channel(len(after) if after is not None else None, None, 1)
+        rank = 2 if node.op_type == "Flatten" else (len(after) if after is not None else None)
+        return Channel(rank, None, 1)
     if after is None:
         return f"{node.op_type} with shapes that cannot be proven"
     known = channel.normalized()
@@ -138,7 +150,10 @@ def _output_dims(node: ir.Node, before: list | None, consts: Constants) -> list 
     if node.op_type == "Flatten":
         if before is None:
             return None
-        split = node.attributes.get_int("axis", 1) % (len(before) or 1)
+        axis = node.attributes.get_int("axis", 1)
+        split = axis + len(before) if axis < 0 else axis  # axis == rank is valid: (prod, 1)
+        if not 0 <= split <= len(before):
+            return None
         return [_product(before[:split]), _product(before[split:])]
     target = consts.array(node.inputs[1])
     if target is None:
@@ -152,6 +167,8 @@ def _output_dims(node: ir.Node, before: list | None, consts: Constants) -> list 
 
 
 def _product(dims: list):
+    if not dims:
+        return 1
     if len(dims) == 1:
         return dims[0]
     if all(isinstance(d, int) for d in dims):

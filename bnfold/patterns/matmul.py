@@ -10,32 +10,24 @@ but the channel axis is not per-channel and stops the fold.
 from __future__ import annotations
 
 from bnfold._onnx_ir import ir
-from bnfold.consts import Constants, rank_of
-from bnfold.patterns import LinearMatch, constant_param
+from bnfold.constant_eval import Constants, rank_of
+from bnfold.ledger import NoMatch
+from bnfold.patterns import LinearMatch, constant_param, describe, require_resolved
 
 
-def match(node: ir.Node, consts: Constants) -> LinearMatch | str:
-    weight, reason = _constant_2d_weight(node, consts)
-    if weight is None:
-        return reason
+def match(node: ir.Node, consts: Constants) -> LinearMatch:
+    weight = constant_2d_weight(node, consts)
     return LinearMatch(
-        pattern="matmul",
-        node=node,
-        weight_index=1,
-        weight=weight,
-        out_axis=1,
-        channels=weight.shape[1],
-        bias_node=None,
-        bias_index=None,
-        bias=None,
-        output=node.outputs[0],
-        rank=rank_of(node.inputs[0]),
+        pattern="matmul", node=node, weight_index=1, weight=weight, out_axis=1, channels=weight.shape[1],
+        bias_node=None, bias_index=None, bias=None, output=node.outputs[0], rank=rank_of(node.inputs[0]),
         channel_axis=-1,
     )
 
 
 def bias_operand(add: ir.Node) -> tuple[ir.Node, int] | None:
     """For an Add reading a MatMul's output: the MatMul and the Add's other input index."""
+    if len(add.inputs) != 2:
+        return None
     for mm_index in (0, 1):
         operand = add.inputs[mm_index]
         matmul = operand.producer() if operand is not None else None
@@ -44,45 +36,33 @@ def bias_operand(add: ir.Node) -> tuple[ir.Node, int] | None:
     return None
 
 
-def match_with_bias(add: ir.Node, consts: Constants) -> LinearMatch | str:
+def match_with_bias(add: ir.Node, consts: Constants) -> LinearMatch:
     found = bias_operand(add)
     if found is None:
-        return "no-linear-producer"
+        raise NoMatch("no-linear-producer", f"input comes from {describe(add)}, which adds no MatMul bias")
     matmul, bias_index = found
+    require_resolved(matmul)
     mm_out = matmul.outputs[0]
-    if mm_out.is_graph_output():
-        return "graph-output"
-    if len(mm_out.uses()) != 1:
-        return "fan-out"
-    weight, reason = _constant_2d_weight(matmul, consts)
-    if weight is None:
-        return reason
-    bias, reason = constant_param(add, bias_index, consts)
-    if bias is None:
-        return reason or "non-constant-weights"
+    if consts.is_output(mm_out):
+        raise NoMatch("graph-output", f"{mm_out.name!r} of {describe(matmul)} is a graph output")
+    if consts.sole_reader(mm_out) is None:
+        raise NoMatch("fan-out", f"{mm_out.name!r} of {describe(matmul)} has {len(mm_out.uses())} readers")
+    weight = constant_2d_weight(matmul, consts)
+    bias = constant_param(add, bias_index, consts)
     channels = weight.shape[1]
     if tuple(bias.shape) not in ((), (1,), (channels,), (1, channels)):
-        return "non-channel-constant"
+        raise NoMatch("non-channel-constant", f"bias of shape {list(bias.shape)} after {describe(matmul)}")
     return LinearMatch(
-        pattern="matmul-add",
-        node=matmul,
-        weight_index=1,
-        weight=weight,
-        out_axis=1,
-        channels=channels,
-        bias_node=add,
-        bias_index=bias_index,
-        bias=bias,
-        output=add.outputs[0],
-        rank=rank_of(matmul.inputs[0]),
+        pattern="matmul-add", node=matmul, weight_index=1, weight=weight, out_axis=1, channels=channels,
+        bias_node=add, bias_index=bias_index, bias=bias, output=add.outputs[0], rank=rank_of(matmul.inputs[0]),
         channel_axis=-1,
     )
 
 
-def _constant_2d_weight(matmul: ir.Node, consts: Constants) -> tuple[ir.TensorProtocol | None, str | None]:
-    weight, reason = constant_param(matmul, 1, consts)
+def constant_2d_weight(matmul: ir.Node, consts: Constants) -> ir.TensorProtocol:
+    weight = constant_param(matmul, 1, consts)
     if weight is None:
-        return None, reason or "non-constant-weights"
+        raise NoMatch("non-constant-weights", f"{describe(matmul)} has no weight input")
     if len(weight.shape) != 2:
-        return None, "channel-axis-mismatch"
-    return weight, None
+        raise NoMatch("channel-axis-mismatch", f"{describe(matmul)} weight has shape {list(weight.shape)}, not 2-D")
+    return weight

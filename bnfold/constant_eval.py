@@ -1,4 +1,4 @@
-"""Constant and shape facts about graph values, as the fold legality rules need them.
+"""The constant evaluator: constant and shape facts about graph values, as fold legality needs them.
 
 Exporters often produce parameters through small constant subgraphs (a Reshape or
 Transpose of an initializer, a Cast, the torch dynamo exporter's ``Expand`` zero bias,
@@ -25,13 +25,31 @@ EVALUATED_OPS = {"Identity", "Cast", "Reshape", "Transpose", "Unsqueeze", "Squee
 
 
 class Constants:
-    """Constant lookup for one model, with the IR-version rule and a cache."""
+    """Constant lookup for one model, with the IR-version rule, a cache, and the model's
+    graphs (a value's readers may be graph outputs of any of them)."""
 
-    def __init__(self, ir_version: int, fold_overridable: bool = False):
+    def __init__(self, ir_version: int, fold_overridable: bool = False, graphs: list[ir.Graph] | None = None):
         self.ir_version = ir_version
         self.fold_overridable = fold_overridable
+        self.graphs = graphs or []
         # Keyed by the Value itself (identity hash): holding it keeps ids from being reused.
         self._cache: dict[ir.Value, ir.TensorProtocol | None] = {}
+
+    def is_output(self, value: ir.Value) -> bool:
+        """Whether ``value`` is an output of any graph (main, subgraph or function body):
+        a subgraph may return a value of an enclosing graph."""
+        return value.is_graph_output() or any(value is out for graph in self.graphs for out in graph.outputs)
+
+    def sole_reader(self, value: ir.Value) -> tuple[ir.Node, int] | None:
+        """The one (node, input index) reading ``value``, if that is its only use anywhere."""
+        uses = list(value.uses())
+        if len(uses) != 1 or self.is_output(value):
+            return None
+        return uses[0]
+
+    def forget(self, value: ir.Value) -> None:
+        """Drop a cached constant whose producer a rewrite changed."""
+        self._cache.pop(value, None)
 
     def tensor(self, value: ir.Value | None) -> tuple[ir.TensorProtocol | None, str | None]:
         """The constant behind ``value``, or None with the reason it is not one.
@@ -47,8 +65,7 @@ class Constants:
                 return value.const_value, None
             return None, "overridable-params" if value.const_value is not None else "non-constant-params"
         if value not in self._cache:
-            tensor = ir.convenience.get_const_tensor(value)
-            self._cache[value] = tensor if tensor is not None else self._evaluate(value)
+            self._fill(value)
         tensor = self._cache[value]
         return (tensor, None) if tensor is not None else (None, "non-constant-params")
 
@@ -56,12 +73,34 @@ class Constants:
         tensor, _ = self.tensor(value)
         return None if tensor is None else tensor.numpy()
 
-    def _evaluate(self, value: ir.Value) -> ir.TensorProtocol | None:
-        node = value.producer()
-        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in EVALUATED_OPS:
-            return None
-        if len(node.outputs) != 1:
-            return None
+    def _fill(self, value: ir.Value) -> None:
+        """Evaluate ``value`` and every uncached constant it depends on, deepest first,
+        without recursion (exporters chain hundreds of Identity nodes)."""
+        stack = [value]
+        while stack:
+            current = stack[-1]
+            if current in self._cache:
+                stack.pop()
+                continue
+            tensor = ir.convenience.get_const_tensor(current) if not current.is_graph_input() else None
+            if tensor is not None:
+                self._cache[current] = tensor
+                stack.pop()
+                continue
+            node = current.producer()
+            if node is None or not _evaluable(node):
+                self._cache[current] = None
+                stack.pop()
+                continue
+            operands = node.inputs[:1] if node.op_type in ("CastLike", "Shape") else node.inputs
+            pending = [v for v in operands if v is not None and v not in self._cache and not v.is_graph_input()]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            self._cache[current] = self._evaluate(current, node)
+
+    def _evaluate(self, value: ir.Value, node: ir.Node) -> ir.TensorProtocol | None:
         if node.op_type == "Shape":
             return _shape_of(node)
         operands = node.inputs[:1] if node.op_type == "CastLike" else node.inputs
@@ -77,8 +116,22 @@ class Constants:
         if node.op_type == "CastLike":  # only the dtype of the second input matters
             target = node.inputs[1].dtype
             return None if target is None else ir.Tensor(inputs[0].astype(target.numpy()), name=value.name)
-        result = _EVALUATORS[node.op_type](node, inputs)
+        try:
+            result = _EVALUATORS[node.op_type](node, inputs)
+        except (ValueError, TypeError, IndexError):  # shapes the op would refuse: not a constant we know
+            return None
         return None if result is None else ir.Tensor(np.ascontiguousarray(result), name=value.name)
+
+
+def _evaluable(node: ir.Node) -> bool:
+    return (node.domain in ("", "ai.onnx") and node.op_type in EVALUATED_OPS and len(node.outputs) == 1
+            and not has_unresolved_reference(node))
+
+
+def has_unresolved_reference(node: ir.Node) -> bool:
+    """Whether an attribute of ``node`` still refers to a function attribute (``ref_attr_name``)
+    whose value differs between call sites, so no single value can be folded with."""
+    return any(attr.is_ref() for attr in node.attributes.values())
 
 
 def is_evaluated_constant(node: ir.Node) -> bool:
