@@ -60,7 +60,7 @@ def wrap(module_name: str, attr: str, label: str) -> None:
 
 PHASES = [
     # (module, attribute, label); the module must be the one the caller looks the name up in.
-    ("bnfold.io", "load_model", "load (all)"),
+    ("bnfold.io", "load_source", "load (all)"),
     ("bnfold.wire", "split_weights", "  cut large weights out (wire scan)"),
     ("onnx", "load", "  onnx.load (whole-file parse: fallback)"),
     ("bnfold.io", "_check_tensors", "  check tensors"),
@@ -70,11 +70,10 @@ PHASES = [
     ("bnfold.io", "check_graph_wellformed", "  check well-formed"),
     ("bnfold.engine", "fold", "fold() (graph work; loads too if given a path)"),
     ("bnfold.engine", "plan_site", "  plan (all sites)"),
-    ("bnfold.engine", "_fold_node", "  plan+rewrite (all nodes)"),
-    ("bnfold.engine", "save_model", "save (all)"),
-    ("onnx_ir.serde", "serialize_model", "  serialise the graph (weights as placeholders)"),
-    ("bnfold.io", "_write_embedded", "  write embedded"),
-    ("bnfold.io", "_write_external", "  write external data + model"),
+    ("bnfold.engine", "run", "  plan+rewrite (all nodes)"),
+    ("bnfold.engine", "apply_edits", "  carry the edits over to the proto"),
+    ("bnfold.engine", "save_edited", "save (all)"),
+    ("bnfold.io", "_Layout", "  lay out tensors (copy of the proto)"),
     ("bnfold.affine", "apply_factor", "    fold weights (worker threads, overlaps writing)"),
     ("bnfold.io", "_copy_from_file", "    copy weights file to file"),
     ("bnfold.io", "_write_all", "    write (incl. waiting for folded weights)"),

@@ -38,7 +38,7 @@ from bnfold import wire
 from bnfold._onnx_ir import ir
 from bnfold.errors import BnfoldError, InputError
 from bnfold.source import Source, analysis_copy, link
-from bnfold.writer import Edited, all_tensors, external_range, file_bytes, set_external, set_inline
+from bnfold.writer import Edited, all_tensors, external_range, set_external, set_inline, tensor_nbytes
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 #: Bytes of computed (folded) tensors that may be in flight ahead of the writer (two
@@ -673,6 +673,8 @@ def check_linear_shapes(model: ir.Model, path: Path) -> None:
         for node in graph:
             if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
                 continue
+            if any(attr.is_ref() for attr in node.attributes.values()):
+                continue  # its attributes come from the call sites: planning checks it once they are known
             weight = _static_shape(node.inputs[1] if len(node.inputs) > 1 else None)
             if weight is None:
                 continue
@@ -780,6 +782,8 @@ def _check_nodes(nodes, ir_version: int, declared: dict[str, int], local_functio
             # The schema allows each value attribute; the checker does not count them.
             raise InputError(f"{path}: invalid node {node.name or node.op_type!r}: a Constant needs exactly "
                              f"one value attribute, it has {len(node.attribute)}")
+        if any(attr.t.data_location == onnx.TensorProto.EXTERNAL for attr in node.attribute if attr.HasField("t")):
+            continue  # the checker would read the data relative to the working directory; _check_external_data checked it
         try:
             onnx.checker.check_node(node, context)
         except onnx.checker.ValidationError as exc:
@@ -815,7 +819,7 @@ def _check_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None
         except OSError as exc:
             raise InputError(f"{where}: external data file {location!r} is unusable ({exc.strerror or exc})") from None
         offset = _int_entry(info, "offset", where, 0)
-        needed = _tensor_nbytes(tensor)
+        needed = tensor_nbytes(tensor)
         length = _int_entry(info, "length", where, file_size - offset)
         if offset < 0 or length < 0 or offset + length > file_size:
             raise InputError(
@@ -837,15 +841,6 @@ def _int_entry(info: dict[str, str], key: str, where: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise InputError(f"{where}: external data {key} {text!r} is not an integer") from None
-
-
-def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes the tensor's data takes (sub-byte types packed); None for strings or unknown types."""
-    try:
-        bits = ir.DataType(tensor.data_type).bitwidth
-    except (ValueError, TypeError):
-        return None
-    return -(-math.prod(tensor.dims) * bits // 8)
 
 
 #: The typed field that holds a tensor's data when there is no raw_data, and entries per element.
@@ -907,7 +902,7 @@ def _check_tensor(tensor: onnx.TensorProto, path: Path, embedded_length: int | N
         if dtype == ir.DataType.STRING:
             raise InputError(f"{where} is a STRING tensor with raw_data, which only numeric types may use")
         stored = len(tensor.raw_data) if embedded_length is None else embedded_length
-        needed, unit = _tensor_nbytes(tensor), "bytes"
+        needed, unit = tensor_nbytes(tensor), "bytes"
     elif dtype in _TYPED_FIELDS:
         field, per_element = _TYPED_FIELDS[dtype]
         stored, needed, unit = len(getattr(tensor, field)), math.prod(tensor.dims) * per_element, "values"

@@ -14,11 +14,10 @@ the input file at load, external data), computed for folded weights, or left whe
 
 from __future__ import annotations
 
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from bnfold._onnx_ir import ir
@@ -227,13 +226,16 @@ def external_range(tensor: onnx.TensorProto, base_dir: Path | None) -> tuple[Pat
         raise ValueError(f"tensor {tensor.name!r} has external data but the model has no folder")
     offset = int(info.get("offset") or 0)
     length = info.get("length")
-    nbytes = _nbytes(tensor)
-    return base_dir / info["location"], offset, int(length) if length else nbytes
+    return base_dir / info["location"], offset, int(length) if length else (tensor_nbytes(tensor) or 0)
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int:
-    bits = ir.DataType(tensor.data_type).bitwidth
-    return -(-int(np.prod(tensor.dims, dtype=np.int64)) * bits // 8)
+def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's data takes (sub-byte types packed); None for strings or unknown types."""
+    try:
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError):
+        return None
+    return -(-math.prod(tensor.dims) * bits // 8)
 
 
 def set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
@@ -257,14 +259,3 @@ def set_inline(tensor: onnx.TensorProto, data: bytes | None) -> None:
         tensor.ClearField("raw_data")
     else:
         tensor.raw_data = data
-
-
-def file_bytes(path: os.PathLike, offset: int, length: int) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        data = handle.read(length)
-    if len(data) != length:
-        from bnfold.errors import InputError
-
-        raise InputError(f"{path}: ends before the {length} bytes of a tensor at offset {offset}")
-    return data
