@@ -82,7 +82,7 @@ class Constants:
             if current in self._cache:
                 stack.pop()
                 continue
-            tensor = ir.convenience.get_const_tensor(current) if not current.is_graph_input() else None
+            tensor = constant_tensor(current) if not current.is_graph_input() else None
             if tensor is not None:
                 self._cache[current] = tensor
                 stack.pop()
@@ -121,6 +121,32 @@ class Constants:
         except (ValueError, TypeError, IndexError):  # shapes the op would refuse: not a constant we know
             return None
         return None if result is None else ir.Tensor(np.ascontiguousarray(result), name=value.name)
+
+
+def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The tensor of an initializer or a Constant node, else None.
+
+    Unlike onnx_ir's ``get_const_tensor`` it never renames the tensor it returns: those
+    tensors are the input's own (a Constant that planning merely read keeps its name).
+    """
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value
+    node = value.producer()
+    if (node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1
+            or len(node.attributes) != 1):
+        return None
+    name, attr = next(iter(node.attributes.items()))
+    if attr.is_ref():
+        return None
+    if name in ("value_float", "value_floats"):
+        return ir.Tensor(np.array(attr.value, dtype=np.float32), name=value.name)
+    if name in ("value_int", "value_ints"):
+        return ir.Tensor(np.array(attr.value, dtype=np.int64), name=value.name)
+    if name == "value":
+        return attr.as_tensor()
+    return None  # strings and sparse values: nothing a fold reads
 
 
 def _evaluable(node: ir.Node) -> bool:
@@ -225,15 +251,15 @@ def rank_of(value: ir.Value, depth: int = 0) -> int | None:
     if op in _RANK_PRESERVING:
         return rank_of(producer.inputs[0], depth + 1)
     if op == "MatMul":
-        weight = ir.convenience.get_const_tensor(producer.inputs[1])
+        weight = constant_tensor(producer.inputs[1])
         if weight is not None and len(weight.shape) == 2:
             return rank_of(producer.inputs[0], depth + 1)
     if op in ("Conv", "ConvTranspose"):
-        weight = ir.convenience.get_const_tensor(producer.inputs[1])
+        weight = constant_tensor(producer.inputs[1])
         if weight is not None:
             return len(weight.shape)
     if op == "Reshape":
-        target = ir.convenience.get_const_tensor(producer.inputs[1])
+        target = constant_tensor(producer.inputs[1])
         if target is not None:
             return len(target.numpy())
     return None

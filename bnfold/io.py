@@ -36,6 +36,7 @@ from google.protobuf.message import DecodeError
 
 from bnfold import wire
 from bnfold._onnx_ir import ir
+from bnfold.constant_eval import constant_tensor
 from bnfold.errors import BnfoldError, InputError
 from bnfold.source import Source, analysis_copy, link
 from bnfold.writer import Edited, all_tensors, external_range, set_external, set_inline, tensor_nbytes
@@ -146,11 +147,17 @@ def source_from_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> S
     _check_opsets(copy, where)
     source = _analyse(copy, None)
     if base_dir is not None:
-        ir.external_data.set_base_dir(source.model.graph, str(base_dir))
+        _set_base_dir(source.model, base_dir)
         source.base = base_dir
     check_graph_wellformed(source.model, where)
     check_linear_shapes(source.model, where)
     return source
+
+
+def _set_base_dir(model: ir.Model, folder: Path) -> None:
+    """External data is relative to the model's folder, in function bodies too."""
+    for graph in [model.graph, *(f.graph for f in model.functions.values())]:
+        ir.external_data.set_base_dir(graph, str(folder))
 
 
 def _analyse(proto: onnx.ModelProto, path: Path | None) -> Source:
@@ -161,7 +168,7 @@ def _analyse(proto: onnx.ModelProto, path: Path | None) -> Source:
     except Exception as exc:  # onnx_ir raises many types on malformed protos
         raise InputError(f"{path or '<model>'}: invalid ONNX model ({_first_line(exc)})") from None
     if path is not None:
-        ir.external_data.set_base_dir(model.graph, str(path.resolve().parent))
+        _set_base_dir(model, path.resolve().parent)
     nodes, graphs = link(model, proto)
     return Source(proto=proto, model=model, path=path, node_protos=nodes, graph_protos=graphs, opaque_inputs=opaque)
 
@@ -706,7 +713,7 @@ def linear_shape_problem(node: ir.Node, weight: tuple[int, ...], bias: tuple[int
 
 def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     """The shape of an initializer or Constant-node tensor, None for anything computed."""
-    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    tensor = None if value is None else constant_tensor(value)
     return None if tensor is None else tuple(int(d) for d in tensor.shape)
 
 
@@ -795,7 +802,7 @@ def _check_nodes(nodes, ir_version: int, declared: dict[str, int], local_functio
 
 def _check_external_data(proto: onnx.ModelProto, base: Path, path: Path) -> None:
     """Refuse external data that escapes the model folder or lies beyond its file."""
-    for tensor in _all_tensors(proto):
+    for tensor, _ in all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
@@ -882,7 +889,9 @@ def _check_tensors(proto: onnx.ModelProto, path: Path, embedded: dict[int, tuple
     """
     for index, tensor in enumerate(proto.graph.initializer):
         _check_tensor(tensor, path, embedded[index][1] if index in embedded else None)
-    for tensor in _all_tensors(proto, initializers=False):
+    for tensor, kind in all_tensors(proto):
+        if kind == "main":
+            continue
         _check_tensor(tensor, path, None)
 
 
@@ -918,29 +927,6 @@ def _check_relative_name(name: str, target: Path) -> None:
         raise InputError(f"{target}: external data name {name!r} must be a plain name relative to the output folder")
     if not Path(name).parts or Path(name) == Path(target.name):
         raise InputError(f"{target}: external data name {name!r} must differ from the model file's name")
-
-
-def _all_tensors(proto: onnx.ModelProto, initializers: bool = True) -> Iterator[onnx.TensorProto]:
-    if initializers:
-        yield from proto.graph.initializer
-    for sparse in proto.graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    yield from _node_tensors(proto.graph.node)
-    for function in proto.functions:
-        yield from _node_tensors(function.node)
-
-
-def _node_tensors(nodes) -> Iterator[onnx.TensorProto]:
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
-            for sub in subgraphs:
-                yield from sub.initializer
-                yield from _node_tensors(sub.node)
 
 
 def _fsync(path: Path) -> None:

@@ -28,7 +28,7 @@ from bnfold.errors import InputError
 from bnfold.folded import compose
 from bnfold.ledger import NoMatch
 from bnfold.patterns import LinearMatch, describe, match_producer, require_resolved
-from bnfold.patterns.consumer import ConsumerMatch, match_consumer
+from bnfold.patterns.consumer import match_consumer
 from bnfold.patterns.elementwise import ElementwiseSite, as_site, channel_vector, scale_shift
 from bnfold.patterns.layout import is_layout, through
 from bnfold.patterns.matmul import bias_operand

@@ -8,8 +8,9 @@ knows the NodeProto and GraphProto/FunctionProto it came from.
 
 What onnx_ir cannot represent is left out of the analysis copy, never out of the proto:
 a ``Constant(sparse_value=...)`` becomes an opaque node (its output is not a constant),
-SPARSE_TENSOR attributes are dropped, and a sparse initializer becomes an opaque graph
-input of the copy. None of them can take part in a fold.
+SPARSE_TENSOR attributes are dropped, a sparse initializer becomes an opaque graph input
+of the copy, and map/opaque types (ZipMap outputs, TypeProto attributes) lose their type
+there. None of them can take part in a fold.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bnfold._onnx_ir import ir
 #: Domain of the stand-in for nodes whose content onnx_ir cannot hold.
 OPAQUE_DOMAIN = "bnfold.opaque"
 _SPARSE_ATTRIBUTES = (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS)
+_TYPE_ATTRIBUTES = (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS)
 
 #: A large main-graph initializer whose raw_data stayed in the model file: (offset, length).
 Span = tuple[int, int]
@@ -68,11 +70,14 @@ def analysis_copy(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
                 opaque.add(name)
                 graph.input.append(onnx.ValueInfoProto(name=name))
             del graph.sparse_initializer[:]
+        for info in _value_infos(graph):
+            if _unreadable_type(info.type):
+                info.ClearField("type")
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and any(
                     a.type in _SPARSE_ATTRIBUTES or a.name == "sparse_value" for a in node.attribute):
                 node.domain = OPAQUE_DOMAIN
-            kept = [a for a in node.attribute if a.type not in _SPARSE_ATTRIBUTES and a.name != "sparse_value"]
+            kept = [a for a in node.attribute if not _unreadable_attribute(a)]
             if len(kept) != len(node.attribute):
                 del node.attribute[:]
                 node.attribute.extend(kept)
@@ -83,10 +88,41 @@ def _needs_sanitizing(proto: onnx.ModelProto) -> bool:
     for graph in _all_graphs(proto):
         if isinstance(graph, onnx.GraphProto) and len(graph.sparse_initializer):
             return True
+        if any(_unreadable_type(info.type) for info in _value_infos(graph)):
+            return True
         for node in graph.node:
-            if any(a.type in _SPARSE_ATTRIBUTES or a.name == "sparse_value" for a in node.attribute):
+            if any(_unreadable_attribute(a) for a in node.attribute):
                 return True
     return False
+
+
+def _value_infos(graph):
+    if isinstance(graph, onnx.GraphProto):
+        yield from graph.input
+        yield from graph.output
+    yield from graph.value_info
+
+
+def _unreadable_attribute(attr: onnx.AttributeProto) -> bool:
+    if attr.type in _SPARSE_ATTRIBUTES or attr.name == "sparse_value":
+        return True
+    if attr.type in _TYPE_ATTRIBUTES:
+        return any(_unreadable_type(t) for t in [attr.tp, *attr.type_protos])
+    return False
+
+
+def _unreadable_type(type_proto: onnx.TypeProto) -> bool:
+    """Map and opaque types, at any depth: onnx_ir has no representation for them."""
+    while True:
+        kind = type_proto.WhichOneof("value")
+        if kind in ("map_type", "opaque_type"):
+            return True
+        if kind == "sequence_type":
+            type_proto = type_proto.sequence_type.elem_type
+        elif kind == "optional_type":
+            type_proto = type_proto.optional_type.elem_type
+        else:
+            return False
 
 
 def _all_graphs(proto: onnx.ModelProto):

@@ -194,6 +194,8 @@ def all_tensors(proto: onnx.ModelProto):
     for tensor in proto.graph.initializer:
         yield tensor, "main"
     stack = [(proto.graph, True), *((f, False) for f in proto.functions)]
+    for info in proto.training_info:
+        stack.extend((graph, False) for graph in (info.initialization, info.algorithm))
     while stack:
         graph, is_main = stack.pop()
         if isinstance(graph, onnx.GraphProto):

@@ -28,6 +28,7 @@ from bnfold import wire
 from bnfold._onnx_ir import ir
 from bnfold.errors import InputError
 from bnfold.io import EmbeddedTensor, load_model, save_model
+from bnfold.writer import all_tensors
 from builders import GraphBuilder, run
 from test_equivalence import build, graphs
 
@@ -226,7 +227,7 @@ def test_external_data_round_trips_in_both_layouts_subgraphs_included(tmp_path):
     save_model(load_model(source), tmp_path / "external.onnx", external_data="w.bin")
 
     inline = onnx.load(tmp_path / "inline.onnx", load_external_data=False)
-    tensors = list(bnfold.io._all_tensors(inline))
+    tensors = [tensor for tensor, _ in all_tensors(inline)]
     assert tensors and not any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
     for saved in ("inline.onnx", "external.onnx"):
         for want, got in zip(expected, run(tmp_path / saved, feeds)):
