@@ -138,7 +138,7 @@ def fold(
         None, "--external-data", help="Write weights to this file (relative to OUT) instead of the default."),
     embed: bool = typer.Option(False, "--embed", help="Embed all weights in OUT (refused above 2 GB)."),
     in_place: bool = typer.Option(False, "--in-place", help="Allow OUT to be the input path."),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 if any BatchNormalization is kept."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 if any BatchNormalization is kept or not inference-ready (its problems are listed)."),
     fold_overridable: bool = typer.Option(
         False, "--fold-overridable", help="Fold parameters that are initializers and graph inputs (IR >= 4); drops those inputs."),
     decompose_standalone: bool = typer.Option(
@@ -208,7 +208,7 @@ def fold(
 
         report = verify_or_discard(model, out, verify_options, keep_on_failure=keep_on_failure)
         finish_verification(report, verify_json, quiet)
-    if strict and any(e.status == "kept" for e in result.ledger.batch_norms):
+    if strict and any(e.status == "kept" or e.problems for e in result.ledger.batch_norms):
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -327,6 +327,7 @@ def train(
 
 
 def render_ledger(ledger, out: Path) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     summary = ledger.summary()
@@ -341,10 +342,26 @@ def render_ledger(ledger, out: Path) -> None:
     for e in ledger:
         target = f"{e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
         change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
-        table.add_row(e.node, "BN" if e.is_bn else e.op, e.graph, e.status, target, e.detail, change,
-                      style=None if e.folded else "yellow")
+        detail = "; ".join(filter(None, [e.detail, *(f"{p}: {d}" for p, d in zip(e.problems, e.problem_details))]))
+        table.add_row(escape(e.label), "BN" if e.is_bn else e.op, escape(e.graph), e.status, escape(target or ""),
+                      escape(detail), change, style="red" if e.problems else (None if e.folded else "yellow"))
     console().print(table)
+    for line in readiness_lines(ledger):
+        console().print(line, markup=False, highlight=False, soft_wrap=True)
     console().print(f"wrote {out}", markup=False, highlight=False, soft_wrap=True)
+
+
+def readiness_lines(ledger) -> list[str]:
+    """One line on the BNs that are not inference-ready, and how to act on training mode."""
+    troubled = [e for e in ledger.batch_norms if e.problems]
+    if not troubled:
+        return []
+    codes = sorted({p for e in troubled for p in e.problems})
+    lines = [f"warning: {len(troubled)} BatchNormalization not inference-ready ({', '.join(codes)}); "
+             "see `bnfold inspect`"]
+    if any(e.reason == "training-mode" and e.status == "kept" for e in troubled):
+        lines.append("hint: --to-inference converts training-mode BNs whose running-stat outputs are unused")
+    return lines
 
 
 def render_findings(findings) -> None:

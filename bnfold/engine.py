@@ -18,8 +18,9 @@ import onnx
 from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants
 from bnfold.io import as_source, has_external_data, save_edited
-from bnfold.ledger import Ledger
-from bnfold.plan import Context, FoldOptions, Site, as_site_of, iter_scopes, plan_site
+from bnfold.health import bn_problems
+from bnfold.ledger import Ledger, LedgerEntry
+from bnfold.plan import Context, Fold, FoldOptions, Site, as_site_of, iter_scopes, plan_site
 from bnfold.rewrite import Editor
 from bnfold.source import Source
 from bnfold.writer import Edited, apply_edits
@@ -75,28 +76,58 @@ def fold(model: Source | ir.Model | onnx.ModelProto | str | os.PathLike, options
 
 def run(source: Source, options: FoldOptions = FoldOptions(),
         observe: Callable[[Site], None] | None = None) -> tuple[Editor, Ledger]:
-    """Plan and rewrite every site of ``source.model`` in graph order; ``observe(site)``
-    sees each site before it is rewritten."""
+    """Plan and rewrite every site of ``source.model`` in graph order, pass after pass
+    until nothing more folds: a fold can open another (``BN -> BN -> Conv`` folds the
+    second BN first; Keras' ``Mul -> Add -> MatMul`` the Add first). A site kept in one
+    pass is planned again in the next; the ledger holds each site's final plan, in the
+    order the sites were first met. ``observe(site)`` sees each site once, before any
+    rewrite of it.
+    """
     model = source.model
     resolve_function_attributes(model)
     scopes = list(iter_scopes(model))
     consts = Constants(model.ir_version, options.fold_overridable, graphs=[scope.graph for scope in scopes])
     editor = Editor(model, consts, {scope.graph: scope for scope in scopes})
     context = Context(consts, options)
+    entries: dict[ir.Node, LedgerEntry] = {}
+    seen: dict[ir.Node, tuple[str, list[tuple[str, str]]]] = {}
+    changed = True
+    while changed:
+        changed = False
+        for scope in scopes:
+            for index, node in enumerate(list(scope.graph)):
+                if node.graph is not scope.graph or node in editor.created:
+                    continue  # removed by an earlier fold, or made by one
+                site = as_site_of(node, scope, consts)
+                if site is None:
+                    continue
+                if node not in seen:
+                    problems = bn_problems(node, scope.opset, consts)[0] if site.is_bn else []
+                    seen[node] = (_label(node, index), problems)
+                    if observe is not None:
+                        observe(site)
+                plan = plan_site(site, context)
+                if plan is None:
+                    continue
+                entry = editor.apply(plan)
+                entry.label, problems = seen[node]
+                entry.problems = [code for code, _ in problems]
+                entry.problem_details = [detail for _, detail in problems]
+                entries[node] = entry
+                changed |= isinstance(plan, Fold)
     ledger = Ledger()
-    for scope in scopes:
-        for node in list(scope.graph):
-            if node.graph is not scope.graph:
-                continue  # removed by an earlier fold
-            site = as_site_of(node, scope, consts)
-            if site is None:
-                continue
-            if observe is not None:
-                observe(site)
-            plan = plan_site(site, context)
-            if plan is not None:
-                ledger.add(editor.apply(plan))
+    for node in seen:
+        if node in entries:
+            ledger.add(entries[node])
     return editor, ledger
+
+
+def _label(node: ir.Node, index: int) -> str:
+    """A node's name, or what identifies an unnamed one: op, position, first output."""
+    if node.name:
+        return node.name
+    output = node.outputs[0].name if node.outputs and node.outputs[0] is not None else ""
+    return f"{node.op_type}#{index} -> {output!r}"
 
 
 def resolve_function_attributes(model: ir.Model) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-LEDGER_SCHEMA_VERSION = 1
+LEDGER_SCHEMA_VERSION = 2
 
 #: Why a BN was kept. Keys are stable codes; values explain them to a person.
 REASONS: dict[str, str] = {
@@ -61,6 +61,8 @@ class LedgerEntry:
     node: str
     graph: str
     status: str
+    #: The node's name, or for an unnamed node its op, position and output ("Conv#3 -> 'y'").
+    label: str = ""
     pattern: str | None = None
     into: str | None = None
     #: The op type of ``into``.
@@ -71,6 +73,9 @@ class LedgerEntry:
     max_rel_weight_change: float | None = None
     weight_cloned: bool = False
     converted_from_training: bool = False
+    #: Inference-readiness problems of a BN (codes from ``health.PROBLEMS``) and their details.
+    problems: list[str] = field(default_factory=list)
+    problem_details: list[str] = field(default_factory=list)
 
     @property
     def folded(self) -> bool:
@@ -119,6 +124,7 @@ class Ledger:
             "decomposed": sum(e.status == STATUS_DECOMPOSED for e in bns),
             "other_folded": sum(e.status == STATUS_FOLDED for e in others),
             "other_kept": sum(e.status == STATUS_KEPT for e in others),
+            "with_problems": sum(bool(e.problems) for e in bns),
         }
 
     def to_dict(self, **context) -> dict:

@@ -38,6 +38,8 @@ class Editor:
     attributes: dict[ir.Node, dict[str, ir.Attr | None]] = field(default_factory=dict)
     #: Nodes whose trailing outputs were dropped (a training-mode BN converted).
     truncated: set[ir.Node] = field(default_factory=set)
+    #: Nodes a fold inserted: never sites themselves.
+    created: set[ir.Node] = field(default_factory=set)
     names: NameAllocator = field(init=False)
 
     def __post_init__(self):
@@ -72,8 +74,7 @@ class Editor:
         name = self.names.fresh(base)
         tensor.name = name
         if scope.in_function or (scope.old_ir and not scope.is_main):
-            node = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", tensor)],
-                           outputs=[ir.Value(name=name)])
+            node = self.node("Constant", [], name, attributes=[ir.AttrTensor("value", tensor)])
             scope.graph.insert_before(reader, node)
             return node.outputs[0]
         value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(tensor.shape))
@@ -81,6 +82,12 @@ class Editor:
         if scope.old_ir:  # IR < 4: every main-graph initializer is an input too
             scope.graph.inputs.append(value)
         return value
+
+    def node(self, op: str, inputs: list[ir.Value], output: str, attributes=()) -> ir.Node:
+        """A new standard-domain node with one output (the caller inserts it)."""
+        node = ir.Node("", op, inputs, attributes=list(attributes), outputs=[ir.Value(name=output)])
+        self.created.add(node)
+        return node
 
     def set_attribute(self, node: ir.Node, attr: ir.Attr) -> None:
         node.attributes[attr.name] = attr
@@ -119,7 +126,7 @@ class Editor:
     def add_after(self, node: ir.Node, addend: np.ndarray, base: str) -> None:
         """``node``'s output plus ``addend``, read by everything that read the output."""
         out = node.outputs[0]
-        add = ir.Node("", "Add", [out], outputs=[ir.Value(name=self.names.fresh(f"{base}_bnfold_add"))])
+        add = self.node("Add", [out], self.names.fresh(f"{base}_bnfold_add"))
         node.graph.insert_after(node, add)
         add.resize_inputs(2)
         add.replace_input_with(1, self.constant(add, f"{base}_bnfold_shift", ir.tensor(addend)))
@@ -140,7 +147,7 @@ class Editor:
         site = plan.site.node
         if plan.addend is not None:  # padded Conv after the BN: x + t/s stays
             base = site.name or "bn"
-            add = ir.Node("", "Add", [site.inputs[0]], outputs=[ir.Value(name=self.names.fresh(f"{base}_bnfold_add"))])
+            add = self.node("Add", [site.inputs[0]], self.names.fresh(f"{base}_bnfold_add"))
             site.graph.insert_before(site, add)
             add.resize_inputs(2)
             add.replace_input_with(1, self.constant(add, f"{base}_bnfold_shift", ir.tensor(plan.addend)))
@@ -164,7 +171,7 @@ class Editor:
         if producer is not None and producer.graph is site.graph:
             self.replace_value(site.outputs[0], data)
             return
-        identity = ir.Node("", "Identity", [data], outputs=[ir.Value(name=self.names.fresh("bnfold_identity"))])
+        identity = self.node("Identity", [data], self.names.fresh("bnfold_identity"))
         site.graph.insert_before(site, identity)
         self.replace_value(site.outputs[0], identity.outputs[0])
 
@@ -197,11 +204,11 @@ class Editor:
         bn = plan.site.node
         base = bn.name or "bn"
         scale, shift = plan.decomposed
-        mul = ir.Node("", "Mul", [bn.inputs[0]], outputs=[ir.Value(name=self.names.fresh(f"{base}_bnfold_mul"))])
+        mul = self.node("Mul", [bn.inputs[0]], self.names.fresh(f"{base}_bnfold_mul"))
         bn.graph.insert_before(bn, mul)
         mul.resize_inputs(2)
         mul.replace_input_with(1, self.constant(mul, f"{base}_bnfold_scale", ir.tensor(scale)))
-        add = ir.Node("", "Add", [mul.outputs[0]], outputs=[ir.Value(name=self.names.fresh(f"{base}_bnfold_add"))])
+        add = self.node("Add", [mul.outputs[0]], self.names.fresh(f"{base}_bnfold_add"))
         bn.graph.insert_before(bn, add)
         add.resize_inputs(2)
         add.replace_input_with(1, self.constant(add, f"{base}_bnfold_shift", ir.tensor(shift)))

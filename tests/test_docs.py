@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from bnfold.audit import PROBLEMS
+from bnfold.health import PROBLEMS
 from bnfold.ledger import REASONS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
