@@ -41,8 +41,10 @@ class Constants:
         return value.is_graph_output() or any(value is out for graph in self.graphs for out in graph.outputs)
 
     def sole_reader(self, value: ir.Value) -> tuple[ir.Node, int] | None:
-        """The one (node, input index) reading ``value``, if that is its only use anywhere."""
-        uses = list(value.uses())
+        """The one (node, input index) reading the elements of ``value``, if that is its
+        only such use anywhere (Shape and Size readers see only its shape, which no fold
+        changes) and it is no graph output."""
+        uses = element_readers(value)
         if len(uses) != 1 or self.is_output(value):
             return None
         return uses[0]
@@ -149,6 +151,12 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     return None  # strings and sparse values: nothing a fold reads
 
 
+def element_readers(value: ir.Value) -> list[tuple[ir.Node, int]]:
+    """The uses of ``value`` that read its elements, not only its shape (Shape, Size)."""
+    return [(node, index) for node, index in value.uses()
+            if not (node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"))]
+
+
 def _evaluable(node: ir.Node) -> bool:
     return (node.domain in ("", "ai.onnx") and node.op_type in EVALUATED_OPS and len(node.outputs) == 1
             and not has_unresolved_reference(node))
@@ -248,6 +256,9 @@ def rank_of(value: ir.Value, depth: int = 0) -> int | None:
     op = producer.op_type
     if op in ("Flatten", "Gemm"):
         return 2
+    if op in ("Add", "Sub", "Mul", "Div") and len(producer.inputs) == 2 and all(producer.inputs):
+        ranks = [rank_of(v, depth + 1) for v in producer.inputs]
+        return None if None in ranks else max(ranks)
     if op in _RANK_PRESERVING:
         return rank_of(producer.inputs[0], depth + 1)
     if op == "MatMul":

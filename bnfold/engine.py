@@ -70,7 +70,7 @@ def fold(model: Source | ir.Model | onnx.ModelProto | str | os.PathLike, options
     source = as_source(model)
     external = has_external_data(source)
     editor, ledger = run(source, options)
-    edited = apply_edits(source, editor.attributes, editor.truncated)
+    edited = apply_edits(source, editor.attributes, editor.truncated, external)
     return FoldResult(model=source.model, ledger=ledger, edited=edited, external_data=external)
 
 

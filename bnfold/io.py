@@ -105,12 +105,14 @@ def _file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
-    """Read ``path`` into an onnx_ir model, lazily for external data, or raise InputError."""
-    return load_source(path).model
+    """Read ``path`` into an onnx_ir model as the file has it (lazily for external data),
+    or raise InputError."""
+    return load_source(path, infer_shapes=False).model
 
 
-def load_source(path: str | os.PathLike) -> Source:
-    """Read ``path``: its proto (large weights left in the file) and the analysis model."""
+def load_source(path: str | os.PathLike, *, infer_shapes: bool = True) -> Source:
+    """Read ``path``: its proto (large weights left in the file) and the analysis model
+    (with onnx's inferred shapes where the file has no value_info)."""
     path = Path(path)
     _check_readable_file(path)
     try:
@@ -127,7 +129,7 @@ def load_source(path: str | os.PathLike) -> Source:
     if len(set(names)) != len(names):
         duplicate = next(name for name in names if names.count(name) > 1)
         raise InputError(f"{path}: invalid ONNX model (initializer {duplicate!r} is defined more than once)")
-    source = _analyse(proto, path)
+    source = _analyse(proto, path, infer_shapes)
     source.spans = {names[index]: span for index, span in embedded.items()}
     _attach_embedded(source)
     check_graph_wellformed(source.model, path)
@@ -154,14 +156,27 @@ def source_from_proto(proto: onnx.ModelProto, base_dir: Path | None = None) -> S
     return source
 
 
+def _with_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The analysis copy with onnx's inferred shapes where the exporter wrote no value_info:
+    layout proofs (Reshape, Flatten, Squeeze) and ranks need them. Only the copy changes."""
+    if len(proto.graph.value_info) or not len(proto.graph.node):
+        return proto
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # custom ops, models onnx cannot type: analyse without the shapes
+        return proto
+
+
 def _set_base_dir(model: ir.Model, folder: Path) -> None:
     """External data is relative to the model's folder, in function bodies too."""
     for graph in [model.graph, *(f.graph for f in model.functions.values())]:
         ir.external_data.set_base_dir(graph, str(folder))
 
 
-def _analyse(proto: onnx.ModelProto, path: Path | None) -> Source:
-    analysed, opaque = analysis_copy(proto)
+def _analyse(proto: onnx.ModelProto, path: Path | None, infer_shapes: bool = True) -> Source:
+    analysed, opaque = analysis_copy(_with_shapes(proto) if infer_shapes else proto)
     try:
         with _onnx_ir_quiet():
             model = ir.serde.deserialize_model(analysed)
@@ -348,8 +363,7 @@ class _Layout:
         self.data_name = data_name
         self.streamed: dict[int, ir.TensorProtocol] = {}  # main-graph initializer index -> data
         self.external: dict[int, ir.TensorProtocol] = {}  # order in the data file -> data
-        source = edited.source
-        move_inline = data_name is not None and not _proto_external_files(source)
+        move_inline = data_name is not None and not edited.input_external
         offset = 0
         main_index = 0
         for tensor, kind in all_tensors(self.proto):
@@ -441,7 +455,8 @@ def _edited_from_ir(model: ir.Model) -> Edited:
     for tensor, _ in all_tensors(proto):
         if tensor.name in streamed and tensor.data_location == onnx.TensorProto.EXTERNAL:
             set_inline(tensor, None)
-    return Edited(proto, Source(proto=proto, model=model), streamed)
+    external = any(isinstance(t, ir.ExternalTensor) and not isinstance(t, EmbeddedTensor) for t in streamed.values())
+    return Edited(proto, Source(proto=proto, model=model), streamed, external)
 
 
 def _streamable(tensor: ir.TensorProtocol) -> bool:

@@ -30,6 +30,7 @@ REASONS: dict[str, str] = {
     "unproven-layout": "a layout op between the linear op and the site moves, merges or splits the channel axis, or its shapes are unknown",
     "zero-scale": "a BN before a padded Conv has a zero scale, so its shift cannot be kept as an Add before the conv",
     "dtype-overflow": "the folded weights or bias would overflow the model's dtype",
+    "padded-consumer": "a constant Add/Sub before a padded Conv: the shift would meet the zero padding, only a pure scale folds there",
     "zero-size": "the site has no channels, or the weight it would fold into has no elements",
     "attribute-reference": "an attribute that decides the fold refers to a function attribute whose call sites disagree (or that is never given)",
 }

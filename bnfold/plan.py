@@ -16,6 +16,7 @@ Directions:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -23,14 +24,15 @@ import numpy as np
 
 from bnfold import affine
 from bnfold._onnx_ir import ir
-from bnfold.constant_eval import Constants, rank_of
+from bnfold.constant_eval import Constants, element_readers, rank_of
 from bnfold.errors import InputError
 from bnfold.folded import compose
 from bnfold.ledger import NoMatch
 from bnfold.patterns import LinearMatch, describe, match_producer, require_resolved
-from bnfold.patterns.consumer import match_consumer
+from bnfold.patterns.consumer import MATCHERS as CONSUMERS
+from bnfold.patterns.consumer import ConsumerMatch, match_consumer, match_reader
 from bnfold.patterns.elementwise import ElementwiseSite, as_site, channel_vector, scale_shift
-from bnfold.patterns.layout import is_layout, through
+from bnfold.patterns.layout import Channel, is_layout, through
 from bnfold.patterns.matmul import bias_operand
 
 DEFAULT_EPSILON = 1e-5
@@ -321,27 +323,64 @@ def _convertible(bn: ir.Node, problem: tuple[str, str], options: FoldOptions) ->
 
 
 def _plan_elementwise(site: Site, ctx: Context) -> Plan | None:
+    """A constant Mul/Add/Sub/Div folds into the linear op before it or, failing that, the
+    one after it; with no linear neighbour at all it is not a site (None)."""
+    constant = site.elementwise.constant
     try:
-        match, chain, channel = _producer_chain(site, ctx)
-    except NoMatch as no:
-        if no.reason == "no-linear-producer":
-            return None
-        raise
-    vector = channel_vector(site.elementwise.constant, channel)
+        match, chain, channel = _producer_chain(site, ctx, scalar=constant.ndim == 0)
+        scale, shift = scale_shift(site.elementwise, channel_vector(constant, channel))
+        return _plan_after(site, match, chain, scale, shift, ctx)
+    except NoMatch as after:
+        try:
+            return _plan_elementwise_before(site, ctx)
+        except NoMatch as before:
+            if after.reason != "no-linear-producer":
+                raise after from None
+            if before.reason == "no-linear-producer":
+                return None
+            raise
+
+
+def _plan_elementwise_before(site: Site, ctx: Context) -> Fold:
+    """Keras' BN before a Dense (``Mul -> Add -> MatMul``), input normalisation before a
+    Conv or Gemm: the constant runs along the axis the op reads as its input features."""
+    data, out = site.node.inputs[site.data_index], site.node.outputs[0]
+    if not any(n.op_type in CONSUMERS and n.domain in ("", "ai.onnx") for n, _ in element_readers(out)):
+        raise NoMatch("no-linear-producer", f"no linear op reads the {site.node.op_type} output")
+    node, index = match_reader(out, ctx.consts)
+    if node.domain not in ("", "ai.onnx") or index != 0 or node.op_type not in CONSUMERS:
+        raise NoMatch("no-linear-producer", f"the {site.node.op_type} output is read by {describe(node)}")
+    require_resolved(node)
+    consumer = CONSUMERS[node.op_type](node, ctx.consts)
+    # The data input, not the site's output, must have the op's input rank: a constant
+    # that broadcast the data to a higher rank cannot be folded away.
+    want = consumer.input_channel
+    rank = rank_of(data)
+    if want.axis != -1 and rank != want.rank:
+        raise NoMatch("unknown-rank" if rank is None else "channel-axis-mismatch",
+                      f"the rank of {data.name!r} read through the {site.node.op_type} is not proven to be {want.rank}")
+    vector = channel_vector(site.elementwise.constant, Channel(rank if want.axis == -1 else want.rank,
+                                                                want.axis if want.axis != -1 or rank is None
+                                                                else rank - 1, want.count))
     scale, shift = scale_shift(site.elementwise, vector)
-    return _plan_after(site, match, chain, scale, shift, ctx)
+    if not consumer.exact_shift and np.any(shift != 0):
+        raise NoMatch("padded-consumer", f"{describe(node)} pads its input: only a pure scale folds there")
+    consumer = dataclasses.replace(consumer, pattern=consumer.pattern.replace("bn-", f"{site.kind}-", 1))
+    return _fold_before(site, consumer, scale, shift, consumer.in_channels, ctx, False)
 
 
 def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
     scale, shift = stats.scale_shift()
+    scalar = stats.channels == 1
     try:
-        match, chain, channel = _producer_chain(site, ctx)
-        if channel.axis is None:
-            if stats.channels != 1:
-                raise NoMatch("channel-axis-mismatch", f"{describe(match.node)} has one channel, "
-                                                       f"the BN normalises {stats.channels}")
+        match, chain, channel = _producer_chain(site, ctx, scalar=scalar)
+        if scalar:  # one channel: a scalar map, the same s and t for every producer channel
+            scale, shift = np.full(match.channels, scale[0]), np.full(match.channels, shift[0])
         else:
             known = channel.normalized()
+            if channel.axis is None:
+                raise NoMatch("channel-axis-mismatch", f"{describe(match.node)} has one channel, "
+                                                       f"the BN normalises {stats.channels}")
             if known is None:
                 raise NoMatch("unknown-rank", f"the rank of {describe(match.node)}'s output cannot be proven")
             if known.axis != 1:
@@ -352,6 +391,7 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
                                  f"producer {describe(match.node)} has {channel.count} output channels: invalid model")
         return _plan_after(site, match, chain, scale, shift, ctx, convert)
     except NoMatch as after:
+        scale, shift = stats.scale_shift()
         try:
             return _plan_before(site, stats, scale, shift, ctx, convert)
         except NoMatch as before:
@@ -367,9 +407,10 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
             raise NoMatch("no-linear-producer", detail) from None
 
 
-def _producer_chain(site: Site, ctx: Context):
+def _producer_chain(site: Site, ctx: Context, *, scalar: bool = False):
     """The linear producer behind the site's input, through layout ops, and the channel
-    there; every value on the way must be read by the next step alone."""
+    there; every value on the way must be read by the next step alone. A scalar map
+    commutes with every layout op, so its channel needs no proof."""
     value = site.node.inputs[site.data_index]
     chain: list[ir.Node] = []
     while value.producer() is not None and is_layout(value.producer()) and len(chain) < MAX_LAYOUT_CHAIN:
@@ -387,7 +428,8 @@ def _producer_chain(site: Site, ctx: Context):
     channel = match.channel
     for node in chain:
         require_resolved(node)
-        channel = through(node, channel, ctx.consts)
+        if not scalar:
+            channel = through(node, channel, ctx.consts)
     return match, tuple(chain), channel
 
 
@@ -417,9 +459,19 @@ def _plan_after(site: Site, match: LinearMatch, chain: tuple, scale: np.ndarray,
 
 def _plan_before(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, ctx: Context,
                  convert: bool) -> Fold:
+    """A BN before the linear op that reads its output (through layout ops if any)."""
+    bn = site.node
+    channel = Channel(rank_of(bn.inputs[0]) or rank_of(bn.outputs[0]), 1, stats.channels)
+    consumer = match_consumer(bn.outputs[0], channel, ctx.consts, scalar=stats.channels == 1)
+    if not consumer.exact_shift and np.any(scale == 0):
+        raise NoMatch("zero-scale", f"{describe(consumer.node)} pads its input and a BN scale is 0, "
+                                    "so the shift cannot stay as an Add")
+    return _fold_before(site, consumer, scale, shift, stats.channels, ctx, convert)
+
+
+def _fold_before(site: Site, consumer: ConsumerMatch, scale: np.ndarray, shift: np.ndarray, channels: int,
+                 ctx: Context, convert: bool) -> Fold:
     """``W' = W (.)_in s`` and ``b' = beta * b + alpha * W t`` (or ``x + t/s`` kept before a padded Conv)."""
-    consumer = match_consumer(site.node, stats.channels, ctx.consts)
-    where = describe(consumer.node)
     weight = consumer.weight
     per_feature_scale = np.repeat(scale, consumer.repeat)
     _require_nonempty(weight, scale, consumer.node)
@@ -427,14 +479,15 @@ def _plan_before(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarra
                                                                  consumer.in_axis, consumer.groups))
     _require_weight_fits(consumer.node, source, factor)
     dtype = weight.dtype
+    edit = WeightEdit(consumer.node, consumer.weight_index, source, factor)
     if not consumer.exact_shift:
-        if np.any(scale == 0):
-            raise NoMatch("zero-scale", f"{where} pads its input and a BN scale is 0, so the shift cannot stay as an Add")
-        shape = [stats.channels] + [1] * (len(weight.shape) - 2)
-        addend = _cast((shift / scale).reshape(shape), dtype, "t / s", consumer.node)
-        return Fold(site, "before", consumer.pattern, stats.channels, scale, into=consumer.node,
-                    weight=WeightEdit(consumer.node, consumer.weight_index, source, factor), addend=addend,
-                    convert=convert, detail="shift kept as an Add before the padded conv")
+        addend = None
+        if np.any(shift != 0):
+            shape = [channels] + [1] * (len(weight.shape) - 2)
+            addend = _cast((shift / scale).reshape(shape), dtype, "t / s", consumer.node)
+        return Fold(site, "before", consumer.pattern, channels, scale, into=consumer.node, weight=edit,
+                    addend=addend, chain=consumer.chain, convert=convert,
+                    detail="shift kept as an Add before the padded conv" if addend is not None else "")
     weight_values = _finite(np.asarray(weight.numpy(), dtype=np.float64), consumer.node, "weight")
     extra = affine.input_shift_bias(weight_values, np.repeat(shift, consumer.repeat), consumer.in_axis,
                                     consumer.out_axis, consumer.groups)
@@ -447,9 +500,8 @@ def _plan_before(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarra
         bias = BiasEdit(new_bias, consumer.bias_node, consumer.bias_index, reset_beta=consumer.bias_factor != 1.0)
     else:
         bias = BiasEdit(new_bias, after=consumer.node) if np.any(new_bias != 0) else None
-    return Fold(site, "before", consumer.pattern, stats.channels, scale, into=consumer.node,
-                weight=WeightEdit(consumer.node, consumer.weight_index, source, factor), bias=bias,
-                chain=(consumer.flatten,) if consumer.flatten is not None else (), convert=convert)
+    return Fold(site, "before", consumer.pattern, channels, scale, into=consumer.node, weight=edit, bias=bias,
+                chain=consumer.chain, convert=convert)
 
 
 def _plan_decompose(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, convert: bool,

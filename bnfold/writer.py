@@ -33,14 +33,16 @@ class Edited:
     source: Source
     #: Folded weights by (unique) name: their TensorProtos are data-less placeholders.
     folded: dict[str, ir.LazyTensor]
+    #: Whether the input stored any tensor as external data (decided before the edits).
+    input_external: bool = False
 
 
-def apply_edits(source: Source, attributes: dict, truncated: set) -> Edited:
+def apply_edits(source: Source, attributes: dict, truncated: set, input_external: bool) -> Edited:
     """Carry the analysis model's state over to ``source.proto`` (edited in place)."""
     folded: dict[str, ir.LazyTensor] = {}
     for graph in _post_order(source.model):
         _edit_graph(graph, source.graph_protos[graph], source, attributes, truncated, folded)
-    return Edited(source.proto, source, folded)
+    return Edited(source.proto, source, folded, input_external)
 
 
 def _post_order(model: ir.Model) -> list[ir.Graph]:

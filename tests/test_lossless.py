@@ -858,7 +858,9 @@ def test_issue18_6_external_subgraph_initializer_keeps_doc_and_props_when_embedd
                         *[onh.from_array(a.astype(np.float32), n) for a, n in zip(
                             [rng.uniform(0.5, 2, 3), rng.standard_normal(3), rng.standard_normal(3),
                              rng.uniform(0.5, 2, 3)], ["tg", "tb", "tm", "tv"])]]
-        inner_nodes += [oh.make_node("Conv", ["k_out", "tw"], ["t_conv"], name="then_conv"),
+        # The Relu keeps the Mul by k (the tensor under test) from folding into the Conv.
+        inner_nodes += [oh.make_node("Relu", ["k_out"], ["k_relu"], name="then_relu"),
+                        oh.make_node("Conv", ["k_relu", "tw"], ["t_conv"], name="then_conv"),
                         oh.make_node("BatchNormalization", ["t_conv", "tg", "tb", "tm", "tv"], ["t_bn"],
                                      name="then_bn")]
         last = "t_bn"

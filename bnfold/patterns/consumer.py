@@ -1,24 +1,32 @@
-"""BatchNormalization before a linear op (input normalisation, BN -> Flatten -> Gemm).
+"""An affine map before a linear op: a BN (input normalisation, BN -> Flatten -> Gemm,
+BN -> Transpose -> MatMul) or a constant Mul/Add/Sub/Div (Keras' BN before a Dense).
 
 ``y = W * (s*x + t) + b = (W (.)_in s) * x + (b + W * t)``. The second term is one value
 per output channel only where the op sees every input element with its full weight: always
 for Gemm and MatMul, for Conv only without padding (a padded border sees zeros, not t).
 With padding the scale still folds exactly and the shift stays as ``x + t/s`` before the
 conv, because zero-padding ``x + t/s`` and then scaling by s pads ``s*x + t`` with zeros.
-Through ``Flatten(axis=1)`` each BN channel covers ``K / C`` consecutive features.
+Through ``Flatten(axis=1)`` (or a Reshape that does the same) each BN channel covers
+``K / C`` consecutive features; through Transpose/Identity the channel axis is followed
+and must land on the axis the op reads as its input features.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from bnfold._onnx_ir import ir
-from bnfold.constant_eval import Constants, rank_of
+from bnfold.constant_eval import Constants, element_readers, rank_of, static_dims
 from bnfold.errors import InputError
 from bnfold.ledger import NoMatch
 from bnfold.patterns import constant_param, describe, require_resolved, weight_and_bias
-from bnfold.patterns.matmul import constant_2d_weight
+from bnfold.patterns.layout import Channel, through
+from bnfold.patterns.matmul import constant_2d_weight, is_channel_bias
+
+#: Layout ops a map may pass through on its way to the consumer (they only move elements).
+_FORWARD_LAYOUT = {"Transpose", "Identity"}
 
 
 @dataclass(frozen=True)
@@ -34,56 +42,108 @@ class ConsumerMatch:
     bias_node: ir.Node | None
     bias_index: int | None
     bias: ir.TensorProtocol | None
+    #: The channel layout of the op's data input: rank (None if unknown) and the feature axis.
+    input_channel: Channel
     groups: int = 1
-    #: Features per BN channel when a Flatten sits between (K / C), else 1.
+    #: Features per site channel when a Flatten sits between (K / C), else 1.
     repeat: int = 1
     #: Gemm's alpha multiplies W * t; beta multiplies the old bias.
     shift_factor: float = 1.0
     bias_factor: float = 1.0
     #: False for a padded Conv: only the scale folds, the shift stays as an Add.
     exact_shift: bool = True
-    flatten: ir.Node | None = None
+    #: Layout nodes between the site and the op (Flatten / Transpose / Identity).
+    chain: tuple[ir.Node, ...] = ()
 
 
-def match_consumer(bn: ir.Node, channels: int, consts: Constants) -> ConsumerMatch:
-    """The linear op reading the BN's output (directly or through Flatten(axis=1)); NoMatch if none."""
-    bn_output = bn.outputs[0]
-    uses = list(bn_output.uses())
-    readers = ", ".join(describe(node) for node, _ in uses) or "nothing"
-    if not any(node.op_type in _MATCHERS or node.op_type == "Flatten" for node, _ in uses):
-        raise NoMatch("no-linear-producer", f"the BN output is read by {readers}")
-    if consts.is_output(bn_output):
-        raise NoMatch("graph-output", "the BN output is a graph output")
+def match_reader(value: ir.Value, consts: Constants) -> tuple[ir.Node, int]:
+    """The one node reading the elements of ``value``; NoMatch when there is none or several."""
+    uses = element_readers(value)
+    names = ", ".join(describe(node) for node, _ in uses) or "nothing"
+    if consts.is_output(value):
+        raise NoMatch("graph-output", f"{value.name!r} is a graph output")
     if len(uses) != 1:
-        raise NoMatch("fan-out", f"the BN output has {len(uses)} readers ({readers})")
-    node, index = uses[0]
-    flatten = None
-    if node.op_type == "Flatten" and node.domain in ("", "ai.onnx") and index == 0:
+        reason = "fan-out" if uses else "no-linear-producer"
+        raise NoMatch(reason, f"{value.name!r} is read by {names}")
+    return uses[0]
+
+
+def match_consumer(value: ir.Value, channel: Channel, consts: Constants, *, scalar: bool = False) -> ConsumerMatch:
+    """The linear op reading ``value`` (a BN output whose channels are ``channel``),
+    directly or through layout ops; NoMatch if there is none to fold into.
+
+    A scalar map (one channel) commutes with every layout op and needs no channel proof.
+    """
+    channels = channel.count
+    uses = element_readers(value)
+    if not any(node.op_type in MATCHERS or node.op_type in _FORWARD_LAYOUT | {"Flatten", "Reshape"}
+               for node, _ in uses):
+        names = ", ".join(describe(node) for node, _ in uses) or "nothing"
+        raise NoMatch("no-linear-producer", f"the output is read by {names}")
+    node, index = match_reader(value, consts)
+    chain: list[ir.Node] = []
+    flattened = False
+    while node.domain in ("", "ai.onnx") and index == 0 and node.op_type not in MATCHERS:
         require_resolved(node)
-        if node.attributes.get_int("axis", 1) != 1:
-            raise NoMatch("no-linear-producer", f"{describe(node)} after the BN does not flatten from axis 1")
-        flatten = node
-        if consts.sole_reader(node.outputs[0]) is None:
-            raise NoMatch("fan-out", f"{describe(node)} after the BN has other readers")
-        node, index = next(iter(node.outputs[0].uses()))
-    if node.domain not in ("", "ai.onnx") or index != 0 or node.op_type not in _MATCHERS:
-        raise NoMatch("no-linear-producer", f"the BN output is read by {describe(node)}")
-    if flatten is not None and node.op_type not in ("Gemm", "MatMul"):
-        raise NoMatch("no-linear-producer", f"Flatten after the BN feeds {describe(node)}, not a matrix op")
+        if node.op_type in _FORWARD_LAYOUT:
+            channel = channel if scalar else through(node, channel, consts)
+        elif node.op_type in ("Flatten", "Reshape") and not chain:
+            _flattened(node, channel, scalar)
+            flattened = True
+        else:
+            break
+        chain.append(node)
+        node, index = match_reader(node.outputs[0], consts)
+    if node.domain not in ("", "ai.onnx") or index != 0 or node.op_type not in MATCHERS:
+        raise NoMatch("no-linear-producer", f"the map is read by {describe(node)}")
     require_resolved(node)
-    match = _MATCHERS[node.op_type](node, consts)
-    if flatten is None and node.op_type == "MatMul":
-        rank = rank_of(bn_output)
-        if rank is None:
-            raise NoMatch("unknown-rank", f"the rank of the BN output read by {describe(node)} cannot be proven")
-        if rank != 2:
-            raise NoMatch("channel-axis-mismatch", f"BN before {describe(node)} on a {rank}-D activation")
-    if match.in_channels % max(channels, 1) or (flatten is None and match.in_channels != channels):
-        raise InputError(f"BatchNormalization {bn.name!r} has {channels} channels but {describe(node)} reads "
+    match = MATCHERS[node.op_type](node, consts)
+    if flattened and node.op_type not in ("Gemm", "MatMul"):
+        raise NoMatch("no-linear-producer", f"a flattened map feeds {describe(node)}, not a matrix op")
+    if not (scalar or flattened):  # flattened from axis 1, the channels are the features of a 2-D input
+        _require_channel_on_features(channel, match, node)
+    if match.in_channels % max(channels, 1) or (not (flattened or scalar) and match.in_channels != channels):
+        raise InputError(f"a map over {channels} channels feeds {describe(node)}, which reads "
                          f"{match.in_channels} input channels: invalid model")
     repeat = match.in_channels // channels if channels else 1
-    pattern = match.pattern.replace("bn-", "bn-flatten-") if flatten is not None else match.pattern
-    return dataclasses.replace(match, flatten=flatten, repeat=repeat, pattern=pattern)
+    pattern = match.pattern
+    if chain:
+        pattern = "bn-" + "-".join(n.op_type.lower() for n in chain) + pattern[2:]
+    return dataclasses.replace(match, chain=tuple(chain), repeat=repeat, pattern=pattern)
+
+
+def _flattened(node: ir.Node, channel: Channel, scalar: bool) -> None:
+    """Check that ``node`` is a Flatten(axis=1) of the map's output, or a Reshape proven to do
+    the same (dynamo's ``x.view(x.size(0), -1)``); NoMatch otherwise. Each channel then
+    covers consecutive features, as many as the op reads per channel."""
+    known = channel.normalized()
+    if not scalar and (known is None or known.axis != 1):
+        raise NoMatch("no-linear-producer", f"{describe(node)} does not flatten from the channel axis")
+    if node.op_type == "Flatten":
+        if node.attributes.get_int("axis", 1) != 1:
+            raise NoMatch("no-linear-producer", f"{describe(node)} does not flatten from axis 1")
+        return
+    dims, after = static_dims(node.inputs[0]), static_dims(node.outputs[0])
+    if dims is None or after is None or len(after) != 2 or after[0] != dims[0] or \
+            not all(isinstance(d, int) for d in dims[1:]) or after[1] != math.prod(dims[1:]):
+        raise NoMatch("unproven-layout", f"{describe(node)} is not proven to flatten from axis 1")
+
+
+def _require_channel_on_features(channel: Channel, match: ConsumerMatch, node: ir.Node) -> None:
+    """The map's channels must be the axis the op reads as its input features."""
+    want = match.input_channel
+    known = channel.normalized()
+    if want.axis == -1:  # MatMul: the last axis, whatever the rank
+        if known is not None and known.rank is not None and known.axis == known.rank - 1:
+            return
+        if known is None and channel.axis == -1:
+            return
+        if known is None or known.rank is None:
+            raise NoMatch("unknown-rank", f"the rank of the map's output read by {describe(node)} cannot be proven")
+        raise NoMatch("channel-axis-mismatch", f"{describe(node)} reads the last axis as features, the map's "
+                                               f"channels are on axis {known.axis} of {known.rank}")
+    if known is None or known.axis != want.axis or (want.rank is not None and known.rank not in (None, want.rank)):
+        raise NoMatch("channel-axis-mismatch", f"{describe(node)} reads axis {want.axis} as its input channels")
 
 
 def _conv(node: ir.Node, consts: Constants) -> ConsumerMatch:
@@ -96,18 +156,19 @@ def _conv(node: ir.Node, consts: Constants) -> ConsumerMatch:
         pattern="bn-conv" if unpadded else "bn-conv-scale",
         node=node, weight_index=1, weight=weight, in_axis=1, out_axis=0,
         in_channels=weight.shape[1] * groups, bias_node=node, bias_index=2, bias=bias,
-        groups=groups, exact_shift=unpadded,
+        input_channel=Channel(len(weight.shape), 1, weight.shape[1] * groups), groups=groups, exact_shift=unpadded,
     )
 
 
 def _gemm(node: ir.Node, consts: Constants) -> ConsumerMatch:
     if node.attributes.get_int("transA", 0):
-        raise NoMatch("channel-axis-mismatch", f"{describe(node)} has transA=1: it reads the BN channels as rows")
+        raise NoMatch("channel-axis-mismatch", f"{describe(node)} has transA=1: it reads the channels as rows")
     weight, bias = weight_and_bias(node, consts)
     in_axis = 1 if node.attributes.get_int("transB", 0) else 0
     return ConsumerMatch(
         pattern="bn-gemm", node=node, weight_index=1, weight=weight, in_axis=in_axis, out_axis=1 - in_axis,
         in_channels=weight.shape[in_axis], bias_node=node, bias_index=2, bias=bias,
+        input_channel=Channel(2, 1, weight.shape[in_axis]),
         shift_factor=node.attributes.get_float("alpha", 1.0), bias_factor=node.attributes.get_float("beta", 1.0),
     )
 
@@ -118,6 +179,7 @@ def _matmul(node: ir.Node, consts: Constants) -> ConsumerMatch:
     return ConsumerMatch(
         pattern="bn-matmul", node=node, weight_index=1, weight=weight, in_axis=0, out_axis=1,
         in_channels=weight.shape[0], bias_node=bias_node, bias_index=bias_index, bias=bias,
+        input_channel=Channel(rank_of(node.inputs[0]), -1, weight.shape[0]),
     )
 
 
@@ -134,9 +196,9 @@ def _following_bias(matmul: ir.Node, channels: int, consts: Constants):
         bias = constant_param(add, bias_index, consts)
     except NoMatch:
         return None, None, None
-    if bias is None or tuple(bias.shape) not in ((), (1,), (channels,), (1, channels)):
+    if bias is None or not is_channel_bias(tuple(bias.shape), channels):
         return None, None, None
     return add, bias_index, bias
 
 
-_MATCHERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}
+MATCHERS = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}

@@ -120,7 +120,7 @@ def _squeeze(node: ir.Node, channel: Channel, consts: Constants) -> Channel | st
 
 
 def _reshape_like(node: ir.Node, channel: Channel, consts: Constants) -> Channel | str:
-    """Reshape/Flatten: the channel survives if the dims before it are unchanged."""
+    """Reshape/Flatten: the channel survives if it stays whole and in place (see below)."""
     before = static_dims(node.inputs[0])
     after = _output_dims(node, before, consts)
     if channel.count == 1:  # a scalar map: wherever the one channel goes, it stays whole
@@ -131,11 +131,20 @@ def _reshape_like(node: ir.Node, channel: Channel, consts: Constants) -> Channel
     known = channel.normalized()
     if before is None or known is None or known.axis is None:
         return f"{node.op_type} of a tensor whose shape is unknown"
-    prefix = before[: known.axis]
+    # An element's channel is (flat index // the product of the dims after the channel axis)
+    # % C: it survives if the dims before the axis keep their extent, or those after it do
+    # (with symbolic dims, e.g. a dynamic batch, often only the trailing ones are known).
+    prefix, suffix = before[: known.axis], before[known.axis + 1:]
     for k in range(len(after)):
-        if after[k] == channel.count and _same_extent(after[:k], prefix):
+        if after[k] == channel.count and (_same_extent(after[:k], prefix) or _static_equal(after[k + 1:], suffix)):
             return Channel(len(after), k, channel.count)
     return f"{node.op_type} merges or splits the channel axis"
+
+
+def _static_equal(dims_a: list, dims_b: list) -> bool:
+    """Both lists static and of one extent."""
+    ints = all(isinstance(d, int) and d >= 0 for d in dims_a + dims_b)
+    return ints and math.prod(dims_a) == math.prod(dims_b)
 
 
 def _same_extent(dims_a: list, dims_b: list) -> bool:

@@ -50,13 +50,19 @@ def match_with_bias(add: ir.Node, consts: Constants) -> LinearMatch:
     weight = constant_2d_weight(matmul, consts)
     bias = constant_param(add, bias_index, consts)
     channels = weight.shape[1]
-    if tuple(bias.shape) not in ((), (1,), (channels,), (1, channels)):
+    if not is_channel_bias(tuple(bias.shape), channels):
         raise NoMatch("non-channel-constant", f"bias of shape {list(bias.shape)} after {describe(matmul)}")
     return LinearMatch(
         pattern="matmul-add", node=matmul, weight_index=1, weight=weight, out_axis=1, channels=channels,
         bias_node=add, bias_index=bias_index, bias=bias, output=add.outputs[0], rank=rank_of(matmul.inputs[0]),
         channel_axis=-1,
     )
+
+
+def is_channel_bias(shape: tuple[int, ...], channels: int) -> bool:
+    """A MatMul bias that is one value per output channel (or one value): ``[N]``, ``[1, N]``,
+    ``[1, 1, N]``, ... (the Add stays, with its broadcast, so leading 1s are fine)."""
+    return all(d == 1 for d in shape[:-1]) and (not shape or shape[-1] in (1, channels))
 
 
 def constant_2d_weight(matmul: ir.Node, consts: Constants) -> ir.TensorProtocol:
