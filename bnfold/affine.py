@@ -9,6 +9,8 @@ cast the result once to the model's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 
@@ -72,17 +74,18 @@ def scale_input_channels(weight: np.ndarray, scale: np.ndarray, in_axis: int, gr
     return weight * input_channel_factor(weight.shape, scale, in_axis, groups)
 
 
-def apply_factor(source: np.ndarray, factor: np.ndarray, dtype: np.dtype,
-                 block_elements: int = 1 << 17) -> np.ndarray | None:
+def apply_factor(source: np.ndarray, factor: np.ndarray, dtype: np.dtype, block_elements: int = 1 << 17,
+                 done: Callable[[], None] | None = None) -> np.ndarray:
     """``source * factor`` computed in float64 block by block, cast once to ``dtype``.
 
     Blocks along axis 0 go through one reused, cache-sized float64 buffer, so folding a
-    huge tensor costs one output-sized buffer and little else. None if a finite value
-    overflows ``dtype``.
+    huge tensor costs one output-sized buffer and little else; ``done()`` runs after each
+    block (to let go of a mapped source's pages). The caller has checked, with
+    ``peak_by_factor``, that the result fits ``dtype``.
     """
     dtype = np.dtype(dtype)
     if source.ndim == 0:
-        return cast_checked(source.astype(np.float64) * factor, dtype)
+        return (source.astype(np.float64) * factor).astype(dtype)
     out = np.empty(source.shape, dtype=dtype)
     row = max(1, source[0].size)
     rows = max(1, block_elements // row)
@@ -92,29 +95,30 @@ def apply_factor(source: np.ndarray, factor: np.ndarray, dtype: np.dtype,
         part = buffer[: stop - start]
         part[...] = source[start:stop]
         np.multiply(part, factor if factor.shape[0] == 1 else factor[start:stop], out=part)
-        with np.errstate(over="ignore"):  # overflow is detected below, once
-            out[start:stop] = part  # the single rounding to the model's dtype
-    if not np.isfinite(out).all():
-        # Rare: an infinity either overflowed here or was already in the source.
-        exact = source.astype(np.float64) * factor
-        if not np.all(np.isfinite(out) | ~np.isfinite(exact)):
-            return None
+        out[start:stop] = part  # the single rounding to the model's dtype
+        if done is not None:
+            done()
     return out
 
 
-def peak_by_factor(weight: np.ndarray, factor: np.ndarray, block_elements: int = 1 << 20) -> np.ndarray:
+def peak_by_factor(weight: np.ndarray, factor: np.ndarray, block_elements: int = 1 << 20,
+                   done: Callable[[], None] | None = None) -> np.ndarray:
     """``max |W|`` over the elements that share one value of ``factor``, shaped to broadcast
     with it. ``max |W| * |factor|`` is then the largest magnitude of each folded cell, so
     one small array decides whether the folded weight fits its dtype (NaN propagates).
 
-    Read in blocks along axis 0, so a huge weight costs one block of float64 at a time.
+    Read in blocks along axis 0, so a huge weight costs one block of float64 at a time;
+    ``done()`` runs after each block.
     """
-    axes = tuple(a for a in range(weight.ndim) if factor.shape[a] == 1)
-    rows = max(1, block_elements // max(1, weight[0].size)) if weight.ndim else 1
     if weight.ndim == 0:
         return np.abs(np.asarray(weight, dtype=np.float64))
-    parts = [np.abs(np.asarray(weight[start:start + rows], dtype=np.float64)).max(axis=axes, keepdims=True)
-             for start in range(0, weight.shape[0], rows)]
+    axes = tuple(a for a in range(weight.ndim) if factor.shape[a] == 1)
+    rows = max(1, block_elements // max(1, weight[0].size))
+    parts = []
+    for start in range(0, weight.shape[0], rows):
+        parts.append(np.abs(np.asarray(weight[start:start + rows], dtype=np.float64)).max(axis=axes, keepdims=True))
+        if done is not None:
+            done()
     if 0 in axes:
         return np.maximum.reduce(parts) if len(parts) > 1 else parts[0]
     return np.concatenate(parts, axis=0)

@@ -18,15 +18,15 @@ class FoldedTensor(ir.LazyTensor):
     Planning has already proved that the result is finite and fits the dtype.
     """
 
-    def __init__(self, source: ir.TensorProtocol, factor: np.ndarray, *, name: str, read):
+    def __init__(self, source: ir.TensorProtocol, factor: np.ndarray, *, name: str, read, release):
         self.source, self.factor = source, factor
         super().__init__(self._compute, dtype=source.dtype, shape=ir.Shape(source.shape), name=name)
-        self._read = read
+        self._read, self._release = read, release
 
     def _compute(self) -> ir.Tensor:
-        folded = affine.apply_factor(self._read(self.source), self.factor, np.dtype(self.dtype.numpy()))
-        if folded is None:  # planning's peak check makes this unreachable
-            raise AssertionError(f"folded weight {self.name!r} overflowed after planning proved it fits")
+        array = self._read(self.source)
+        folded = affine.apply_factor(array, self.factor, np.dtype(self.dtype.numpy()),
+                                     done=lambda: self._release(array))
         return ir.Tensor(folded, dtype=self.dtype)
 
 

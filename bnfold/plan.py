@@ -17,6 +17,7 @@ Directions:
 from __future__ import annotations
 
 import dataclasses
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -123,6 +124,14 @@ class BiasEdit:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One linear op's share of a fold: its new weight and bias (a Concat feeds several)."""
+
+    weight: WeightEdit
+    bias: BiasEdit | None
+
+
+@dataclass(frozen=True)
 class Fold:
     """Everything the rewrite needs for one site; nothing about it is left to decide."""
 
@@ -131,9 +140,8 @@ class Fold:
     pattern: str
     channels: int
     scale: np.ndarray
-    into: ir.Node | None = None
-    weight: WeightEdit | None = None
-    bias: BiasEdit | None = None
+    into: tuple[ir.Node, ...] = ()
+    parts: tuple[Part, ...] = ()
     #: Padded Conv after the BN: the shift stays as ``x + t/s``, this constant.
     addend: np.ndarray | None = None
     #: --decompose-standalone: the Mul and Add constants, in the BN's dtype.
@@ -327,9 +335,9 @@ def _plan_elementwise(site: Site, ctx: Context) -> Plan | None:
     one after it; with no linear neighbour at all it is not a site (None)."""
     constant = site.elementwise.constant
     try:
-        match, chain, channel = _producer_chain(site, ctx, scalar=constant.ndim == 0)
+        matches, chain, channel = _producer_chain(site, ctx, scalar=constant.ndim == 0)
         scale, shift = scale_shift(site.elementwise, channel_vector(constant, channel))
-        return _plan_after(site, match, chain, scale, shift, ctx)
+        return _plan_after(site, matches, chain, scale, shift, ctx)
     except NoMatch as after:
         try:
             return _plan_elementwise_before(site, ctx)
@@ -373,9 +381,10 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
     scale, shift = stats.scale_shift()
     scalar = stats.channels == 1
     try:
-        match, chain, channel = _producer_chain(site, ctx, scalar=scalar)
+        matches, chain, channel = _producer_chain(site, ctx, scalar=scalar)
+        match = matches[0]
         if scalar:  # one channel: a scalar map, the same s and t for every producer channel
-            scale, shift = np.full(match.channels, scale[0]), np.full(match.channels, shift[0])
+            scale, shift = np.full(channel.count, scale[0]), np.full(channel.count, shift[0])
         else:
             known = channel.normalized()
             if channel.axis is None:
@@ -389,7 +398,7 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
             if channel.count != stats.channels:
                 raise InputError(f"BatchNormalization {site.node.name!r} has {stats.channels} channels but its "
                                  f"producer {describe(match.node)} has {channel.count} output channels: invalid model")
-        return _plan_after(site, match, chain, scale, shift, ctx, convert)
+        return _plan_after(site, matches, chain, scale, shift, ctx, convert)
     except NoMatch as after:
         scale, shift = stats.scale_shift()
         try:
@@ -408,9 +417,10 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
 
 
 def _producer_chain(site: Site, ctx: Context, *, scalar: bool = False):
-    """The linear producer behind the site's input, through layout ops, and the channel
-    there; every value on the way must be read by the next step alone. A scalar map
-    commutes with every layout op, so its channel needs no proof."""
+    """The linear producer(s) behind the site's input, through layout ops, and the channel
+    there; every value on the way must be read by the next step alone. A Concat along the
+    channel axis of linear producers (each read by the Concat alone) gives several. A
+    scalar map commutes with every layout op, so its channel needs no proof."""
     value = site.node.inputs[site.data_index]
     chain: list[ir.Node] = []
     while value.producer() is not None and is_layout(value.producer()) and len(chain) < MAX_LAYOUT_CHAIN:
@@ -418,24 +428,69 @@ def _producer_chain(site: Site, ctx: Context, *, scalar: bool = False):
         value = value.producer().inputs[0]
         if value is None:
             raise NoMatch("no-linear-producer", "a layout op before the site has no data input")
-    match = match_producer(value, ctx.consts)
-    where = describe(match.node)
-    for step in [match.output, *(node.outputs[0] for node in chain)]:
+    concat = value.producer()
+    if concat is not None and concat.op_type == "Concat" and concat.domain in ("", "ai.onnx"):
+        matches, channel = _concat_producers(concat, ctx)
+        steps = [value]
+    else:
+        matches = (match_producer(value, ctx.consts),)
+        channel = matches[0].channel
+        steps = [matches[0].output]
+    where = describe(matches[0].node if len(matches) == 1 else concat)
+    for step in [*steps, *(node.outputs[0] for node in chain)]:
         if ctx.consts.is_output(step):
             raise NoMatch("graph-output", f"{step.name!r} between {where} and the site is a graph output")
         if ctx.consts.sole_reader(step) is None:
             raise NoMatch("fan-out", f"{step.name!r} between {where} and the site has {len(step.uses())} readers")
-    channel = match.channel
     for node in chain:
         require_resolved(node)
         if not scalar:
             channel = through(node, channel, ctx.consts)
-    return match, tuple(chain), channel
+    return matches, tuple(chain), channel
 
 
-def _plan_after(site: Site, match: LinearMatch, chain: tuple, scale: np.ndarray, shift: np.ndarray,
+def _concat_producers(concat: ir.Node, ctx: Context) -> tuple[tuple[LinearMatch, ...], Channel]:
+    """timm's mixed convolutions: ``Split -> Conv_i -> Concat(axis=1)``. Each input's
+    channels are one slice of the Concat's, so the map folds slice by slice."""
+    require_resolved(concat)
+    matches = []
+    for value in concat.inputs:
+        if value is None:
+            raise NoMatch("no-linear-producer", f"{describe(concat)} has an empty input")
+        match = match_producer(value, ctx.consts)
+        if ctx.consts.is_output(match.output) or ctx.consts.sole_reader(match.output) is None:
+            raise NoMatch("fan-out", f"{match.output.name!r} of {describe(match.node)} is read by more than "
+                                     f"{describe(concat)}")
+        matches.append(match)
+    if len({id(m.node) for m in matches}) != len(matches):
+        raise NoMatch("fan-out", f"{describe(concat)} reads one producer twice")
+    channels = [m.channel.normalized() for m in matches]
+    ranks = {c.rank for c in channels if c is not None}
+    axes = {c.axis for c in channels if c is not None}
+    if None in channels or len(ranks) != 1 or None in ranks or len(axes) != 1:
+        raise NoMatch("unproven-layout", f"the inputs of {describe(concat)} do not share a proven channel axis")
+    rank, axis = ranks.pop(), axes.pop()
+    if concat.attributes.get_int("axis", 0) % rank != axis:
+        raise NoMatch("channel-axis-mismatch", f"{describe(concat)} does not concatenate along the channel axis")
+    return tuple(matches), Channel(rank, axis, sum(m.channels for m in matches))
+
+
+def _plan_after(site: Site, matches: tuple[LinearMatch, ...], chain: tuple, scale: np.ndarray, shift: np.ndarray,
                 ctx: Context, convert: bool = False) -> Fold:
-    """``W' = s (.)_out W``, ``b' = s * (beta * b) + t``, every result checked before anything changes."""
+    """``W' = s (.)_out W``, ``b' = s * (beta * b) + t`` for each producer, on its slice of the
+    channels; every result checked before anything changes."""
+    parts, start = [], 0
+    for match in matches:
+        stop = start + match.channels
+        parts.append(_after_part(match, scale[start:stop], shift[start:stop]))
+        start = stop
+    producers = matches[0].pattern if len(matches) == 1 else f"concat({'+'.join(m.pattern for m in matches)})"
+    pattern = f"{producers}{''.join(f'-{node.op_type.lower()}' for node in chain)}-{site.kind}"
+    return Fold(site, "after", pattern, scale.shape[0], scale, into=tuple(m.node for m in matches),
+                parts=tuple(parts), chain=chain, convert=convert)
+
+
+def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray) -> Part:
     weight = match.weight
     _require_nonempty(weight, scale, match.node)
     source, factor = compose(weight, affine.output_channel_factor(tuple(weight.shape), scale, match.out_axis,
@@ -447,14 +502,14 @@ def _plan_after(site: Site, match: LinearMatch, chain: tuple, scale: np.ndarray,
         old_bias = _finite(match.bias.numpy().astype(np.float64), match.node, "bias") * match.bias_factor
     bias_dtype = (match.bias if match.bias is not None else weight).dtype
     new_bias = _cast(affine.shifted_bias(old_bias, scale, shift), bias_dtype, "folded bias", match.node)
+    edit = WeightEdit(match.node, match.weight_index, source, factor)
     if match.bias_node is not None:
-        bias = BiasEdit(new_bias, match.bias_node, match.bias_index, reset_beta=match.bias_factor != 1.0)
-    else:
-        bias = BiasEdit(new_bias, after=match.node) if np.any(new_bias != 0) else None
-    pattern = f"{match.pattern}{''.join(f'-{node.op_type.lower()}' for node in chain)}-{site.kind}"
-    return Fold(site, "after", pattern, scale.shape[0], scale, into=match.node,
-                weight=WeightEdit(match.node, match.weight_index, source, factor), bias=bias, chain=chain,
-                convert=convert)
+        return Part(edit, BiasEdit(new_bias, match.bias_node, match.bias_index, reset_beta=match.bias_factor != 1.0))
+    if not np.any(new_bias != 0):
+        return Part(edit, None)
+    # A new Add after the op, shaped to broadcast along its channel axis (counted from the end).
+    trailing = -match.channel_axis - 1 if match.channel_axis < 0 else 0
+    return Part(edit, BiasEdit(new_bias.reshape([-1] + [1] * trailing), after=match.node))
 
 
 def _plan_before(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, ctx: Context,
@@ -485,8 +540,8 @@ def _fold_before(site: Site, consumer: ConsumerMatch, scale: np.ndarray, shift: 
         if np.any(shift != 0):
             shape = [channels] + [1] * (len(weight.shape) - 2)
             addend = _cast((shift / scale).reshape(shape), dtype, "t / s", consumer.node)
-        return Fold(site, "before", consumer.pattern, channels, scale, into=consumer.node, weight=edit,
-                    addend=addend, chain=consumer.chain, convert=convert,
+        return Fold(site, "before", consumer.pattern, channels, scale, into=(consumer.node,),
+                    parts=(Part(edit, None),), addend=addend, chain=consumer.chain, convert=convert,
                     detail="shift kept as an Add before the padded conv" if addend is not None else "")
     weight_values = _finite(np.asarray(weight.numpy(), dtype=np.float64), consumer.node, "weight")
     extra = affine.input_shift_bias(weight_values, np.repeat(shift, consumer.repeat), consumer.in_axis,
@@ -500,7 +555,7 @@ def _fold_before(site: Site, consumer: ConsumerMatch, scale: np.ndarray, shift: 
         bias = BiasEdit(new_bias, consumer.bias_node, consumer.bias_index, reset_beta=consumer.bias_factor != 1.0)
     else:
         bias = BiasEdit(new_bias, after=consumer.node) if np.any(new_bias != 0) else None
-    return Fold(site, "before", consumer.pattern, channels, scale, into=consumer.node, weight=edit, bias=bias,
+    return Fold(site, "before", consumer.pattern, channels, scale, into=(consumer.node,), parts=(Part(edit, bias),),
                 chain=consumer.chain, convert=convert)
 
 
@@ -538,7 +593,8 @@ def _require_nonempty(weight: ir.TensorProtocol, scale: np.ndarray, node: ir.Nod
 def _require_weight_fits(node: ir.Node, weight: ir.TensorProtocol, factor: np.ndarray) -> None:
     """The folded weight is finite and fits its dtype: decided from the largest magnitude
     per factor cell, so nothing can overflow later while the weight is written."""
-    peak = affine.peak_by_factor(weight_array(weight), factor)
+    source = weight_array(weight)
+    peak = affine.peak_by_factor(source, factor, done=lambda: release_pages(source))
     if not np.all(np.isfinite(peak)):
         raise NoMatch("non-finite-params", f"the weight of {describe(node)} holds NaN or infinity")
     if affine.cast_checked(peak * np.abs(factor), np.dtype(weight.dtype.numpy())) is None:
@@ -555,6 +611,14 @@ def weight_array(tensor: ir.TensorProtocol) -> np.ndarray:
         return np.memmap(tensor.path, dtype=little_endian, mode="r", offset=tensor.offset or 0,
                          shape=tuple(tensor.shape.numpy()))
     return tensor.numpy()
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages of a mapped weight (they are re-read from the page cache if
+    touched again), so reading a huge weight block by block never holds all of it."""
+    mapping = getattr(array, "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _finite(values: np.ndarray, node: ir.Node, role: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants, is_evaluated_constant
 from bnfold.folded import FoldedTensor
 from bnfold.ledger import STATUS_DECOMPOSED, STATUS_FOLDED, STATUS_KEPT, LedgerEntry
-from bnfold.plan import Fold, Keep, Scope, weight_array
+from bnfold.plan import BiasEdit, Fold, Keep, Scope, WeightEdit, release_pages, weight_array
 
 
 @dataclass
@@ -141,10 +141,12 @@ class Editor:
             return _entry(plan, STATUS_KEPT, reason=plan.reason, detail=plan.detail, channels=plan.channels)
         if plan.direction == "decompose":
             return self._decompose(plan)
-        cloned = self._fold_weight(plan)
-        if plan.bias is not None:
-            self._set_bias(plan)
         site = plan.site.node
+        cloned = False
+        for part in plan.parts:
+            cloned |= self._fold_weight(part.weight)
+            if part.bias is not None:
+                self._set_bias(part.bias, site.name or "site")
         if plan.addend is not None:  # padded Conv after the BN: x + t/s stays
             base = site.name or "bn"
             add = self.node("Add", [site.inputs[0]], self.names.fresh(f"{base}_bnfold_add"))
@@ -159,8 +161,8 @@ class Editor:
         self.remove_node(site)
         details = [plan.detail, "converted from training mode" if plan.convert else "",
                    "shared weight cloned" if cloned else ""]
-        return _entry(plan, STATUS_FOLDED, pattern=plan.pattern, into=plan.into.name, into_op=plan.into.op_type,
-                      weight_cloned=cloned,
+        return _entry(plan, STATUS_FOLDED, pattern=plan.pattern, into=", ".join(n.name for n in plan.into),
+                      into_op=plan.into[0].op_type, weight_cloned=cloned,
                       detail="; ".join(d for d in details if d), channels=plan.channels,
                       max_rel_weight_change=affine.max_relative_change(plan.scale))
 
@@ -175,19 +177,17 @@ class Editor:
         site.graph.insert_before(site, identity)
         self.replace_value(site.outputs[0], identity.outputs[0])
 
-    def _fold_weight(self, plan: Fold) -> bool:
-        edit = plan.weight
+    def _fold_weight(self, edit: WeightEdit) -> bool:
         old = edit.node.inputs[edit.index]
-        folded = FoldedTensor(edit.source, edit.factor, name="", read=weight_array)
+        folded = FoldedTensor(edit.source, edit.factor, name="", read=weight_array, release=release_pages)
         edit.node.replace_input_with(edit.index, self.constant(edit.node, f"{old.name}_bnfold", folded))
         cloned = bool(old.uses()) or self.consts.is_output(old)
         self.drop_unused([old])
         return cloned
 
-    def _set_bias(self, plan: Fold) -> None:
-        bias = plan.bias
+    def _set_bias(self, bias: BiasEdit, base: str) -> None:
         if bias.node is None:
-            self.add_after(bias.after, bias.values, plan.site.node.name or "site")
+            self.add_after(bias.after, bias.values, base)
             return
         node, index = bias.node, bias.index
         old = node.inputs[index] if index < len(node.inputs) else None

@@ -91,14 +91,34 @@ def test_chunked_factor_application_equals_one_shot(rows, cols, chunk, dtype, se
     np.testing.assert_array_equal(chunked, (weight.astype(np.float64) * factor).astype(dtype))
 
 
-def test_apply_factor_keeps_infinities_already_in_the_weight():
-    weight = np.array([[np.inf, 1.0], [2.0, -np.inf]], np.float32)
-    factor = affine.output_channel_factor(weight.shape, np.array([2.0, 3.0]), axis=0)
-    folded = affine.apply_factor(weight, factor, np.dtype(np.float32), block_elements=2)
-    np.testing.assert_array_equal(folded, np.array([[np.inf, 2.0], [6.0, -np.inf]], np.float32))
+@given(st.integers(1, 9), st.integers(1, 4), st.integers(1, 50), st.sampled_from([0, 1, 2]), seeds)
+@settings(max_examples=50)
+def test_peak_by_factor_bounds_every_folded_cell_exactly(rows, cols, block, axis, seed):
+    """max|W| per factor cell times |factor| is the largest magnitude of the folded weight
+    in that cell: the planner's overflow test is exact, whatever the block size."""
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((rows, cols, 3)) * 10).astype(np.float32)
+    scale = rng.standard_normal(weight.shape[axis])
+    factor = affine.output_channel_factor(weight.shape, scale, axis=axis)
+    peak = affine.peak_by_factor(weight, factor, block_elements=block)
+    folded = np.abs(weight.astype(np.float64) * factor)
+    np.testing.assert_array_equal(np.broadcast_to(peak * np.abs(factor), folded.shape).max(),
+                                  folded.max())
+    reduced = tuple(a for a in range(3) if factor.shape[a] == 1)
+    np.testing.assert_array_equal(peak * np.abs(factor), folded.max(axis=reduced, keepdims=True))
 
 
-def test_apply_factor_reports_overflow():
+def test_peak_by_factor_finds_overflow_and_non_finite_weights():
     weight = np.full((4, 3), 60000, np.float16)
     factor = affine.output_channel_factor(weight.shape, np.array([1.0, 1.0, 2.0, 1.0]), axis=0)
-    assert affine.apply_factor(weight, factor, np.dtype(np.float16), block_elements=3) is None
+    peak = affine.peak_by_factor(weight, factor, block_elements=3)
+    assert affine.cast_checked(peak * np.abs(factor), np.dtype(np.float16)) is None
+    weight[1, 2] = np.inf
+    assert not np.all(np.isfinite(affine.peak_by_factor(weight, factor)))
+
+
+def test_apply_factor_releases_after_every_block():
+    weight = np.ones((6, 2), np.float32)
+    calls = []
+    affine.apply_factor(weight, np.ones((6, 1)), np.dtype(np.float32), block_elements=4, done=lambda: calls.append(1))
+    assert len(calls) == 3

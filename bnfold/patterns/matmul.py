@@ -16,12 +16,25 @@ from bnfold.patterns import LinearMatch, constant_param, describe, require_resol
 
 
 def match(node: ir.Node, consts: Constants) -> LinearMatch:
+    first = consts.tensor(node.inputs[0])[0] if node.inputs and node.inputs[0] is not None else None
+    second = consts.tensor(node.inputs[1])[0] if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if second is None and first is not None and len(first.shape) == 2:
+        # ``W @ x``: the output channels are W's rows, on the second axis from the end.
+        return LinearMatch(
+            pattern="constmatmul", node=node, weight_index=0, weight=first, out_axis=0, channels=first.shape[0],
+            bias_node=None, bias_index=None, bias=None, output=node.outputs[0],
+            rank=_rank_at_least_2(rank_of(node.inputs[1])), channel_axis=-2,
+        )
     weight = constant_2d_weight(node, consts)
     return LinearMatch(
         pattern="matmul", node=node, weight_index=1, weight=weight, out_axis=1, channels=weight.shape[1],
         bias_node=None, bias_index=None, bias=None, output=node.outputs[0], rank=rank_of(node.inputs[0]),
         channel_axis=-1,
     )
+
+
+def _rank_at_least_2(rank: int | None) -> int | None:
+    return None if rank is None else max(rank, 2)
 
 
 def bias_operand(add: ir.Node) -> tuple[ir.Node, int] | None:
