@@ -19,30 +19,59 @@ import typer
 from bnfold.errors import EXIT_CHECK_FAILED, BnfoldError, InputError
 
 EXIT_INTERNAL = 3
+#: What a shell reports for a process killed by SIGPIPE: the reader of our output went away.
+SIGPIPE_EXIT = 128 + 13
 
 app = typer.Typer(
     name="bnfold",
     help="Audit, fold and verify BatchNormalization in ONNX models.",
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from bnfold import __version__
+
+        print(f"bnfold {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print bnfold's version and exit."),
+) -> None:
+    """Audit, fold and verify BatchNormalization in ONNX models."""
 
 
 @functools.cache
 def console():
     """stdout's rich Console, made on first use: rich costs ~35 ms to import, which
     ``fold -q`` (the CI case) never needs."""
-    from rich.console import Console
-
-    return Console()
+    return _console_class()()
 
 
 @functools.cache
 def err_console():
+    return _console_class()(stderr=True)
+
+
+@functools.cache
+def _console_class():
     from rich.console import Console
 
-    return Console(stderr=True)
+    class PipeAwareConsole(Console):
+        """rich ends a run whose reader went away with exit 1, which reads as a failed
+        check; bnfold exits as a process killed by SIGPIPE would."""
+
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            _quiet_stdout()
+            raise SystemExit(SIGPIPE_EXIT)
+
+    return PipeAwareConsole
 
 
 def reports_errors(command):
@@ -55,6 +84,9 @@ def reports_errors(command):
         except BnfoldError as exc:
             err_console().print(f"bnfold: error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except BrokenPipeError:  # the reader went away (``| head``): not a failed check
+            _quiet_stdout()
+            raise SystemExit(SIGPIPE_EXIT) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
@@ -76,15 +108,41 @@ def default_output(path: Path) -> Path:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Write a report atomically: a reader never sees half a JSON file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write a report: ``-`` is stdout; a regular file is replaced atomically (through a
+    symlink to it, the link stays); a device or FIFO is written directly."""
+    from bnfold.io import output_target
+
+    text = json.dumps(payload, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    target, direct = output_target(path, "JSON report")
+    if direct:
+        try:
+            with open(target, "w") as handle:
+                handle.write(text)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot write JSON report ({exc.strerror or exc})") from None
+        return
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
+        tmp.write_text(text)
+        os.replace(tmp, target)
     except OSError as exc:
         raise InputError(f"{path}: cannot write JSON report ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)  # after a failure or an interrupt; gone already on success
+
+
+def human_console(json_path: Optional[Path]):
+    """Where the human-readable output goes: stderr when the JSON report takes stdout."""
+    return err_console() if json_path is not None and str(json_path) == "-" else console()
+
+
+def summary_on_stderr(line: str) -> None:
+    """With -q, a failed check still says what failed, in one line."""
+    err_console().print(f"bnfold: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def naming_input(path: Path, call):
@@ -105,6 +163,8 @@ def refuse_overwriting_input(model: Path, source, writes: list[tuple[str, Path]]
     protected = {model.resolve()} | external_data_files(source)
     written: set[Path] = set()
     for what, path in writes:
+        if str(path) == "-" or path.is_char_device():
+            continue  # stdout, /dev/null: written through, nothing is replaced
         target = path.resolve()
         allowed = in_place and what in ("output", "weights file")
         if (target in protected and not allowed) or target in written:
@@ -145,6 +205,9 @@ def fold(
         False, "--decompose-standalone", help="Rewrite a BN with no linear neighbour as one Mul and one Add."),
     to_inference: bool = typer.Option(
         False, "--to-inference", help="Convert training-mode BNs (running-stat outputs unused) to inference form, then fold."),
+    recalibrate_data: Optional[Path] = typer.Option(
+        None, "--recalibrate", metavar="DATA.npz",
+        help="First recompute every BN's running statistics from these inputs (as `bnfold recalibrate`), then fold."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     verify_output: bool = typer.Option(
         False, "--verify", help="Verify OUT against MODEL in onnxruntime, like `bnfold verify`; exit 1 on a mismatch."),
@@ -169,11 +232,16 @@ def fold(
         raise InputError(f"{out}: output is the input; pass --in-place to overwrite it")
     if embed and external_data:
         raise InputError("--embed and --external-data exclude each other")
-    for report in (p for p in (json_path, verify_json) if p):  # fail before OUT is written
-        if not report.parent.is_dir() or report.is_dir():
-            raise InputError(f"{report}: cannot write a JSON report there (no such folder, or a folder)")
+    from bnfold.io import output_target
+
+    output_target(out, "output")  # every output is checked before anything is folded or written
+    for report in (p for p in (json_path, verify_json) if p and str(p) != "-"):
+        output_target(report, "JSON report")
     if (verify_json or keep_on_failure) and not verify_output:
         raise InputError("--verify-json and --keep-on-failure apply only with --verify")
+    if recalibrate_data and verify_output:
+        raise InputError("--verify compares OUT with MODEL, which --recalibrate changes on purpose: run "
+                         "`bnfold recalibrate`, then `bnfold fold --verify` on its output")
     if verify_output:
         from bnfold.verification import VerifyOptions, parse_shapes
 
@@ -195,20 +263,38 @@ def fold(
                              in_place and out.resolve() == model.resolve())
     options = FoldOptions(fold_overridable=fold_overridable, decompose_standalone=decompose_standalone,
                           to_inference=to_inference)
+    recalibration = None
+    if recalibrate_data:
+        from bnfold.recalibrate import recalibrate as recalibrate_model
+
+        with steps.step("recalibrate"):
+            recalibration = naming_input(model, lambda: recalibrate_model(source, recalibrate_data))
     with steps.step("fold"):
         result = naming_input(model, lambda: fold_model(source, options))
     with steps.step(f"save {out.name}") as advance:
         result.save(out, external_data=False if embed else (external_data or None), callback=save_callback(advance))
     if json_path:
-        write_json(json_path, result.ledger.to_dict(input=str(model), output=str(out)))
+        context = {"recalibration": recalibration.to_dict(data=str(recalibrate_data))} if recalibration else {}
+        write_json(json_path, result.ledger.to_dict(input=str(model), output=str(out), **context))
     if not quiet:
-        render_ledger(result.ledger, out)
+        from bnfold.render import render_ledger
+
+        if recalibration is not None:
+            from bnfold.recalibrate import render_report as render_recalibration
+
+            render_recalibration(recalibration, human_console(json_path))
+        render_ledger(result.ledger, out, human_console(json_path), source=model)
     if verify_output:
         from bnfold.verification import verify_or_discard
 
         report = verify_or_discard(model, out, verify_options, keep_on_failure=keep_on_failure)
         finish_verification(report, verify_json, quiet)
-    if strict and any(e.status == "kept" or e.problems for e in result.ledger.batch_norms):
+    kept = [e for e in result.ledger.batch_norms if e.status == "kept"]
+    troubled = [e for e in result.ledger.batch_norms if e.problems]
+    if strict and (kept or troubled):
+        if quiet:
+            summary_on_stderr(f"--strict: {len(kept)} BatchNormalization kept, {len(troubled)} not inference-ready "
+                              f"(OUT {out} was written)")
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -227,14 +313,25 @@ def inspect(
 
     from bnfold.io import load_source
 
+    from bnfold.io import output_target
+
+    if json_path and str(json_path) != "-":
+        output_target(json_path, "JSON report")
     source = naming_input(model, lambda: load_source(model))
     refuse_overwriting_input(model, source, [("JSON report", p) for p in [json_path] if p])
     findings = naming_input(model, lambda: inspect_model(source))
     if json_path:
         write_json(json_path, findings_to_dict(findings, input=str(model)))
     if not quiet:
-        render_findings(findings)
-    if any(not f.ok for f in findings):
+        from bnfold.render import render_findings
+
+        render_findings(findings, human_console(json_path))
+    not_ready = [f for f in findings if not f.ok]
+    if not_ready:
+        if quiet:
+            codes = sorted({p for f in not_ready for p in f.problems})
+            summary_on_stderr(f"{len(not_ready)} of {len(findings)} BatchNormalization not inference-ready "
+                              f"({', '.join(codes)})")
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -326,57 +423,47 @@ def train(
     console().print(table)
 
 
-def render_ledger(ledger, out: Path) -> None:
-    from rich.markup import escape
-    from rich.table import Table
 
-    summary = ledger.summary()
-    title = f"bnfold: {summary['folded']} of {summary['bn_total']} BatchNormalization folded"
-    if summary["decomposed"]:
-        title += f", {summary['decomposed']} decomposed"
-    if summary["other_folded"]:
-        title += f", {summary['other_folded']} other affine op(s) folded"
-    table = Table(title=title)
-    for column in ("node", "op", "graph", "status", "into / reason", "detail", "max rel Δw"):
-        table.add_column(column, overflow="fold")
-    for e in ledger:
-        target = f"{e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
-        change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
-        detail = "; ".join(filter(None, [e.detail, *(f"{p}: {d}" for p, d in zip(e.problems, e.problem_details))]))
-        table.add_row(escape(e.label), "BN" if e.is_bn else e.op, escape(e.graph), e.status, escape(target or ""),
-                      escape(detail), change, style="red" if e.problems else (None if e.folded else "yellow"))
-    console().print(table)
-    for line in readiness_lines(ledger):
-        console().print(line, markup=False, highlight=False, soft_wrap=True)
-    console().print(f"wrote {out}", markup=False, highlight=False, soft_wrap=True)
+@app.command()
+@reports_errors
+def recalibrate(
+    model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
+    data: Path = typer.Option(
+        ..., "--data", metavar="DATA.npz",
+        help="Representative inputs, unlabelled: .npz with one array per input name, samples along axis 0."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Output path (default: IN with .recalibrated.onnx)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Use this many samples, picked at random (default: all)."),
+    batch: Optional[int] = typer.Option(
+        None, "--batch", help="Samples per onnxruntime run (default 32); the statistics do not depend on it."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the --samples pick."),
+    only: Optional[list[str]] = typer.Option(
+        None, "--only", metavar="BN", help="Recalibrate only this BN (node name); repeatable."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
+) -> None:
+    """Recompute every BatchNormalization's running mean and variance from data and write OUT.
 
+    Training-mode BNs become inference BNs with the new statistics. See docs/recalibrate.md.
+    """
+    from bnfold.io import has_external_data, load_source
+    from bnfold.recalibrate import recalibrate as recalibrate_model, render_report
 
-def readiness_lines(ledger) -> list[str]:
-    """One line on the BNs that are not inference-ready, and how to act on training mode."""
-    troubled = [e for e in ledger.batch_norms if e.problems]
-    if not troubled:
-        return []
-    codes = sorted({p for e in troubled for p in e.problems})
-    lines = [f"warning: {len(troubled)} BatchNormalization not inference-ready ({', '.join(codes)}); "
-             "see `bnfold inspect`"]
-    if any(e.reason == "training-mode" and e.status == "kept" for e in troubled):
-        lines.append("hint: --to-inference converts training-mode BNs whose running-stat outputs are unused")
-    return lines
-
-
-def render_findings(findings) -> None:
-    from rich.table import Table
-
-    ready = sum(f.ok for f in findings)
-    table = Table(title=f"bnfold inspect: {ready} of {len(findings)} BatchNormalization inference-ready")
-    for column in ("BN", "graph", "ready", "problems", "fold plan"):
-        table.add_column(column, overflow="fold")
-    for f in findings:
-        problems = "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))
-        table.add_row(f.bn, f.graph, "yes" if f.ok else "NO", problems, f.plan,
-                      style=None if f.ok else "red")
-    console().print(table)
-
+    stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
+    out = output or model.with_name(f"{stem}.recalibrated.onnx")
+    if out.resolve() == model.resolve():
+        raise InputError(f"{out}: output is the input; choose another path")
+    source = naming_input(model, lambda: load_source(model))
+    data_name = f"{out.name}.data" if has_external_data(source) else None
+    writes = [("output", out)] + [("weights file", out.parent / n) for n in [data_name] if n]
+    refuse_overwriting_input(model, source, writes + [("JSON report", p) for p in [json_path] if p])
+    result = naming_input(model, lambda: recalibrate_model(source, data, samples=samples, batch=batch, seed=seed,
+                                                           only=only or None))
+    result.save(out)
+    if json_path:
+        write_json(json_path, result.to_dict(input=str(model), data=str(data), output=str(out)))
+    if not quiet:
+        render_report(result, human_console(json_path), out)
 
 def _terminate(signum, frame):
     # Raising lets the atomic writers' cleanup run; the default action would not.
@@ -384,9 +471,42 @@ def _terminate(signum, frame):
 
 
 def main() -> None:
-    """Run the CLI; ends, as click does, by raising SystemExit (callers in-process may catch it)."""
+    """Run the CLI; ends, as click does, by raising SystemExit (callers in-process may catch it).
+
+    A usage error is one line on stderr (exit 2); a closed output pipe (``| head``) ends
+    the run quietly with 141, as a process killed by SIGPIPE would, never as a failed check.
+    """
     signal.signal(signal.SIGTERM, _terminate)
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except BrokenPipeError:
+        _quiet_stdout()
+        raise SystemExit(SIGPIPE_EXIT) from None
+    except Exception as exc:  # click's exceptions (typer may carry its own copy of click)
+        kinds = {kind.__name__ for kind in type(exc).__mro__}
+        if "NoArgsIsHelpError" in kinds or "UsageError" not in kinds:
+            if "ClickException" in kinds:
+                exc.show()
+                raise SystemExit(exc.exit_code) from None
+            if "Abort" in kinds:
+                sys.stderr.write("bnfold: aborted\n")
+                raise SystemExit(130) from None
+            raise
+        command = exc.ctx.command_path if exc.ctx is not None else "bnfold"
+        sys.stderr.write(f"bnfold: error: {exc.format_message()} (see '{command} --help')\n")
+        raise SystemExit(2) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe, point stdout at /dev/null so the final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 def console_script() -> NoReturn:

@@ -22,6 +22,7 @@ import mmap
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf import json_format, text_format
 from google.protobuf.message import DecodeError
 
 from bnfold import wire
@@ -117,7 +119,7 @@ def load_source(path: str | os.PathLike, *, infer_shapes: bool = True) -> Source
     _check_readable_file(path)
     try:
         proto, embedded = _parse(path)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+    except (DecodeError, RuntimeError, ValueError, OSError, text_format.ParseError, json_format.ParseError) as exc:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not proto.HasField("graph") or proto.ir_version <= 0:
         raise InputError(f"{path}: not an ONNX model (no graph or IR version in the file)")
@@ -292,14 +294,11 @@ def save_edited(
     the weights, which is refused when they cannot fit protobuf's 2 GB limit.
     ``callback(tensor, written, total)`` runs after each large weight is written.
     """
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        problem = "is not a folder" if folder.exists() else "does not exist"
-        raise InputError(f"{target}: output folder {folder} {problem}")
-    if target.is_dir():
-        raise InputError(f"{target}: is a directory")
+    target, direct = output_target(Path(path), "output")
+    folder = target.parent
     if external_data is not None:
+        if direct:
+            raise InputError(f"{path}: a device or FIFO cannot have external data beside it; use --embed")
         _check_relative_name(external_data, target)
     layout = _Layout(edited, external_data)
     if external_data is None and layout.embedded_bytes > PROTOBUF_LIMIT_BYTES - EMBED_HEADROOM_BYTES:
@@ -307,6 +306,12 @@ def save_edited(
             f"{target}: weights ({layout.embedded_bytes / 2**30:.2f} GiB) do not fit in one ONNX "
             "file (protobuf limit 2 GiB); write them as external data instead"
         )
+    if direct:  # a device or FIFO: nothing to replace atomically, write straight to it
+        try:
+            layout.write_model(target, callback)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        return
     staging = None
     try:
         with _signals_deferred():  # a signal between mkdir and assignment would leak the folder
@@ -343,6 +348,34 @@ def save_edited(
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def output_target(path: Path, what: str) -> tuple[Path, bool]:
+    """Where an output really goes, and whether to write it directly.
+
+    A symlink is written through (the link stays, its regular-file target is replaced
+    atomically); a character device or FIFO (``/dev/null``, a named pipe) is written
+    directly, since there is nothing to replace; anything else that is not a regular file
+    is refused, as is a missing folder. Never replaces a file that is not ours to replace.
+    """
+    try:
+        mode = os.stat(path).st_mode  # through any symlinks
+    except OSError:
+        mode = None
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+        return path, True  # /dev/null, /dev/stdout (a link to a pipe or terminal), a FIFO
+    if mode is not None and stat.S_ISDIR(mode):
+        raise InputError(f"{path}: is a directory, not a file for the {what}")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise InputError(f"{path}: the {what} would replace something that is not a regular file")
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"{path}: the {what}'s folder {folder} {problem}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"{path}: cannot write the {what} to {folder} (permission denied)")
+    return target, False
 
 
 class _Layout:

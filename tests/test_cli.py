@@ -141,8 +141,9 @@ def test_quiet_when_a_half_precision_fold_would_overflow(tmp_path):
     assert result.exit_code == 0
     assert result.stdout == "" and result.stderr == "" and result.noise == []
     assert json.loads((tmp_path / "l.json").read_text())["entries"][0]["reason"] == "dtype-overflow"
-    result = invoke("inspect", path, "-q")
-    assert result.stdout == "" and result.stderr == "" and result.noise == []
+    result = invoke("inspect", path, "-q")  # mean 0 / var 1: not ready; -q says so in one line
+    assert result.exit_code == 1 and result.stdout == "" and result.noise == []
+    assert result.stderr.splitlines() == ["bnfold: 1 of 1 BatchNormalization not inference-ready (untrained-stats)"]
 
 
 def test_quiet_still_reports_errors(tmp_path):

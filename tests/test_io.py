@@ -1060,6 +1060,9 @@ def test_fuzzed_models_never_crash(tmp_path, base, proto_steps, byte_steps):
             assert result.stderr.count("\n") == 1 and result.stderr.startswith("bnfold: error: "), result.stderr
             if args[0] == "fold":
                 assert not out.exists()
+        elif result.exit_code == 1:  # inspect -q: not ready, said in one summary line
+            assert args[0] == "inspect" and result.stderr.count("\n") == 1, result.stderr
+            assert "not inference-ready" in result.stderr
         else:
             assert result.stderr == ""
             if args[0] == "fold":

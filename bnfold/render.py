@@ -1,0 +1,148 @@
+"""How fold and inspect results look: rich tables on a terminal, one plain line per site
+everywhere else (pipes, CI logs), never wrapped or cut, so ``grep training-mode`` finds
+every BN it should.
+
+Model- and user-derived text (node names, paths, details) is printed literally: escaped
+in rich markup, and with ASCII stand-ins where the output encoding (say cp1252) cannot
+hold the table's characters.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def can_encode(console, text: str) -> bool:
+    encoding = getattr(console.file, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def _print_lines(console, lines: list[str]) -> None:
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+
+def _ascii_safe(console, text: str) -> str:
+    if can_encode(console, text):
+        return text
+    encoding = getattr(console.file, "encoding", None) or "ascii"
+    return text.encode(encoding, errors="backslashreplace").decode(encoding)
+
+
+def ledger_lines(ledger) -> list[str]:
+    """One line per site: label, status, pattern or reason, detail (tab-free, two spaces)."""
+    lines = []
+    for e in ledger:
+        what = f"{e.pattern} into {e.into}" if e.folded else (e.reason or "")
+        detail = "; ".join(filter(None, [e.detail, *(f"{p}: {d}" for p, d in zip(e.problems, e.problem_details))]))
+        lines.append("  ".join(filter(None, [e.label or e.node, e.op, e.graph, e.status, what, detail])))
+    return lines
+
+
+def ledger_title(ledger) -> str:
+    summary = ledger.summary()
+    title = f"bnfold: {summary['folded']} of {summary['bn_total']} BatchNormalization folded"
+    if summary["decomposed"]:
+        title += f", {summary['decomposed']} decomposed"
+    if summary["other_folded"]:
+        title += f", {summary['other_folded']} other affine op(s) folded"
+    return title
+
+
+def readiness_lines(ledger) -> list[str]:
+    """One line on the BNs that are not inference-ready, and how to act on training mode."""
+    troubled = [e for e in ledger.batch_norms if e.problems]
+    if not troubled:
+        return []
+    codes = sorted({p for e in troubled for p in e.problems})
+    lines = [f"warning: {len(troubled)} BatchNormalization not inference-ready ({', '.join(codes)}); "
+             "see `bnfold inspect`"]
+    if any(e.reason == "training-mode" and e.status == "kept" for e in troubled):
+        lines.append("hint: --to-inference converts training-mode BNs whose running-stat outputs are unused")
+    return lines
+
+
+def size_line(before: Path, after: Path, ledger) -> str:
+    """Before/after in one line: BN count and file size (what onnxsim and OnnxSlim print)."""
+    summary = ledger.summary()
+    left = summary["bn_total"] - summary["folded"] - summary["decomposed"]
+    sizes = ""
+    try:
+        sizes = f", {_mib(os.path.getsize(before))} -> {_mib(os.path.getsize(after))}"
+    except OSError:
+        pass
+    removed = summary["folded"] + summary["decomposed"] + summary["other_folded"]
+    return f"BatchNormalization {summary['bn_total']} -> {left}, nodes removed {removed}{sizes}"
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB"
+
+
+def render_ledger(ledger, out: Path, console, source: Path | None = None) -> None:
+    """The fold ledger: a table on a terminal, plain lines otherwise; then the summary."""
+    if console.is_terminal:
+        _ledger_table(ledger, console)
+    else:
+        _print_lines(console, [ledger_title(ledger), *(_ascii_safe(console, line) for line in ledger_lines(ledger))])
+    tail = readiness_lines(ledger)
+    if source is not None:
+        tail.append(size_line(source, out, ledger))
+    tail.append(f"wrote {out}")
+    _print_lines(console, [_ascii_safe(console, line) for line in tail])
+
+
+def _ledger_table(ledger, console) -> None:
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    fancy = can_encode(console, "┃━Δ")
+    table = Table(title=ledger_title(ledger), box=box.HEAVY_HEAD if fancy else box.ASCII)
+    for column in ("node", "op", "graph", "status", "into / reason", "detail",
+                   "max rel Δw" if fancy else "max rel dw"):
+        table.add_column(column, overflow="fold")
+    for e in ledger:
+        target = f"{e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
+        change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
+        detail = "; ".join(filter(None, [e.detail, *(f"{p}: {d}" for p, d in zip(e.problems, e.problem_details))]))
+        cells = [e.label or e.node, "BN" if e.is_bn else e.op, e.graph, e.status, target or "", detail, change]
+        table.add_row(*(escape(_ascii_safe(console, c)) for c in cells),
+                      style="red" if e.problems else (None if e.folded else "yellow"))
+    console.print(table)
+
+
+def findings_lines(findings) -> list[str]:
+    lines = []
+    for f in findings:
+        problems = "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))
+        lines.append("  ".join(filter(None, [f.bn, f.graph, "ready" if f.ok else "NOT-READY", problems, f.plan])))
+    return lines
+
+
+def findings_title(findings) -> str:
+    ready = sum(f.ok for f in findings)
+    return f"bnfold inspect: {ready} of {len(findings)} BatchNormalization inference-ready"
+
+
+def render_findings(findings, console) -> None:
+    if not console.is_terminal:
+        _print_lines(console, [findings_title(findings), *(_ascii_safe(console, x) for x in findings_lines(findings))])
+        return
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=findings_title(findings), box=box.HEAVY_HEAD if can_encode(console, "┃━") else box.ASCII)
+    for column in ("BN", "graph", "ready", "problems", "fold plan"):
+        table.add_column(column, overflow="fold")
+    for f in findings:
+        problems = "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))
+        cells = [f.bn, f.graph, "yes" if f.ok else "NO", problems, f.plan]
+        table.add_row(*(escape(_ascii_safe(console, c)) for c in cells), style=None if f.ok else "red")
+    console.print(table)

@@ -1,0 +1,189 @@
+"""The command line in pipelines: outputs that never replace what is not ours, model text
+printed literally, closed pipes, non-UTF-8 consoles, one-line usage errors, -q summaries,
+greppable output off a terminal. Real processes where the behaviour is the process's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import GraphBuilder
+from cli_runner import invoke
+
+
+def bnfold(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "bnfold", *map(str, args)], capture_output=True, text=True,
+                          env=environment, **kwargs)
+
+
+def model_with_names(tmp_path: Path, bn_name: str = "bn[/oops]", trained: bool = True) -> Path:
+    """Conv -> BN (named like rich markup) -> Relu -> BN (kept: no linear neighbour)."""
+    b = GraphBuilder(seed=3)
+    y = b.bn(b.node("Conv", [b.input([1, 3, 4, 4]), b.random([4, 3, 1, 1])], name="conv[bold]"), 4, name=bn_name)
+    y = b.node("Relu", [y])
+    if trained:
+        y = b.bn(y, 4, name="tail[red]x[/red]")
+    else:  # running statistics never updated: mean 0, var 1
+        params = [b.const(np.full(4, v, np.float32)) for v in (1.0, 0.0, 0.0, 1.0)]
+        y = b.node("BatchNormalization", [y, *params], name="tail[red]x[/red]")
+    b.output(y)
+    path = tmp_path / "m[x].onnx"
+    onnx.save(b.model(), path)
+    return path
+
+
+# --- 1. outputs that are not ours to replace -------------------------------------------------
+
+
+def test_json_through_a_symlink_writes_the_file_and_keeps_the_link(tmp_path):
+    model = model_with_names(tmp_path)
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("old")
+    link.symlink_to(real)
+    result = invoke("inspect", model, "--json", link, "-q")
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert json.loads(real.read_text())["schema"] == "bnfold.inspect"
+
+
+def test_outputs_to_a_device_are_written_directly(tmp_path):
+    model = model_with_names(tmp_path)
+    result = invoke("fold", model, "-o", os.devnull, "--json", os.devnull, "-q")
+    assert result.exit_code == 0, result.output
+    assert Path(os.devnull).is_char_device()
+
+
+def test_json_to_a_fifo_is_written_directly(tmp_path):
+    model = model_with_names(tmp_path)
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE, text=True)
+    result = bnfold("inspect", model, "--json", fifo, "-q")
+    text, _ = reader.communicate(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(text)["schema"] == "bnfold.inspect"
+    assert fifo.is_fifo()
+
+
+def test_json_dash_is_stdout_and_the_table_goes_to_stderr(tmp_path):
+    model = model_with_names(tmp_path)
+    result = bnfold("fold", model, "-o", tmp_path / "out.onnx", "--json", "-")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["schema"] == "bnfold.ledger"
+    assert "wrote" in result.stderr
+
+
+def test_a_socket_is_not_replaced(tmp_path):
+    import socket
+
+    model = model_with_names(tmp_path)
+    path = tmp_path / "s.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    try:
+        result = invoke("inspect", model, "--json", path)
+        assert result.exit_code == 2 and "not a regular file" in result.stderr
+        assert path.is_socket()
+    finally:
+        server.close()
+
+
+def test_every_output_is_checked_before_the_fold(tmp_path):
+    model = model_with_names(tmp_path)
+    result = invoke("fold", model, "-o", tmp_path / "out.onnx", "--json", tmp_path / "missing" / "r.json")
+    assert result.exit_code == 2 and "JSON report" in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+# --- 2. model text printed literally ----------------------------------------------------------
+
+
+def test_markup_in_names_and_paths_is_printed_literally_on_a_terminal(tmp_path):
+    model = model_with_names(tmp_path)
+    script = ("import sys; from bnfold.cli import main; sys.argv = ['bnfold', 'fold', sys.argv[1], '-o', sys.argv[2]]; "
+              "import bnfold.cli as c; from rich.console import Console; c.console.cache_clear(); "
+              "c._console_class.cache_clear(); Console.is_terminal = property(lambda self: True); main()")
+    result = subprocess.run([sys.executable, "-c", script, str(model), str(tmp_path / "o[1].onnx")],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0, result.stderr
+    for text in ("bn[/oops]", "conv[bold]", "tail[red]x[/red]", "o[1].onnx"):
+        assert text in result.stdout, text
+
+
+def test_plain_output_is_one_unwrapped_line_per_site(tmp_path):
+    model = model_with_names(tmp_path)
+    result = bnfold("fold", model, "-o", tmp_path / "out.onnx", env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    kept = [line for line in lines if "no-linear-producer" in line]
+    assert len(kept) == 1 and kept[0].startswith("tail[red]x[/red]  BatchNormalization  main  kept")
+    assert any(line.startswith("bn[/oops]  BatchNormalization  main  folded  conv-bn into conv[bold]") for line in lines)
+    assert len(kept[0]) > 80  # not cut at the terminal width
+
+
+# --- 3. closed pipes, 4. encodings, 5. usage ---------------------------------------------------
+
+
+def test_a_closed_pipe_is_not_a_failed_check(tmp_path):
+    model = model_with_names(tmp_path)
+    shell = f"{sys.executable} -m bnfold inspect '{model}' | head -c 1 > /dev/null; echo ${{PIPESTATUS[0]}}"
+    # inspect prints a few lines only, which a pipe buffer holds: make it print many.
+    result = subprocess.run(["bash", "-c", shell], capture_output=True, text=True)
+    assert result.stdout.strip() in ("0", "141"), result
+    assert "Traceback" not in result.stderr
+    many = f"for i in $(seq 300); do echo; done | cat; {sys.executable} -m bnfold --help | head -c 1 > /dev/null; echo ${{PIPESTATUS[0]}}"
+    assert "Traceback" not in subprocess.run(["bash", "-c", many], capture_output=True, text=True).stderr
+
+
+def test_a_cp1252_console_gets_ascii_not_a_crash(tmp_path):
+    model = model_with_names(tmp_path)
+    result = bnfold("fold", model, "-o", tmp_path / "out.onnx", env={"PYTHONIOENCODING": "cp1252"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".textproto"])
+def test_junk_text_format_input_is_bad_input(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    path.write_text("junk")
+    result = bnfold("fold", path, "-o", tmp_path / "o.onnx")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "not a readable ONNX model" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["fold"], ["fold", "a", "b", "c"], ["inspect", "--bogus", "x"]])
+def test_usage_errors_are_one_line(args):
+    result = bnfold(*args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("bnfold: error: "), result.stderr
+
+
+def test_version():
+    from bnfold import __version__
+
+    result = bnfold("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"bnfold {__version__}"
+
+
+# --- 6. quiet failures say what failed -----------------------------------------------------------
+
+
+def test_quiet_strict_failure_prints_one_summary_line(tmp_path):
+    model = model_with_names(tmp_path)
+    result = bnfold("fold", model, "-o", tmp_path / "o.onnx", "--strict", "-q")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "--strict: 1 BatchNormalization kept" in result.stderr
+
+
+def test_quiet_inspect_failure_prints_one_summary_line(tmp_path):
+    model = model_with_names(tmp_path, trained=False)
+    result = bnfold("inspect", model, "-q")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "untrained-stats" in result.stderr
