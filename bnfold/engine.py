@@ -8,6 +8,7 @@ same loop (``run``) without saving, so it reports exactly what ``fold`` does.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,9 +89,23 @@ def run(source: Source, options: FoldOptions = FoldOptions(),
     scopes = list(iter_scopes(model))
     consts = Constants(model.ir_version, options.fold_overridable, graphs=[scope.graph for scope in scopes])
     editor = Editor(model, consts, {scope.graph: scope for scope in scopes})
-    context = Context(consts, options)
     entries: dict[ir.Node, LedgerEntry] = {}
     seen: dict[ir.Node, tuple[str, list[tuple[str, str]]]] = {}
+    # Decomposing is the last resort: only a BN that no pass could fold becomes Mul + Add.
+    folding = Context(consts, dataclasses.replace(options, decompose_standalone=False))
+    passes = [folding] + ([Context(consts, options)] if options.decompose_standalone else [])
+    for context in passes:
+        _passes(scopes, context, editor, entries, seen, observe)
+    ledger = Ledger()
+    for node in seen:
+        if node in entries:
+            ledger.add(entries[node])
+    return editor, ledger
+
+
+def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict, observe) -> None:
+    """Plan and rewrite every site, pass after pass, until a pass folds nothing."""
+    consts = context.consts
     changed = True
     while changed:
         changed = False
@@ -115,11 +130,6 @@ def run(source: Source, options: FoldOptions = FoldOptions(),
                 entry.problem_details = [detail for _, detail in problems]
                 entries[node] = entry
                 changed |= isinstance(plan, Fold)
-    ledger = Ledger()
-    for node in seen:
-        if node in entries:
-            ledger.add(entries[node])
-    return editor, ledger
 
 
 def _label(node: ir.Node, index: int) -> str:

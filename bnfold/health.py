@@ -39,6 +39,8 @@ def bn_problems(bn: ir.Node, opset: int, consts: Constants) -> tuple[list[tuple[
     mode = mode_problem(bn, opset)
     if mode is not None and mode[0] == "training-mode":
         problems.append(("training-mode", mode[1]))
+    if mode is not None and mode[0] in ("spatial-0", "unsupported-opset"):
+        return problems, None  # statistics per element, or an old form: nothing per channel to judge
     try:
         stats = read_stats(bn, consts)
     except NoMatch as no:

@@ -25,7 +25,7 @@ import numpy as np
 
 from bnfold import affine
 from bnfold._onnx_ir import ir
-from bnfold.constant_eval import Constants, element_readers, rank_of
+from bnfold.constant_eval import Constants, element_readers, rank_of, static_dims
 from bnfold.errors import InputError
 from bnfold.folded import compose
 from bnfold.ledger import NoMatch
@@ -367,6 +367,7 @@ def _plan_elementwise_before(site: Site, ctx: Context) -> Fold:
     if want.axis != -1 and rank != want.rank:
         raise NoMatch("unknown-rank" if rank is None else "channel-axis-mismatch",
                       f"the rank of {data.name!r} read through the {site.node.op_type} is not proven to be {want.rank}")
+    _require_no_broadcast(data, site.elementwise.constant.shape, site.node)
     vector = channel_vector(site.elementwise.constant, Channel(rank if want.axis == -1 else want.rank,
                                                                 want.axis if want.axis != -1 or rank is None
                                                                 else rank - 1, want.count))
@@ -473,6 +474,18 @@ def _concat_producers(concat: ir.Node, ctx: Context) -> tuple[tuple[LinearMatch,
     if concat.attributes.get_int("axis", 0) % rank != axis:
         raise NoMatch("channel-axis-mismatch", f"{describe(concat)} does not concatenate along the channel axis")
     return tuple(matches), Channel(rank, axis, sum(m.channels for m in matches))
+
+
+def _require_no_broadcast(data: ir.Value, shape: tuple[int, ...], node: ir.Node) -> None:
+    """Removing the site must leave its output's shape: the constant may not stretch any
+    axis of the data (a ``[3]`` constant on a ``[.., 1]`` tensor makes it ``[.., 3]``)."""
+    dims = static_dims(data)
+    for offset, size in enumerate(reversed(shape), start=1):
+        if size == 1:
+            continue
+        if dims is None or offset > len(dims) or dims[-offset] != size:
+            raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {list(shape)} may broadcast "
+                                                  f"{data.name!r} to a larger shape")
 
 
 def _plan_after(site: Site, matches: tuple[LinearMatch, ...], chain: tuple, scale: np.ndarray, shift: np.ndarray,

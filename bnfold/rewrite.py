@@ -149,7 +149,7 @@ class Editor:
                 self._set_bias(part.bias, site.name or "site")
         if plan.addend is not None:  # padded Conv after the BN: x + t/s stays
             base = site.name or "bn"
-            add = self.node("Add", [site.inputs[0]], self.names.fresh(f"{base}_bnfold_add"))
+            add = self.node("Add", [site.inputs[plan.site.data_index]], self.names.fresh(f"{base}_bnfold_add"))
             site.graph.insert_before(site, add)
             add.resize_inputs(2)
             add.replace_input_with(1, self.constant(add, f"{base}_bnfold_shift", ir.tensor(plan.addend)))
@@ -157,7 +157,7 @@ class Editor:
         elif plan.direction == "after":
             self._bypass(site, site.inputs[plan.site.data_index])
         else:  # the consumer reads the BN's input, which keeps its name and its other readers
-            self.replace_value(site.outputs[0], site.inputs[0], rename=False)
+            self.replace_value(site.outputs[0], site.inputs[plan.site.data_index], rename=False)
         self.remove_node(site)
         details = [plan.detail, "converted from training mode" if plan.convert else "",
                    "shared weight cloned" if cloned else ""]

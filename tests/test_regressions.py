@@ -963,6 +963,79 @@ def test_issue12_15_training_info_preserved(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
+# Found by the composed fuzzer (tests/test_fuzz.py), minimised
+
+
+@case("fuzz_constant_first_mul_before_matmul")
+def _fuzz_constant_first_mul_before_matmul():
+    """``Mul(c, x) -> MatMul``: the constant is the *first* operand; the MatMul must read x."""
+    rng = np.random.default_rng(21)
+    nodes = [node("Relu", ["x"], ["r"], "relu"), node("Mul", ["k", "r"], ["m"], "mul"),
+             node("MatMul", ["m", "W"], ["y"], "mm")]
+    return Case(make(nodes, [vi("x", F32, [2, 3])], [vi("y", F32, [2, 3])],
+                     [tensor(rng.uniform(0.5, 2, 3).astype(np.float32), "k"), tensor(rnd(rng, (3, 3)), "W")]))
+
+
+def test_fuzz_constant_first_mul_before_matmul(tmp_path):
+    folded = fold_and_check(CASES["fuzz_constant_first_mul_before_matmul"](), tmp_path)
+    assert_folded(folded, "mul")
+
+
+@case("fuzz_broadcasting_div_before_matmul")
+def _fuzz_broadcasting_div_before_matmul():
+    """``x[2,2,1] / c[3] -> MatMul(W[3,3])``: the Div stretches the last axis from 1 to 3, so
+    removing it would feed the MatMul the wrong shape."""
+    rng = np.random.default_rng(22)
+    nodes = [node("Relu", ["x"], ["r"], "relu"), node("Div", ["r", "k"], ["d"], "div"),
+             node("MatMul", ["d", "W"], ["y"], "mm")]
+    return Case(make(nodes, [vi("x", F32, [2, 2, 1])], [vi("y", F32, [2, 2, 3])],
+                     [tensor(rng.uniform(0.5, 2, 3).astype(np.float32), "k"), tensor(rnd(rng, (3, 3)), "W")]))
+
+
+def test_fuzz_broadcasting_div_before_matmul(tmp_path):
+    folded = fold_and_check(CASES["fuzz_broadcasting_div_before_matmul"](), tmp_path)
+    assert folded.entry("div").status == "kept"
+
+
+@case("fuzz_spatial0_bn_params_per_element")
+def _fuzz_spatial0_bn_params_per_element():
+    """An opset-7 BN with spatial=0 holds per-element statistics ``[C, H, W]``: a valid
+    model, kept with ``spatial-0``, never an "invalid model" error."""
+    rng = np.random.default_rng(23)
+    names = [f"bn.{role}" for role in ("scale", "B", "mean", "var")]
+    arrays = [rng.uniform(0.5, 1.5, (3, 1, 1)), rng.standard_normal((3, 1, 1)), rng.standard_normal((3, 1, 1)),
+              rng.uniform(0.5, 2, (3, 1, 1))]
+    nodes = [node("Conv", ["x", "W"], ["c"], "conv"), node(BN, ["c", *names], ["y"], "bn", spatial=0)]
+    inits = [tensor(rnd(rng, (3, 3, 1, 1)), "W"), *(tensor(a.astype(np.float32), n) for a, n in zip(arrays, names))]
+    inputs = [vi("x", F32, [2, 3, 1, 1])] + [vi(t.name, F32, list(t.dims)) for t in inits]  # IR 3: inits are inputs
+    return Case(make(nodes, inputs, [vi("y", F32, [2, 3, 1, 1])], inits, opset=7, ir_version=3))
+
+
+def test_fuzz_spatial0_bn_params_per_element(tmp_path):
+    folded = fold_and_check(CASES["fuzz_spatial0_bn_params_per_element"](), tmp_path)
+    assert folded.entry("bn").status == "kept" and folded.entry("bn").reason == "spatial-0"
+
+
+@case("fuzz_decompose_only_what_no_pass_folds")
+def _fuzz_decompose_only_what_no_pass_folds():
+    """``BN -> BN -> MatMul`` with --decompose-standalone: the first BN folds once the second
+    has (a later pass); decomposing it in the first pass would keep a Mul + Add for nothing."""
+    rng = np.random.default_rng(24)
+    p1, i1 = bn_inits(rng, "bn1", 3)
+    p2, i2 = bn_inits(rng, "bn2", 3)
+    nodes = [node(BN, ["x", *p1], ["h"], "bn1"), node(BN, ["h", *p2], ["h2"], "bn2"),
+             node("MatMul", ["h2", "W"], ["y"], "mm")]
+    return Case(make(nodes, [vi("x", F32, [2, 3])], [vi("y", F32, [2, 3])], [*i1, *i2, tensor(rnd(rng, (3, 3)), "W")]),
+                flags=("--decompose-standalone",))
+
+
+def test_fuzz_decompose_only_what_no_pass_folds(tmp_path):
+    folded = fold_and_check(CASES["fuzz_decompose_only_what_no_pass_folds"](), tmp_path)
+    assert_folded(folded, "bn1")
+    assert_folded(folded, "bn2")
+
+
+# ---------------------------------------------------------------------------------------
 # Property: inspect plans what fold does, on every model above
 
 
