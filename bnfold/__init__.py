@@ -1,13 +1,14 @@
 """bnfold: audit, fold and verify BatchNormalization in ONNX models.
 
 The public API: ``fold`` (returns the folded model and a ledger), ``inspect`` (per-BN
-inference-readiness findings) and ``verify`` (onnxruntime comparison). Heavy modules are
+inference-readiness findings), ``verify`` (onnxruntime comparison) and ``recalibrate``
+(running statistics recomputed from data). Heavy modules are
 imported on first use so that ``bnfold --help`` stays fast.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "fold", "inspect", "verify"]
+__all__ = ["__version__", "fold", "inspect", "recalibrate", "verify"]
 
 
 def __getattr__(name: str):
@@ -19,6 +20,10 @@ def __getattr__(name: str):
         from bnfold.audit import inspect
 
         return inspect
+    if name == "recalibrate":
+        from bnfold.recalibration import recalibrate
+
+        return recalibrate
     if name == "verify":
         from bnfold.verification import verify
 

@@ -265,7 +265,7 @@ def fold(
                           to_inference=to_inference)
     recalibration = None
     if recalibrate_data:
-        from bnfold.recalibrate import recalibrate as recalibrate_model
+        from bnfold.recalibration import recalibrate as recalibrate_model
 
         with steps.step("recalibrate"):
             recalibration = naming_input(model, lambda: recalibrate_model(source, recalibrate_data))
@@ -280,7 +280,7 @@ def fold(
         from bnfold.render import render_ledger
 
         if recalibration is not None:
-            from bnfold.recalibrate import render_report as render_recalibration
+            from bnfold.recalibration import render_report as render_recalibration
 
             render_recalibration(recalibration, human_console(json_path))
         render_ledger(result.ledger, out, human_console(json_path), source=model)
@@ -447,7 +447,7 @@ def recalibrate(
     Training-mode BNs become inference BNs with the new statistics. See docs/recalibrate.md.
     """
     from bnfold.io import has_external_data, load_source
-    from bnfold.recalibrate import recalibrate as recalibrate_model, render_report
+    from bnfold.recalibration import recalibrate as recalibrate_model, render_report
 
     stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
     out = output or model.with_name(f"{stem}.recalibrated.onnx")

@@ -136,7 +136,7 @@ class Editor:
 
     def apply(self, plan: Fold | Keep) -> LedgerEntry:
         if plan.convert:
-            self._convert_to_inference(plan.site.node, plan.site.scope.opset)
+            self.convert_to_inference(plan.site.node, plan.site.scope.opset)
         if isinstance(plan, Keep):
             return _entry(plan, STATUS_KEPT, reason=plan.reason, detail=plan.detail, channels=plan.channels)
         if plan.direction == "decompose":
@@ -217,7 +217,7 @@ class Editor:
         return _entry(plan, STATUS_DECOMPOSED, pattern=plan.pattern, reason="no-linear-producer",
                       detail=plan.detail, channels=plan.channels)
 
-    def _convert_to_inference(self, bn: ir.Node, opset: int) -> None:
+    def convert_to_inference(self, bn: ir.Node, opset: int) -> None:
         """Make a training-mode BN an inference BN (planning checked its extra outputs are unused)."""
         if len(bn.outputs) > 1:
             bn.resize_outputs(1)

@@ -13,7 +13,7 @@ from typing import Any
 
 from bnfold.errors import InputError
 
-INSTALL_HINT = "pip install 'bnfold[train]'"
+INSTALL_HINT = "pip install torch==2.13.0 && pip install -e '.[train]' (from a clone of bnfold)"
 
 
 class TrainExtraMissing(InputError):
