@@ -9,7 +9,9 @@ names it on stderr so that a crash can be attributed.
 
 from __future__ import annotations
 
+import os
 import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,9 +36,13 @@ def main(result_path: str) -> int:
 def run_sessions(request: dict) -> dict:
     """Run each session of ``request["sessions"]`` on every feed; stop at the first error.
 
-    ``outputs`` is aligned with the sessions: a dict of output name to one array per
-    feed, or None for a session skipped because its optional provider is unusable.
+    Sessions run one after another and each is released before the next is created, so
+    memory holds one session (and the outputs so far) at a time. ``outputs`` is aligned
+    with the sessions: a dict of output name to one array per feed, or None for a session
+    skipped because its optional provider is unusable.
     """
+    import gc
+
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -46,6 +52,7 @@ def run_sessions(request: dict) -> dict:
         "notes": [],
         "outputs": [],
         "error": None,
+        "run_error": None,
     }
     unusable: set[str] = set()
     for provider, required in request["required"].items():
@@ -56,6 +63,13 @@ def run_sessions(request: dict) -> dict:
             return result
         unusable.add(provider)
         result["notes"].append(f"{provider} is not available in this onnxruntime; ran on {CPU} only")
+    if CUDA in request["required"] and CUDA not in unusable and hasattr(ort, "preload_dlls"):
+        # onnxruntime-gpu >= 1.21: load CUDA and cuDNN from the nvidia-* wheels if present.
+        with _captured_stderr() as captured:
+            try:
+                ort.preload_dlls()
+            except Exception as exc:  # a failure here shows again, with its reason, at session creation
+                captured.append(_first_line(exc))
     for session_request in request["sessions"]:
         provider, what = session_request["provider"], session_request["label"]
         if provider in unusable:
@@ -66,32 +80,83 @@ def run_sessions(request: dict) -> dict:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         providers: list = [(CUDA, request["cuda_options"]), CPU] if provider == CUDA else [CPU]
         _report_progress(what)
-        try:
-            session = ort.InferenceSession(session_request["path"], options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad models
-            result["error"] = f"onnxruntime could not load {what} ({_first_line(exc)})"
-            return result
+        with _captured_stderr(enabled=provider != CPU) as log:
+            try:
+                session = ort.InferenceSession(session_request["path"], options, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own exception types for bad models
+                result["error"] = f"onnxruntime could not load {what} ({_first_line(exc)})"
+                return result
         if provider not in session.get_providers():
-            message = f"onnxruntime fell back from {provider} to {', '.join(session.get_providers())}"
+            del session
+            reason = _provider_failure_reason(log)
+            message = f"onnxruntime fell back from {provider} to {', '.join(providers[1:])}"
             if request["required"][provider]:
-                result["error"] = f"{message} for {what}; check the CUDA and cuDNN libraries onnxruntime-gpu needs"
+                result["error"] = (f"{message} for {what}: {reason or 'it gave no reason'}; check the GPU, the "
+                                   "driver and the CUDA and cuDNN libraries onnxruntime-gpu needs")
                 return result
             unusable.add(provider)
-            result["notes"].append(f"{message}; ran on {CPU} only")
+            result["notes"].append(f"{message} ({reason or 'no reason given'}); ran on {CPU} only")
             result["outputs"].append(None)
             continue
         names = [output.name for output in session.get_outputs()]
         outputs: dict[str, list[np.ndarray]] = {name: [] for name in names}
-        for feed in request["feeds"]:
+        for run, feed in enumerate(request["feeds"]):
             try:
                 values = session.run_with_ort_values(names, {k: _to_ort_value(ort, v) for k, v in feed.items()})
             except Exception as exc:  # onnxruntime raises its own exception types at run time
-                result["error"] = f"onnxruntime failed running {what} ({_first_line(exc)})"
+                result["error"] = f"onnxruntime failed running {what}"
+                result["run_error"] = {"run": run, "message": _first_line(exc), "text": str(exc)}
                 return result
             for name, value in zip(names, values):
                 outputs[name].append(_ort_value_to_numpy(value))
+            del values
+        del session
+        gc.collect()
         result["outputs"].append(outputs)
     return result
+
+
+class _captured_stderr:
+    """Copy what native code writes to fd 2 meanwhile into a list of lines (and pass it on)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.lines: list[str] = []
+
+    def __enter__(self) -> list[str]:
+        if self.enabled:
+            import tempfile
+
+            sys.stderr.flush()
+            self._file = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        return self.lines
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.enabled:
+            return
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._file.seek(0)
+        text = self._file.read().decode(errors="replace")
+        self._file.close()
+        sys.stderr.write(text)
+        self.lines[:0] = [line for line in text.splitlines() if line.strip()]
+
+
+_REASON_PATTERNS = ("cannot open shared object", "Failed to load", "LoadLibrary", "CUDA failure", "cudaError",
+                    "no CUDA-capable device", "CUDA driver version", "cuDNN", "libcu", "Error")
+
+
+def _provider_failure_reason(lines: list[str]) -> str:
+    """The line of onnxruntime's log that says why a provider did not load, trimmed."""
+    for pattern in _REASON_PATTERNS:
+        for line in lines:
+            if pattern.lower() in line.lower():
+                return re.sub(r"^.*?\] ", "", line.strip())[:400]
+    return lines[-1].strip()[:400] if lines else ""
 
 
 def _report_progress(what: str) -> None:

@@ -180,12 +180,35 @@ VERIFY_INPUTS = typer.Option(
     None, "--inputs", help="Real inputs: .npz with one array per input name, samples along axis 0.")
 VERIFY_SAMPLES = typer.Option(None, "--samples", help="Random input sets to run (default 1).")
 VERIFY_BATCH = typer.Option(None, "--batch", help="Size of dynamic first dimensions (default 2).")
-VERIFY_SHAPES = typer.Option(None, "--shape", help="NAME=1x3x224x224 for an input's dynamic dims (repeatable).")
+VERIFY_SHAPES = typer.Option(
+    None, "--shape", help="NAME:1x3x224x224 (or NAME:1,3,224,224, NAME:[1,3,224,224], NAME=1x3x224x224) for an "
+    "input's dynamic dims (repeatable).")
 VERIFY_SEED = typer.Option(None, "--seed", help="Seed of the random inputs (default 0).")
 VERIFY_RTOL = typer.Option(None, "--rtol", help="Relative tolerance for all outputs (default by dtype).")
 VERIFY_ATOL = typer.Option(
     None, "--atol", help="Absolute tolerance for all outputs (default by dtype, times max(1, max |output|)).")
 VERIFY_ALLOW_TF32 = typer.Option(False, "--allow-tf32", help="Let CUDA use TF32 (off: it changes fp32 results).")
+VERIFY_INPUT_RANGE = typer.Option(
+    None, "--input-range", help="NAME=LO,HI (inclusive) for an input's random values, or LO,HI for all (repeatable).")
+VERIFY_CHANNEL_RTOL = typer.Option(
+    None, "--channel-rtol", help="Bound of each channel's ||diff||/||ref|| (default by dtype: 1e-3 for float32).")
+VERIFY_CHANNEL_AXIS = typer.Option(
+    None, "--channel-axis", help="OUTPUT=AXIS (or AXIS for all outputs): where channels lie (default 1).")
+VERIFY_METRIC = typer.Option(None, "--metric", help="Extra per-output view: top1 (argmax agreement); repeatable.")
+VERIFY_REFERENCE_OUTPUTS = typer.Option(
+    None, "--reference-outputs", help="Compare against these stored outputs (.npz keyed by output name); needs --inputs.")
+VERIFY_SAVE_OUTPUTS = typer.Option(None, "--save-outputs", help="Write the reference (ORIGINAL's CPU) outputs to this .npz.")
+VERIFY_SAVE_INPUTS = typer.Option(None, "--save-inputs", help="Write the inputs used to this .npz (--inputs reads it).")
+
+
+def verify_options(**fields):
+    """VerifyOptions from the shared CLI values (parsing --shape, --input-range, --channel-axis)."""
+    from bnfold.verification import VerifyOptions, parse_channel_axes, parse_input_ranges, parse_shapes
+
+    return VerifyOptions(shapes=parse_shapes(fields.pop("shape") or []),
+                         input_ranges=parse_input_ranges(fields.pop("input_range") or []),
+                         channel_axes=parse_channel_axes(fields.pop("channel_axis") or []),
+                         metrics=tuple(fields.pop("metric") or ()), **fields)
 
 
 @app.command()
@@ -220,6 +243,13 @@ def fold(
     rtol: Optional[float] = VERIFY_RTOL,
     atol: Optional[float] = VERIFY_ATOL,
     allow_tf32: bool = VERIFY_ALLOW_TF32,
+    input_range: Optional[list[str]] = VERIFY_INPUT_RANGE,
+    channel_rtol: Optional[float] = VERIFY_CHANNEL_RTOL,
+    channel_axis: Optional[list[str]] = VERIFY_CHANNEL_AXIS,
+    metric: Optional[list[str]] = VERIFY_METRIC,
+    reference_outputs: Optional[Path] = VERIFY_REFERENCE_OUTPUTS,
+    save_outputs: Optional[Path] = VERIFY_SAVE_OUTPUTS,
+    save_inputs: Optional[Path] = VERIFY_SAVE_INPUTS,
     verify_json: Optional[Path] = typer.Option(None, "--verify-json", help="With --verify: write its report as JSON."),
     keep_on_failure: bool = typer.Option(
         False, "--keep-on-failure", help="With --verify: keep OUT when verification fails (it is removed otherwise)."),
@@ -243,19 +273,27 @@ def fold(
         raise InputError("--verify compares OUT with MODEL, which --recalibrate changes on purpose: run "
                          "`bnfold recalibrate`, then `bnfold fold --verify` on its output")
     if verify_output:
-        from bnfold.verification import VerifyOptions, parse_shapes
-
         if out.resolve() == model.resolve():
             raise InputError(f"{out}: --verify compares OUT with MODEL, so OUT must not overwrite it")
-        verify_options = VerifyOptions(providers=providers, inputs=inputs, samples=samples, batch=batch,
-                                       shapes=parse_shapes(shape or []), seed=seed, rtol=rtol, atol=atol,
-                                       allow_tf32=allow_tf32)
+        # --to-inference changes training-mode BNs on purpose: the reference runs them in inference mode too.
+        verifying = verify_options(providers=providers, inputs=inputs, samples=samples, batch=batch, shape=shape,
+                                   seed=seed, rtol=rtol, atol=atol, allow_tf32=allow_tf32, input_range=input_range,
+                                   channel_rtol=channel_rtol, channel_axis=channel_axis, metric=metric,
+                                   reference_outputs=reference_outputs, save_outputs=save_outputs,
+                                   save_inputs=save_inputs, reference_inference=to_inference)
+    elif any(v for v in (input_range, channel_rtol, channel_axis, metric, reference_outputs, save_outputs, save_inputs)):
+        raise InputError("--input-range, --channel-rtol, --channel-axis, --metric, --reference-outputs, "
+                         "--save-outputs and --save-inputs apply only with --verify")
     from bnfold.io import has_external_data, load_source, weight_bytes
     from bnfold.progress import THRESHOLD_BYTES, Steps, save_callback
 
     big_file = model.is_file() and model.stat().st_size >= THRESHOLD_BYTES
     with Steps(big_file and not quiet, err_console).step(f"load {model.name}"):
         source = naming_input(model, lambda: load_source(model))
+    if verify_output:  # unresolved dynamic dimensions, bad npz files: before anything is folded or written
+        from bnfold.verification import preflight
+
+        preflight(source.model, model, verifying)
     steps = Steps(not quiet and weight_bytes(source.model) >= THRESHOLD_BYTES, err_console)
     data_name = None if embed else (external_data or (f"{out.name}.data" if has_external_data(source) else None))
     writes = [("output", out)] + [("weights file", out.parent / n) for n in [data_name] if n]
@@ -287,7 +325,7 @@ def fold(
     if verify_output:
         from bnfold.verification import verify_or_discard
 
-        report = verify_or_discard(model, out, verify_options, keep_on_failure=keep_on_failure)
+        report = verify_or_discard(model, out, verifying, keep_on_failure=keep_on_failure)
         finish_verification(report, verify_json, quiet)
     kept = [e for e in result.ledger.batch_norms if e.status == "kept"]
     troubled = [e for e in result.ledger.batch_norms if e.problems]
@@ -338,8 +376,10 @@ def inspect(
 @app.command()
 @reports_errors
 def verify(
-    original: Path = typer.Argument(..., help="Reference ONNX model (runs with ORT optimisations disabled)."),
-    candidate: Path = typer.Argument(..., help="ONNX model that must compute the same outputs, e.g. the folded one."),
+    original: Path = typer.Argument(
+        ..., help="Reference ONNX model (runs with ORT optimisations disabled); with --reference-outputs: CANDIDATE."),
+    candidate: Optional[Path] = typer.Argument(
+        None, help="ONNX model that must compute the same outputs, e.g. the folded one."),
     providers: str = VERIFY_PROVIDERS,
     inputs: Optional[Path] = VERIFY_INPUTS,
     samples: Optional[int] = VERIFY_SAMPLES,
@@ -349,6 +389,13 @@ def verify(
     rtol: Optional[float] = VERIFY_RTOL,
     atol: Optional[float] = VERIFY_ATOL,
     allow_tf32: bool = VERIFY_ALLOW_TF32,
+    input_range: Optional[list[str]] = VERIFY_INPUT_RANGE,
+    channel_rtol: Optional[float] = VERIFY_CHANNEL_RTOL,
+    channel_axis: Optional[list[str]] = VERIFY_CHANNEL_AXIS,
+    metric: Optional[list[str]] = VERIFY_METRIC,
+    reference_outputs: Optional[Path] = VERIFY_REFERENCE_OUTPUTS,
+    save_outputs: Optional[Path] = VERIFY_SAVE_OUTPUTS,
+    save_inputs: Optional[Path] = VERIFY_SAVE_INPUTS,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (schema: docs/verify.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ) -> None:
@@ -356,12 +403,21 @@ def verify(
 
     Exit 0 when every output matches on every provider, 1 on a mismatch, 2 on bad input.
     """
-    from bnfold.verification import VerifyOptions, model_files, parse_shapes, verify as verify_models
+    from bnfold.verification import model_files, verify as verify_models
 
-    options = VerifyOptions(providers=providers, inputs=inputs, samples=samples, batch=batch,
-                            shapes=parse_shapes(shape or []), seed=seed, rtol=rtol, atol=atol, allow_tf32=allow_tf32)
-    if json_path and json_path.resolve() in model_files(original) | model_files(candidate):
-        raise InputError(f"{json_path}: the JSON report would overwrite a model being verified; choose another path")
+    options = verify_options(providers=providers, inputs=inputs, samples=samples, batch=batch, shape=shape, seed=seed,
+                             rtol=rtol, atol=atol, allow_tf32=allow_tf32, input_range=input_range,
+                             channel_rtol=channel_rtol, channel_axis=channel_axis, metric=metric,
+                             reference_outputs=reference_outputs, save_outputs=save_outputs, save_inputs=save_inputs)
+    if reference_outputs is not None and candidate is None:
+        original, candidate = None, original  # `bnfold verify CANDIDATE --reference-outputs REF.npz`
+    elif candidate is None:
+        raise InputError("give ORIGINAL and CANDIDATE, or CANDIDATE with --reference-outputs REF.npz")
+    models = model_files(candidate) | (model_files(original) if original is not None else set())
+    for what, path in (("JSON report", json_path), ("--save-outputs file", save_outputs),
+                       ("--save-inputs file", save_inputs)):
+        if path and path.resolve() in models:
+            raise InputError(f"{path}: the {what} would overwrite a model being verified; choose another path")
     finish_verification(verify_models(original, candidate, options), json_path, quiet)
 
 
@@ -453,6 +509,8 @@ def recalibrate(
     out = output or model.with_name(f"{stem}.recalibrated.onnx")
     if out.resolve() == model.resolve():
         raise InputError(f"{out}: output is the input; choose another path")
+    if json_path and (not json_path.parent.is_dir() or json_path.is_dir()):  # fail before OUT is written
+        raise InputError(f"{json_path}: cannot write a JSON report there (no such folder, or a folder)")
     source = naming_input(model, lambda: load_source(model))
     data_name = f"{out.name}.data" if has_external_data(source) else None
     writes = [("output", out)] + [("weights file", out.parent / n) for n in [data_name] if n]

@@ -1,0 +1,186 @@
+"""Peak memory and wall time of ``bnfold verify`` against a bare three-session script.
+
+``python bench/verify_memory.py [--reps 3] [--models convstack24,big] [--workdir bench/work-verify]``
+
+Models (built here, nothing downloaded):
+
+- ``convstack24``: 24 x (Conv 3x3 512->512 + BN + Relu), 216 MiB of weights, embedded
+  (``bench/models.py``'s convstack);
+- ``big``: the 2.25 GiB external-data model of tests/test_large.py (9 x Conv 1x1
+  8192->8192 + BN, weights in one sparse file).
+
+Each model is folded once; then, alternating, ``bnfold verify ORIGINAL FOLDED --providers
+cpu -q`` (a process tree: the CLI and its onnxruntime child) and the bare script (one
+process creating, running and releasing the same three onnxruntime sessions, in the same
+order, on the same random input). Peak RSS of a tree is the largest sum of the RSS of its
+live processes, sampled every 10 ms from /proc (``ru_maxrss`` would carry the
+benchmark's own high-water mark across fork+exec); wall is the whole command. Medians over ``--reps`` rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+BARE = r"""
+import gc, sys, numpy as np, onnxruntime as ort
+original, candidate, shape = sys.argv[1], sys.argv[2], [int(d) for d in sys.argv[3].split("x")]
+x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+kept = []
+for path, optimize in ((original, False), (candidate, False), (candidate, True)):
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    kept.append(session.run(None, {session.get_inputs()[0].name: x}))
+    del session
+    gc.collect()
+"""
+
+
+def _tree_rss(root: int) -> int:
+    """Sum of the RSS of ``root`` and its descendants (/proc/PID/task/*/children)."""
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as handle:
+                total += int(handle.read().split()[1]) * PAGE
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as handle:
+                    stack += [int(child) for child in handle.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(command: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak tree RSS bytes) of ``command``."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak, done = [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(process.pid))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    stderr = process.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {stderr[-2000:]}")
+    # Not ru_maxrss: Linux carries the forking process's high-water mark across fork+exec.
+    return wall, peak[0]
+
+
+def build_convstack(folder: Path) -> tuple[Path, int, str]:
+    import onnx
+    from models import convstack
+
+    proto, builder = convstack(layers=24)
+    path = folder / "convstack24.onnx"
+    onnx.save(proto, str(path))
+    shape = [d.dim_value or 1 for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    return path, builder.weight_bytes, "x".join(map(str, shape))
+
+
+def build_big(folder: Path) -> tuple[Path, int, str]:
+    import onnx
+    import onnx.helper as oh
+    from test_large import CHANNELS, HEAD, LAYERS, external
+
+    rng = np.random.default_rng(0)
+    weight_bytes = CHANNELS * CHANNELS * 4
+    initializers, nodes, x = [], [], "x"
+    with open(folder / "big.data", "wb") as data:
+        for layer in range(LAYERS):
+            offset = layer * weight_bytes
+            data.seek(offset)
+            data.write((rng.standard_normal(HEAD) * 0.01).astype(np.float32).tobytes())
+            initializers.append(external(f"w{layer}", [CHANNELS, CHANNELS, 1, 1], offset, "big.data"))
+            params = [rng.uniform(0.5, 2, CHANNELS), rng.standard_normal(CHANNELS),
+                      rng.standard_normal(CHANNELS), rng.uniform(0.5, 2, CHANNELS)]
+            names = [f"{role}{layer}" for role in ("gamma", "beta", "mean", "var")]
+            initializers += [onnx.numpy_helper.from_array(p.astype(np.float32), n) for p, n in zip(params, names)]
+            nodes.append(oh.make_node("Conv", [x, f"w{layer}"], [f"c{layer}"], name=f"conv{layer}"))
+            nodes.append(oh.make_node("BatchNormalization", [f"c{layer}", *names], [f"y{layer}"], name=f"bn{layer}"))
+            x = f"y{layer}"
+        data.truncate(LAYERS * weight_bytes)
+    graph = oh.make_graph(nodes, "big", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, CHANNELS, 1, 1])],
+                          [oh.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, CHANNELS, 1, 1])], initializers)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
+    path = folder / "big.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path, LAYERS * weight_bytes, f"1x{CHANNELS}x1x1"
+
+
+BUILDERS = {"convstack24": build_convstack, "big": build_big}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--models", default="convstack24,big")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "work-verify")
+    parser.add_argument("--build", nargs=2, metavar=("KEY", "FOLDER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build:
+        path, weight_bytes, shape = BUILDERS[args.build[0]](Path(args.build[1]))
+        print(path, weight_bytes, shape)
+        return 0
+    rows = []
+    for key in args.models.split(","):
+        folder = args.workdir / key
+        folder.mkdir(parents=True, exist_ok=True)
+        # built in a child: this process stays small (and its RSS out of the measured trees)
+        built = subprocess.run([sys.executable, __file__, "--build", key, str(folder)], check=True,
+                               capture_output=True, text=True).stdout.split()
+        original, weight_bytes, shape = Path(built[0]), int(built[1]), built[2]
+        folded = folder / "folded.onnx"
+        subprocess.run([sys.executable, "-m", "bnfold", "fold", str(original), "-o", str(folded), "-q"], check=True)
+        verify_cmd = [sys.executable, "-m", "bnfold", "verify", str(original), str(folded), "--providers", "cpu", "-q"]
+        bare_cmd = [sys.executable, "-c", BARE, str(original), str(folded), shape]
+        results = {"verify": [], "bare": []}
+        for _ in range(args.reps):
+            for name, command in (("verify", verify_cmd), ("bare", bare_cmd)):
+                results[name].append(measure(command))
+                print(key, name, f"wall {results[name][-1][0]:.2f} s, peak {results[name][-1][1] / 2**20:.0f} MiB",
+                      flush=True)
+        med = {name: (statistics.median(w for w, _ in runs), statistics.median(r for _, r in runs))
+               for name, runs in results.items()}
+        rows.append((key, weight_bytes, med))
+        for path in folder.iterdir():
+            path.unlink()
+    print()
+    print(f"| model | weights | verify wall | bare wall | wall ratio (target <= 1.1) | verify peak RSS | "
+          f"bare peak RSS | verify peak / weights (target <= 2.5) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, weight_bytes, med in rows:
+        (vw, vr), (bw, br) = med["verify"], med["bare"]
+        print(f"| {key} | {weight_bytes / 2**20:.0f} MiB | {vw:.2f} s | {bw:.2f} s | {vw / bw:.2f} | "
+              f"{vr / 2**20:.0f} MiB | {br / 2**20:.0f} MiB | {vr / weight_bytes:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

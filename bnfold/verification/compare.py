@@ -1,0 +1,301 @@
+"""Comparison of output arrays: pure numpy, no onnxruntime, no model.
+
+An output is judged per element *and* per channel. The element criterion is numpy's
+``allclose`` with each channel's own scale for the default atol; the channel criterion
+bounds each channel's relative L2 error ``||diff_c|| / ||ref_c||``. A wrong fold is wrong
+per channel, so neither test lets large channels hide a small one that is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What an output is held to.
+
+    Element criterion: ``|a - b| <= atol * scale_c + rtol * |b|`` where ``scale_c`` is
+    ``max(1, max |b| over channel c)`` when ``atol_scaled``, else 1.
+    Channel criterion: ``||a_c - b_c|| <= channel_rtol * ||b_c|| + channel_atol * sqrt(n_c)``.
+    """
+
+    rtol: float
+    atol: float
+    atol_scaled: bool = False
+    channel_rtol: float = math.inf
+    channel_atol: float = 0.0
+
+
+#: Element defaults by output element type; integer and bool outputs must match exactly.
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "float64": Tolerance(rtol=1e-7, atol=1e-9),
+    "float32": Tolerance(rtol=1e-4, atol=1e-5),
+    "float16": Tolerance(rtol=1e-2, atol=1e-3),
+    "bfloat16": Tolerance(rtol=5e-2, atol=1e-2),
+}
+#: Channel defaults: (channel_rtol, channel_atol). A 1% change of one channel of an fp32
+#: output (relative L2 error 1e-2) fails by 10x; rounding noise of correct folds of deep
+#: fp32 networks measures below 1e-4 (docs/verify.md).
+DEFAULT_CHANNEL_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-6, 1e-10),
+    "float32": (1e-3, 1e-6),
+    "float16": (1e-2, 1e-4),
+    "bfloat16": (5e-2, 1e-3),
+}
+EXACT = Tolerance(rtol=0.0, atol=0.0, channel_rtol=0.0, channel_atol=0.0)
+
+
+def default_tolerance(dtype: str) -> Tolerance:
+    """The tolerance an output of numpy dtype name ``dtype`` is held to by default."""
+    element = DEFAULT_TOLERANCES.get(dtype)
+    if element is None:
+        return EXACT
+    channel_rtol, channel_atol = DEFAULT_CHANNEL_TOLERANCES[dtype]
+    return replace(element, atol_scaled=True, channel_rtol=channel_rtol, channel_atol=channel_atol)
+
+
+def resolve_tolerance(dtype: str, rtol: float | None, atol: float | None, channel_rtol: float | None) -> Tolerance:
+    """The default for ``dtype`` with the user's overrides.
+
+    A given ``atol`` is absolute (not scaled) and is also the channel criterion's per-element
+    floor; a given ``rtol`` loosens the channel rtol to at least itself, so that loosening
+    the element criterion never leaves the channel one stricter than the user asked.
+    """
+    tolerance = default_tolerance(dtype)
+    if rtol is not None:
+        tolerance = replace(tolerance, rtol=rtol, channel_rtol=max(tolerance.channel_rtol, rtol))
+    if atol is not None:
+        tolerance = replace(tolerance, atol=atol, atol_scaled=False, channel_atol=max(tolerance.channel_atol, atol))
+    if channel_rtol is not None:
+        tolerance = replace(tolerance, channel_rtol=channel_rtol)
+    return tolerance
+
+
+@dataclass
+class ChannelError:
+    """One channel's relative L2 error, for the report's worst channels."""
+
+    channel: int
+    rel_diff: float
+    rms_reference: float
+    max_abs_diff: float
+    passed: bool
+
+
+@dataclass
+class Difference:
+    """How far a subject's output is from the reference's, Polygraphy style, plus per channel.
+
+    Statistics use element pairs where both values are finite; matching NaNs (and equal
+    infinities) count as equal, a non-finite value on one side only fails the element.
+    """
+
+    elements: int
+    elements_failing: int
+    nonfinite_mismatches: int
+    max_abs_diff: float
+    #: [run, *index] of the largest absolute difference; None when all are equal.
+    max_abs_diff_index: list[int] | None
+    #: [reference, subject] values at that index.
+    max_abs_diff_values: list[float] | None
+    max_rel_diff: float
+    mean_abs_diff: float
+    cosine_similarity: float
+    reference_nan: int
+    reference_inf: int
+    subject_nan: int
+    subject_inf: int
+    #: Smallest atol (in the tolerance's units: times each channel's scale when scaled)
+    #: that passes with the rtol in force, and smallest rtol with the atol in force.
+    min_passing_atol: float
+    min_passing_rtol: float
+    #: Axis the channels lie along (None: the output is judged as one channel).
+    channel_axis: int | None = None
+    channels: int = 1
+    channels_failing: int = 0
+    #: max over channels of ||diff_c|| / ||ref_c|| (0 where both are 0, inf where only ref_c is).
+    max_channel_rel_diff: float = 0.0
+    max_channel_rel_diff_channel: int | None = None
+    #: The atol applied, smallest and largest over channels.
+    atol_applied: list[float] = field(default_factory=list)
+    #: Up to WORST_CHANNELS channels, worst relative error first.
+    worst_channels: list[ChannelError] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.elements_failing == 0 and self.channels_failing == 0
+
+
+WORST_CHANNELS = 3
+
+
+def output_scale(arrays: Sequence[np.ndarray]) -> float:
+    """``max(1, max |reference|)`` over an output (all channels): the scale of its largest channel."""
+    largest = max((float(np.max(np.abs(a[np.isfinite(a)]), initial=0.0))
+                   for a in arrays if _is_float(a)), default=0.0)
+    return max(1.0, largest)
+
+
+def _is_float(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.inexact) or array.dtype.kind == "V"
+
+
+def channel_axis_of(shape: Sequence[int], requested: int | None = 1) -> int | None:
+    """The channel axis of an output of ``shape``: ``requested`` (default 1) where it exists."""
+    if requested is None or len(shape) < 2:
+        return None
+    axis = requested + len(shape) if requested < 0 else requested
+    return axis if 0 <= axis < len(shape) else None
+
+
+def _by_channel(arrays: Sequence[np.ndarray], axis: int | None) -> np.ndarray:
+    """(C, M) float64: channel c of every run, flattened and concatenated."""
+    if axis is None:
+        return np.concatenate([np.asarray(a, dtype=np.float64).reshape(1, -1) for a in arrays], axis=1)
+    return np.concatenate(
+        [np.moveaxis(np.asarray(a, dtype=np.float64), axis, 0).reshape(np.shape(a)[axis], -1) for a in arrays], axis=1
+    )
+
+
+def compare_arrays(
+    reference: Sequence[np.ndarray],
+    subject: Sequence[np.ndarray],
+    tolerance: Tolerance,
+    channel_axis: int | None = None,
+) -> Difference:
+    """Compare per-run arrays of equal shapes, all runs pooled, in float64, per channel along ``channel_axis``."""
+    shapes = [tuple(np.shape(a)) for a in reference]
+    if channel_axis is not None and (not shapes or any(channel_axis >= len(s) for s in shapes)):
+        channel_axis = None
+    ref = _by_channel(reference, channel_axis)
+    sub = _by_channel(subject, channel_axis)
+    channels = ref.shape[0]
+    finite = np.isfinite(ref) & np.isfinite(sub)
+    equal_nonfinite = (np.isnan(ref) & np.isnan(sub)) | (np.isinf(ref) & (ref == sub))
+    nonfinite_mismatch = ~finite & ~equal_nonfinite
+    diff = np.abs(np.subtract(sub, ref, where=finite, out=np.zeros_like(ref)))
+    magnitude = np.where(finite, np.abs(ref), 0.0)
+    if tolerance.atol_scaled:
+        scale = np.maximum(1.0, np.max(np.where(np.isfinite(ref), np.abs(ref), 0.0), axis=1, initial=0.0))
+    else:
+        scale = np.ones(channels)
+    atol = (tolerance.atol * scale)[:, None]
+    failing = (diff > atol + tolerance.rtol * magnitude) | nonfinite_mismatch
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / magnitude)
+        excess = diff - atol
+        rtol_needed = np.where(excess <= 0, 0.0, excess / magnitude)
+        atol_needed = (diff - tolerance.rtol * magnitude) / scale[:, None]
+    any_nonfinite_mismatch = bool(nonfinite_mismatch.any())
+    max_abs = float(diff.max(initial=0.0))
+    index = values = None
+    if max_abs > 0:
+        c, m = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        index = _run_index(int(c), int(m), shapes, channel_axis)
+        values = [float(ref[c, m]), float(sub[c, m])]
+    # per channel: relative L2 error over the finite pairs
+    counts = finite.sum(axis=1)
+    diff_norm = np.sqrt((diff**2).sum(axis=1))
+    ref_norm = np.sqrt((magnitude**2).sum(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        channel_rel = np.where(diff_norm == 0, 0.0, diff_norm / ref_norm)
+    with np.errstate(invalid="ignore"):
+        allowed = np.where(ref_norm == 0, 0.0, tolerance.channel_rtol * ref_norm) + tolerance.channel_atol * np.sqrt(counts)
+    channel_fails = (diff_norm > allowed) | nonfinite_mismatch.any(axis=1)
+    order = np.argsort(-channel_rel, kind="stable")[:WORST_CHANNELS]
+    worst = [
+        ChannelError(
+            channel=int(c),
+            rel_diff=float(channel_rel[c]),
+            rms_reference=float(ref_norm[c] / math.sqrt(counts[c])) if counts[c] else 0.0,
+            max_abs_diff=float(diff[c].max(initial=0.0)),
+            passed=not bool(channel_fails[c]),
+        )
+        for c in order
+        if channel_rel[c] > 0 or channel_fails[c]
+    ]
+    return Difference(
+        elements=int(ref.size),
+        elements_failing=int(failing.sum()),
+        nonfinite_mismatches=int(nonfinite_mismatch.sum()),
+        max_abs_diff=max_abs,
+        max_abs_diff_index=index,
+        max_abs_diff_values=values,
+        max_rel_diff=float(rel.max(initial=0.0)),
+        mean_abs_diff=float(diff[finite].mean()) if finite.any() else 0.0,
+        cosine_similarity=_cosine_similarity(ref[finite], sub[finite]),
+        reference_nan=int(np.isnan(ref).sum()),
+        reference_inf=int(np.isinf(ref).sum()),
+        subject_nan=int(np.isnan(sub).sum()),
+        subject_inf=int(np.isinf(sub).sum()),
+        min_passing_atol=math.inf if any_nonfinite_mismatch else max(0.0, float(atol_needed.max(initial=0.0))),
+        min_passing_rtol=math.inf if any_nonfinite_mismatch else float(rtol_needed.max(initial=0.0)),
+        channel_axis=channel_axis,
+        channels=int(channels),
+        channels_failing=int(channel_fails.sum()),
+        max_channel_rel_diff=float(channel_rel.max(initial=0.0)),
+        max_channel_rel_diff_channel=int(np.argmax(channel_rel)) if channels and channel_rel.max() > 0 else None,
+        atol_applied=[float(atol.min(initial=math.inf)), float(atol.max(initial=0.0))] if channels else [],
+        worst_channels=worst,
+    )
+
+
+def _run_index(channel: int, flat: int, shapes: Sequence[tuple[int, ...]], axis: int | None) -> list[int]:
+    """[run, *index] in the output's own layout of element ``flat`` of channel ``channel``."""
+    for run, shape in enumerate(shapes):
+        rest = shape if axis is None else shape[:axis] + shape[axis + 1:]
+        size = int(np.prod(rest, dtype=np.int64))
+        if flat < size:
+            index = [int(i) for i in np.unravel_index(flat, rest)] if rest else []
+            if axis is not None:
+                index.insert(axis, channel)
+            return [run, *index]
+        flat -= size
+    raise IndexError(flat)
+
+
+def _cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if norm_a == 0 and norm_b == 0:
+        return 1.0
+    if norm_a == 0 or norm_b == 0:
+        return 0.0
+    return float(np.dot(a, b) / (norm_a * norm_b))
+
+
+@dataclass
+class Top1:
+    """Argmax agreement along the class axis: the accuracy view of a classifier's output."""
+
+    axis: int
+    #: Positions compared (batch x any spatial positions, all runs).
+    predictions: int
+    agreeing: int
+    #: Disagreements where the reference's top two were within the element tolerance (a near tie).
+    near_ties: int
+
+    @property
+    def agreement(self) -> float:
+        return self.agreeing / self.predictions if self.predictions else 1.0
+
+
+def top1(reference: Sequence[np.ndarray], subject: Sequence[np.ndarray], axis: int, tolerance: Tolerance) -> Top1:
+    """How often the subject's argmax along ``axis`` is the reference's, over every run and position."""
+    predictions = agreeing = near_ties = 0
+    for ref, sub in zip(reference, subject):
+        ref64, sub64 = np.asarray(ref, np.float64), np.asarray(sub, np.float64)
+        ref_top, sub_top = np.argmax(ref64, axis=axis), np.argmax(sub64, axis=axis)
+        same = ref_top == sub_top
+        predictions += same.size
+        agreeing += int(same.sum())
+        if not same.all() and ref64.shape[axis] > 1:
+            top2 = np.sort(ref64, axis=axis).take([-2, -1], axis=axis)
+            gap = np.abs(top2.take(1, axis=axis) - top2.take(0, axis=axis))
+            limit = tolerance.atol + tolerance.rtol * np.abs(top2.take(1, axis=axis))
+            near_ties += int(((gap <= 2 * limit) & ~same).sum())
+    return Top1(axis=axis, predictions=predictions, agreeing=agreeing, near_ties=near_ties)
