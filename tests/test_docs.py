@@ -12,3 +12,40 @@ def test_every_ledger_reason_and_inspect_problem_is_documented():
     text = (DOCS / "ledger.md").read_text()
     missing = [code for code in [*REASONS, *PROBLEMS] if f"| `{code}` |" not in text]
     assert missing == []
+
+
+# --- the documentation's Python examples run as written ----------------------------------------------
+
+
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = DOCS.parent
+DOCUMENTS = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+BLOCKS = [(doc, index, code) for doc in DOCUMENTS
+          for index, code in enumerate(re.findall(r"```python\n(.*?)```", doc.read_text(), re.S))]
+
+
+@pytest.mark.parametrize("doc, index, code", BLOCKS, ids=[f"{d.name}-{i}" for d, i, _ in BLOCKS])
+def test_python_examples_run(tmp_path, doc, index, code):
+    """Each ```python block runs in a fresh interpreter, in a folder holding what examples
+    name: model.onnx (the README's default model), data.npz (its inputs), model.folded.onnx,
+    torch.npz (reference outputs for those inputs) and models/."""
+    import bnfold
+    import numpy as np
+    import onnxruntime as ort
+
+    shutil.copy(ROOT / "models" / "cnn_ts13.onnx", tmp_path / "model.onnx")
+    shutil.copy(ROOT / "models" / "cnn_ts13.npz", tmp_path / "data.npz")
+    (tmp_path / "models").symlink_to(ROOT / "models")
+    bnfold.fold(tmp_path / "model.onnx").save(tmp_path / "model.folded.onnx")
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = dict(np.load(tmp_path / "data.npz"))
+    names = [o.name for o in session.get_outputs()]
+    np.savez(tmp_path / "torch.npz", **dict(zip(names, session.run(None, feeds))))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{doc.name} block {index}:\n{code}\n{result.stderr[-2000:]}"
