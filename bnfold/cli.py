@@ -108,29 +108,33 @@ def default_output(path: Path) -> Path:
 
 
 def write_json(path: Path, payload: dict) -> None:
+    """Write a JSON report (see ``write_report``)."""
+    write_report(path, json.dumps(payload, indent=2) + "\n", "JSON report")
+
+
+def write_report(path: Path, text: str, what: str) -> None:
     """Write a report: ``-`` is stdout; a regular file is replaced atomically (through a
     symlink to it, the link stays); a device or FIFO is written directly."""
     from bnfold.io import output_target
 
-    text = json.dumps(payload, indent=2) + "\n"
     if str(path) == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    target, direct = output_target(path, "JSON report")
+    target, direct = output_target(path, what)
     if direct:
         try:
             with open(target, "w") as handle:
                 handle.write(text)
         except OSError as exc:
-            raise InputError(f"{path}: cannot write JSON report ({exc.strerror or exc})") from None
+            raise InputError(f"{path}: cannot write the {what} ({exc.strerror or exc})") from None
         return
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         tmp.write_text(text)
         os.replace(tmp, target)
     except OSError as exc:
-        raise InputError(f"{path}: cannot write JSON report ({exc.strerror or exc})") from None
+        raise InputError(f"{path}: cannot write the {what} ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)  # after a failure or an interrupt; gone already on success
 
@@ -174,6 +178,8 @@ def refuse_overwriting_input(model: Path, source, writes: list[tuple[str, Path]]
 
 
 # Options shared by `verify` and `fold --verify`; their meaning is in docs/verify.md.
+JUNIT = typer.Option(None, "--junit", metavar="FILE",
+                     help="Also write a JUnit XML report (one testcase per BN site, or per output and provider).")
 VERIFY_PROVIDERS = typer.Option(
     "auto", "--providers", help="cpu, cuda, or auto (CUDA when onnxruntime can use it); CPU always runs.")
 VERIFY_INPUTS = typer.Option(
@@ -216,7 +222,8 @@ def verify_options(**fields):
 def fold(
     model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path (default: IN with .folded.onnx)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the ledger as JSON to this file."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the ledger as JSON to this file (- for stdout)."),
+    junit: Optional[Path] = JUNIT,
     external_data: Optional[str] = typer.Option(
         None, "--external-data", help="Write weights to this file (relative to OUT) instead of the default."),
     embed: bool = typer.Option(False, "--embed", help="Embed all weights in OUT (refused above 2 GB)."),
@@ -265,8 +272,9 @@ def fold(
     from bnfold.io import output_target
 
     output_target(out, "output")  # every output is checked before anything is folded or written
-    for report in (p for p in (json_path, verify_json) if p and str(p) != "-"):
-        output_target(report, "JSON report")
+    for what, report in (("JSON report", json_path), ("JSON report", verify_json), ("JUnit report", junit)):
+        if report and str(report) != "-":
+            output_target(report, what)
     if (verify_json or keep_on_failure) and not verify_output:
         raise InputError("--verify-json and --keep-on-failure apply only with --verify")
     if recalibrate_data and verify_output:
@@ -314,6 +322,11 @@ def fold(
     if json_path:
         context = {"recalibration": recalibration.to_dict(data=str(recalibrate_data))} if recalibration else {}
         write_json(json_path, result.ledger.to_dict(input=str(model), output=str(out), **context))
+    if junit:
+        from bnfold import junit as junit_xml
+
+        write_report(junit, junit_xml.document(f"bnfold fold {model}", junit_xml.fold_cases(result.ledger, strict)),
+                     "JUnit report")
     if not quiet:
         from bnfold.render import render_ledger
 
@@ -339,38 +352,77 @@ def fold(
 @app.command()
 @reports_errors
 def inspect(
-    model: Path = typer.Argument(..., help="ONNX model to audit."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the findings as JSON to this file."),
+    models: list[Path] = typer.Argument(..., metavar="MODEL...",
+                                        help="ONNX models, or folders searched for *.onnx (recursively)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the findings as JSON to this file (- for stdout)."),
+    junit: Optional[Path] = JUNIT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ) -> None:
     """Audit every BatchNormalization: inference mode, statistics health, fold plan.
 
-    Exit 0 when every BN is inference-ready, 1 when any is not.
+    Exit 0 when every BN is inference-ready, 1 when any is not, 2 when a model is unusable
+    (with several models: the worst of them; every model is still audited).
     """
     from bnfold.audit import findings_to_dict, inspect as inspect_model
+    from bnfold.io import load_source, output_target
 
-    from bnfold.io import load_source
+    for what, report in (("JSON report", json_path), ("JUnit report", junit)):
+        if report and str(report) != "-":
+            output_target(report, what)
+    paths = model_paths(models)
+    audited, code = [], 0
+    for model in paths:
+        try:
+            source = naming_input(model, lambda: load_source(model))
+            refuse_overwriting_input(model, source, [("JSON report", p) for p in [json_path, junit] if p])
+            findings = naming_input(model, lambda: inspect_model(source))
+        except BnfoldError as exc:
+            if len(paths) == 1:
+                raise
+            err_console().print(f"bnfold: error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            code = max(code, exc.exit_code)
+            audited.append((model, None, str(exc)))
+            continue
+        audited.append((model, findings, None))
+        if not quiet:
+            from bnfold.render import render_findings
 
-    from bnfold.io import output_target
-
-    if json_path and str(json_path) != "-":
-        output_target(json_path, "JSON report")
-    source = naming_input(model, lambda: load_source(model))
-    refuse_overwriting_input(model, source, [("JSON report", p) for p in [json_path] if p])
-    findings = naming_input(model, lambda: inspect_model(source))
+            render_findings(findings, human_console(json_path), model if len(paths) > 1 else None)
+        not_ready = [f for f in findings if not f.ok]
+        if not_ready:
+            code = max(code, EXIT_CHECK_FAILED)
+            if quiet:
+                codes = sorted({p for f in not_ready for p in f.problems})
+                where = f"{model}: " if len(paths) > 1 else ""
+                summary_on_stderr(f"{where}{len(not_ready)} of {len(findings)} BatchNormalization not "
+                                  f"inference-ready ({', '.join(codes)})")
     if json_path:
-        write_json(json_path, findings_to_dict(findings, input=str(model)))
-    if not quiet:
-        from bnfold.render import render_findings
+        reports = [findings_to_dict(f, input=str(m)) if f is not None else {"input": str(m), "error": e}
+                   for m, f, e in audited]
+        write_json(json_path, reports[0] if len(paths) == 1 else
+                   {"schema": "bnfold.inspect.batch", "schema_version": 1, "models": reports})
+    if junit:
+        from bnfold import junit as junit_xml
 
-        render_findings(findings, human_console(json_path))
-    not_ready = [f for f in findings if not f.ok]
-    if not_ready:
-        if quiet:
-            codes = sorted({p for f in not_ready for p in f.problems})
-            summary_on_stderr(f"{len(not_ready)} of {len(findings)} BatchNormalization not inference-ready "
-                              f"({', '.join(codes)})")
-        raise typer.Exit(EXIT_CHECK_FAILED)
+        suites = [(f"bnfold inspect {m}", junit_xml.inspect_cases(f) if f is not None else
+                   [junit_xml.Case("bnfold.inspect", str(m), "error", None, e)]) for m, f, e in audited]
+        write_report(junit, junit_xml.documents(suites), "JUnit report")
+    if code:
+        raise typer.Exit(code)
+
+
+def model_paths(paths: list[Path]) -> list[Path]:
+    """The models named, folders expanded to the *.onnx files under them (sorted)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            models = sorted(p for p in path.rglob("*.onnx") if p.is_file())
+            if not models:
+                raise InputError(f"{path}: a directory with no *.onnx file in it")
+            found.extend(models)
+        else:
+            found.append(path)
+    return found
 
 
 @app.command()
@@ -397,6 +449,7 @@ def verify(
     save_outputs: Optional[Path] = VERIFY_SAVE_OUTPUTS,
     save_inputs: Optional[Path] = VERIFY_SAVE_INPUTS,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (schema: docs/verify.md)."),
+    junit: Optional[Path] = JUNIT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ) -> None:
     """Prove in onnxruntime, on CPU and CUDA, that CANDIDATE computes what ORIGINAL computes.
@@ -418,18 +471,25 @@ def verify(
                        ("--save-inputs file", save_inputs)):
         if path and path.resolve() in models:
             raise InputError(f"{path}: the {what} would overwrite a model being verified; choose another path")
-    finish_verification(verify_models(original, candidate, options), json_path, quiet)
+    finish_verification(verify_models(original, candidate, options), json_path, quiet, junit)
 
 
-def finish_verification(report, json_path: Optional[Path], quiet: bool) -> None:
-    """Write and print a verification report; exit 1 unless it passed."""
+def finish_verification(report, json_path: Optional[Path], quiet: bool, junit: Optional[Path] = None) -> None:
+    """Write and print a verification report; exit 1 unless it passed (with -q, one line says so)."""
     from bnfold.verification import render_report
 
     if json_path:
         write_json(json_path, report.to_dict())
+    if junit:
+        from bnfold import junit as junit_xml
+
+        write_report(junit, junit_xml.document(f"bnfold verify {report.candidate}", junit_xml.verify_cases(report)),
+                     "JUnit report")
     if not quiet:
-        render_report(report, console())
+        render_report(report, human_console(json_path))
     if not report.passed:
+        if quiet:
+            summary_on_stderr(report.summary())
         raise typer.Exit(report.exit_code)
 
 

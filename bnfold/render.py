@@ -130,15 +130,17 @@ def findings_title(findings) -> str:
     return f"bnfold inspect: {ready} of {len(findings)} BatchNormalization inference-ready"
 
 
-def render_findings(findings, console) -> None:
+def render_findings(findings, console, model: Path | None = None) -> None:
+    """The inspect findings; ``model`` names the file when several are audited."""
+    title = findings_title(findings) + (f" in {model}" if model is not None else "")
     if not console.is_terminal:
-        _print_lines(console, [findings_title(findings), *(_ascii_safe(console, x) for x in findings_lines(findings))])
+        _print_lines(console, [_ascii_safe(console, title), *(_ascii_safe(console, x) for x in findings_lines(findings))])
         return
     from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=findings_title(findings), box=box.HEAVY_HEAD if can_encode(console, "┃━") else box.ASCII)
+    table = Table(title=escape(_ascii_safe(console, title)), box=box.HEAVY_HEAD if can_encode(console, "┃━") else box.ASCII)
     for column in ("BN", "graph", "ready", "problems", "fold plan"):
         table.add_column(column, overflow="fold")
     for f in findings:

@@ -187,3 +187,71 @@ def test_quiet_inspect_failure_prints_one_summary_line(tmp_path):
     result = bnfold("inspect", model, "-q")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "untrained-stats" in result.stderr
+
+
+# --- reports for CI: JUnit, several models, the pre-commit hook ------------------------------------
+
+
+def _junit(path: Path):
+    """Parse a JUnit file and check what CI servers rely on: counts that add up, every
+    testcase named, a failure carrying a message."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    assert root.tag == "testsuites"
+    suites = root.findall("testsuite")
+    cases = [case for suite in suites for case in suite.findall("testcase")]
+    for element, members in [(root, cases), *((s, s.findall("testcase")) for s in suites)]:
+        assert int(element.get("tests")) == len(members)
+        assert int(element.get("failures")) == sum(c.find("failure") is not None for c in members)
+        assert int(element.get("skipped")) == sum(c.find("skipped") is not None for c in members)
+    for case in cases:
+        assert case.get("classname") and case.get("name")
+        failure = case.find("failure")
+        assert failure is None or failure.get("message")
+    return suites, cases
+
+
+def test_junit_follows_the_exit_code(tmp_path):
+    model = model_with_names(tmp_path)
+    report = tmp_path / "fold.xml"
+    assert invoke("fold", model, "-o", tmp_path / "o.onnx", "-q", "--junit", report).exit_code == 0
+    _, cases = _junit(report)
+    assert [c.get("name") for c in cases] == ["bn[/oops]", "tail[red]x[/red]"]
+    assert cases[1].find("skipped") is not None and cases[1].find("failure") is None
+    assert invoke("fold", model, "-o", tmp_path / "o.onnx", "-q", "--strict", "--junit", report).exit_code == 1
+    _, cases = _junit(report)
+    assert cases[1].find("failure").get("message") == "kept: no-linear-producer"
+
+
+def test_inspect_takes_many_models_and_folders(tmp_path):
+    good = model_with_names(tmp_path)
+    (tmp_path / "sub").mkdir()
+    bad = model_with_names(tmp_path / "sub", trained=False)
+    (tmp_path / "sub" / "junk.onnx").write_bytes(b"not onnx")
+    report, junit = tmp_path / "all.json", tmp_path / "all.xml"
+    result = invoke("inspect", good, tmp_path / "sub", "-q", "--json", report, "--junit", junit)
+    assert result.exit_code == 2  # the worst: junk.onnx is unusable, and it is still said in one line
+    assert result.stderr.count("bnfold: error: ") == 1 and "not inference-ready" in result.stderr
+    data = json.loads(report.read_text())
+    assert [Path(m["input"]).name for m in data["models"]] == ["m[x].onnx", "junk.onnx", "m[x].onnx"]
+    assert "error" in data["models"][1] and data["models"][2]["summary"]["not_ready"] == 1
+    suites, _ = _junit(junit)
+    assert len(suites) == 3
+
+
+def test_the_pre_commit_hook_entry_runs_on_changed_files(tmp_path):
+    import shlex
+
+    import yaml
+
+    (hook,) = yaml.safe_load((Path(__file__).resolve().parent.parent / ".pre-commit-hooks.yaml").read_text())
+    assert hook["id"] == "bnfold-inspect" and hook["pass_filenames"] and hook["files"] == r"\.onnx$"
+    command = shlex.split(hook["entry"])
+    assert command[0] == "bnfold"
+    good = model_with_names(tmp_path)
+    (tmp_path / "b").mkdir()
+    bad = model_with_names(tmp_path / "b", trained=False)
+    assert bnfold(*command[1:], good).returncode == 0  # what pre-commit runs: entry + the changed files
+    result = bnfold(*command[1:], good, bad)
+    assert result.returncode == 1 and result.stdout == "" and "untrained-stats" in result.stderr
