@@ -115,7 +115,7 @@ def write_json(path: Path, payload: dict) -> None:
 def write_report(path: Path, text: str, what: str) -> None:
     """Write a report: ``-`` is stdout; a regular file is replaced atomically (through a
     symlink to it, the link stays); a device or FIFO is written directly."""
-    from bnfold.io import output_target
+    from bnfold.save import output_target
 
     if str(path) == "-":
         sys.stdout.write(text)
@@ -162,7 +162,7 @@ def naming_input(path: Path, call):
 def refuse_overwriting_input(model: Path, source, writes: list[tuple[str, Path]], in_place: bool = False) -> None:
     """No file a command writes may replace the input model or its external data; with
     ``--in-place`` only OUT (and its weights) may replace the input's own files."""
-    from bnfold.io import external_data_files
+    from bnfold.load import external_data_files
 
     protected = {model.resolve()} | external_data_files(source)
     written: set[Path] = set()
@@ -220,8 +220,13 @@ def verify_options(**fields):
 @app.command()
 @reports_errors
 def fold(
-    model: Path = typer.Argument(..., help="Input ONNX model (never modified)."),
+    models: list[Path] = typer.Argument(..., metavar="MODEL...",
+                                        help="Input ONNX model (never modified); several, or folders, with --out-dir."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output path (default: IN with .folded.onnx)."),
+    out_dir: Optional[Path] = typer.Option(
+        None, "--out-dir", help="Fold several models (files, or folders searched for *.onnx) into this folder, "
+                                "keeping their relative paths."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="With --out-dir: fold this many models at once (processes)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the ledger as JSON to this file (- for stdout)."),
     junit: Optional[Path] = JUNIT,
     external_data: Optional[str] = typer.Option(
@@ -264,12 +269,25 @@ def fold(
     """Fold every foldable BatchNormalization of MODEL into its neighbour and write OUT."""
     from bnfold.engine import FoldOptions, fold as fold_model
 
+    options = FoldOptions(fold_overridable=fold_overridable, decompose_standalone=decompose_standalone,
+                          to_inference=to_inference)
+    if out_dir is not None or len(models) > 1 or models[0].is_dir():
+        single_only = {"-o": output, "--in-place": in_place, "--external-data": external_data,
+                       "--verify": verify_output, "--recalibrate": recalibrate_data}
+        given = [flag for flag, value in single_only.items() if value]
+        if given or out_dir is None:
+            raise InputError(f"{', '.join(given) or 'several models'}: several models are folded with --out-dir DIR"
+                             + (f"; {', '.join(given)} apply to one model" if given else ""))
+        fold_many(models, out_dir, options, embed=embed, jobs=jobs, strict=strict, quiet=quiet, json_path=json_path,
+                  junit=junit)
+        return
+    model = models[0]
     out = output or default_output(model)
     if out.resolve() == model.resolve() and not in_place:
         raise InputError(f"{out}: output is the input; pass --in-place to overwrite it")
     if embed and external_data:
         raise InputError("--embed and --external-data exclude each other")
-    from bnfold.io import output_target
+    from bnfold.save import output_target
 
     output_target(out, "output")  # every output is checked before anything is folded or written
     for what, report in (("JSON report", json_path), ("JSON report", verify_json), ("JUnit report", junit)):
@@ -292,7 +310,7 @@ def fold(
     elif any(v for v in (input_range, channel_rtol, channel_axis, metric, reference_outputs, save_outputs, save_inputs)):
         raise InputError("--input-range, --channel-rtol, --channel-axis, --metric, --reference-outputs, "
                          "--save-outputs and --save-inputs apply only with --verify")
-    from bnfold.io import has_external_data, load_source, weight_bytes
+    from bnfold.load import has_external_data, load_source, weight_bytes
     from bnfold.progress import THRESHOLD_BYTES, Steps, save_callback
 
     big_file = model.is_file() and model.stat().st_size >= THRESHOLD_BYTES
@@ -307,8 +325,6 @@ def fold(
     writes = [("output", out)] + [("weights file", out.parent / n) for n in [data_name] if n]
     refuse_overwriting_input(model, source, writes + [("JSON report", p) for p in [json_path, verify_json] if p],
                              in_place and out.resolve() == model.resolve())
-    options = FoldOptions(fold_overridable=fold_overridable, decompose_standalone=decompose_standalone,
-                          to_inference=to_inference)
     recalibration = None
     if recalibrate_data:
         from bnfold.recalibration import recalibrate as recalibrate_model
@@ -349,6 +365,52 @@ def fold(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+def fold_many(roots: list[Path], out_dir: Path, options, *, embed: bool, jobs: int, strict: bool, quiet: bool,
+              json_path: Optional[Path], junit: Optional[Path]) -> None:
+    """Fold every model under ``roots`` into ``out_dir`` (relative paths kept), ``jobs`` at a
+    time; one report, exit code the worst of all models."""
+    from bnfold.batch import fold_files, plan_outputs
+
+    tasks = plan_outputs(roots, model_paths(roots), out_dir)
+    console_ = human_console(json_path)
+    results, code = [], 0
+    for done in fold_files(tasks, options, embed=embed, jobs=jobs):
+        results.append(done)
+        if done.error is not None:
+            err_console().print(f"bnfold: error: {done.error}", markup=False, highlight=False, soft_wrap=True)
+            code = max(code, done.exit_code)
+            continue
+        if not quiet:
+            from bnfold.render import render_ledger
+
+            render_ledger(done.ledger, done.output, console_, source=done.model)
+        kept = [e for e in done.ledger.batch_norms if e.status == "kept" or e.problems]
+        if strict and kept:
+            code = max(code, EXIT_CHECK_FAILED)
+            if quiet:
+                summary_on_stderr(f"{done.model}: --strict: {len(kept)} BatchNormalization kept or not inference-ready")
+    if not quiet:
+        folded = sum(r.ledger.summary()["folded"] for r in results if r.ledger)
+        total = sum(r.ledger.summary()["bn_total"] for r in results if r.ledger)
+        errors = sum(r.error is not None for r in results)
+        console_.print(f"bnfold: {len(results)} model(s) -> {out_dir}: {folded} of {total} BatchNormalization folded"
+                       + (f", {errors} model(s) not folded (errors above)" if errors else ""),
+                       markup=False, highlight=False, soft_wrap=True)
+    if json_path:
+        write_json(json_path, {"schema": "bnfold.ledger.batch", "schema_version": 1, "models": [
+            r.ledger.to_dict(input=str(r.model), output=str(r.output)) if r.ledger is not None
+            else {"input": str(r.model), "error": r.error} for r in results]})
+    if junit:
+        from bnfold import junit as junit_xml
+
+        write_report(junit, junit_xml.documents([
+            (f"bnfold fold {r.model}", junit_xml.fold_cases(r.ledger, strict) if r.ledger is not None
+             else [junit_xml.Case("bnfold.fold", str(r.model), "error", None, r.error)]) for r in results]),
+            "JUnit report")
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command()
 @reports_errors
 def inspect(
@@ -364,7 +426,8 @@ def inspect(
     (with several models: the worst of them; every model is still audited).
     """
     from bnfold.audit import findings_to_dict, inspect as inspect_model
-    from bnfold.io import load_source, output_target
+    from bnfold.load import load_source
+    from bnfold.save import output_target
 
     for what, report in (("JSON report", json_path), ("JUnit report", junit)):
         if report and str(report) != "-":
@@ -562,7 +625,7 @@ def recalibrate(
 
     Training-mode BNs become inference BNs with the new statistics. See docs/recalibrate.md.
     """
-    from bnfold.io import has_external_data, load_source
+    from bnfold.load import has_external_data, load_source
     from bnfold.recalibration import recalibrate as recalibrate_model, render_report
 
     stem = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name

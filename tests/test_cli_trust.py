@@ -255,3 +255,37 @@ def test_the_pre_commit_hook_entry_runs_on_changed_files(tmp_path):
     assert bnfold(*command[1:], good).returncode == 0  # what pre-commit runs: entry + the changed files
     result = bnfold(*command[1:], good, bad)
     assert result.returncode == 1 and result.stdout == "" and "untrained-stats" in result.stderr
+
+
+def test_fold_many_models_into_a_folder(tmp_path):
+    """A folder in, a folder out (relative paths kept), external data kept with its model,
+    one JSON report, an unusable model reported without stopping the others."""
+    source = tmp_path / "in"
+    (source / "nested").mkdir(parents=True)
+    first = model_with_names(source)
+    model = onnx.load(first)
+    onnx.save(model, source / "nested" / "ext.onnx", save_as_external_data=True, size_threshold=0,
+              location="ext.onnx.data")
+    (source / "nested" / "junk.onnx").write_bytes(b"junk")
+    report = tmp_path / "all.json"
+    result = bnfold("fold", source, "--out-dir", tmp_path / "out", "--jobs", "2", "-q", "--json", report)
+    assert result.returncode == 2 and result.stderr.count("bnfold: error: ") == 1, result.stderr
+    assert (tmp_path / "out" / "m[x].onnx").is_file()
+    assert (tmp_path / "out" / "nested" / "ext.onnx").is_file()
+    assert (tmp_path / "out" / "nested" / "ext.onnx.data").is_file()
+    assert not (tmp_path / "out" / "nested" / "junk.onnx").exists()
+    data = json.loads(report.read_text())
+    assert [Path(m["input"]).name for m in data["models"]] == ["m[x].onnx", "ext.onnx", "junk.onnx"]
+    assert data["models"][0]["summary"]["folded"] == 1 and "error" in data["models"][2]
+    import onnxruntime as ort
+
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 3, 4, 4)).astype(np.float32)}
+    want = ort.InferenceSession(str(first)).run(None, feeds)[0]
+    got = ort.InferenceSession(str(tmp_path / "out" / "nested" / "ext.onnx")).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_several_models_need_an_output_folder(tmp_path):
+    model = model_with_names(tmp_path)
+    result = invoke("fold", model, model, "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2 and "--out-dir" in result.stderr
