@@ -60,26 +60,26 @@ def wrap(module_name: str, attr: str, label: str) -> None:
 
 PHASES = [
     # (module, attribute, label); the module must be the one the caller looks the name up in.
-    ("bnfold.io", "load_source", "load (all)"),
+    ("bnfold.load", "load_source", "load (all)"),
     ("bnfold.wire", "split_weights", "  cut large weights out (wire scan)"),
     ("onnx", "load", "  onnx.load (whole-file parse: fallback)"),
-    ("bnfold.io", "_check_tensors", "  check tensors"),
-    ("bnfold.io", "_check_external_data", "  check external data"),
-    ("bnfold.io", "_check_opsets", "  check opsets/nodes"),
+    ("bnfold.load", "_check_tensors", "  check tensors"),
+    ("bnfold.load", "_check_external_data", "  check external data"),
+    ("bnfold.load", "_check_opsets", "  check opsets/nodes"),
     ("onnx_ir.serde", "deserialize_model", "  onnx_ir deserialise"),
-    ("bnfold.io", "check_graph_wellformed", "  check well-formed"),
+    ("bnfold.load", "check_graph_wellformed", "  check well-formed"),
     ("bnfold.engine", "fold", "fold() (graph work; loads too if given a path)"),
     ("bnfold.engine", "plan_site", "  plan (all sites)"),
     ("bnfold.engine", "run", "  plan+rewrite (all nodes)"),
     ("bnfold.engine", "apply_edits", "  carry the edits over to the proto"),
     ("bnfold.engine", "save_edited", "save (all)"),
-    ("bnfold.io", "_Layout", "  lay out tensors (copy of the proto)"),
+    ("bnfold.save", "_Layout", "  lay out tensors (copy of the proto)"),
     ("bnfold.affine", "apply_factor", "    fold weights (worker threads, overlaps writing)"),
-    ("bnfold.io", "_copy_from_file", "    copy weights file to file"),
-    ("bnfold.io", "_write_all", "    write (incl. waiting for folded weights)"),
-    ("bnfold.io", "_fsync", "  fsync files"),
-    ("bnfold.io", "_fsync_dir", "  fsync folder"),
-    ("bnfold.cli", "render_ledger", "render ledger"),
+    ("bnfold.stream", "_copy_from_file", "    copy weights file to file"),
+    ("bnfold.stream", "_write_all", "    write (incl. waiting for folded weights)"),
+    ("bnfold.save", "_fsync", "  fsync files"),
+    ("bnfold.save", "_fsync_dir", "  fsync folder"),
+    ("bnfold.render", "render_ledger", "render ledger"),
 ]
 
 

@@ -172,7 +172,7 @@ def main() -> int:
         for path in folder.iterdir():
             path.unlink()
     print()
-    print(f"| model | weights | verify wall | bare wall | wall ratio (target <= 1.1) | verify peak RSS | "
+    print("| model | weights | verify wall | bare wall | wall ratio (target <= 1.1) | verify peak RSS | "
           f"bare peak RSS | verify peak / weights (target <= 2.5) |")
     print("|---|---|---|---|---|---|---|---|")
     for key, weight_bytes, med in rows:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from bnfold.engine import run
-from bnfold.io import as_source
+from bnfold.load import as_source
 from bnfold.ledger import STATUS_FOLDED
 
 INSPECT_SCHEMA_VERSION = 1

@@ -65,7 +65,7 @@ def fold_files(tasks: list[tuple[Path, Path]], options, *, embed: bool, jobs: in
 def fold_file(task: tuple[Path, Path, object, bool]) -> Folded:
     """Load, fold and save one model; errors become the result, never an exception."""
     from bnfold.engine import fold
-    from bnfold.io import external_data_files, has_external_data, load_source
+    from bnfold.load import external_data_files, has_external_data, load_source
 
     model, output, options, embed = task
     try:

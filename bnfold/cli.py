@@ -271,7 +271,9 @@ def fold(
 
     options = FoldOptions(fold_overridable=fold_overridable, decompose_standalone=decompose_standalone,
                           to_inference=to_inference)
-    if out_dir is not None or len(models) > 1 or models[0].is_dir():
+    if out_dir is None and len(models) == 1 and models[0].is_dir():
+        raise InputError(f"{models[0]}: is a directory; fold the models in it with --out-dir DIR")
+    if out_dir is not None or len(models) > 1:
         single_only = {"-o": output, "--in-place": in_place, "--external-data": external_data,
                        "--verify": verify_output, "--recalibrate": recalibrate_data}
         given = [flag for flag, value in single_only.items() if value]

@@ -18,11 +18,12 @@ import onnx
 
 from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants
-from bnfold.io import as_source, has_external_data, save_edited
 from bnfold.health import bn_problems
 from bnfold.ledger import Ledger, LedgerEntry
+from bnfold.load import as_source, has_external_data
 from bnfold.plan import Context, Fold, FoldOptions, Site, as_site_of, iter_scopes, plan_site
 from bnfold.rewrite import Editor
+from bnfold.save import save_edited
 from bnfold.source import Source
 from bnfold.writer import Edited, apply_edits
 

@@ -46,10 +46,11 @@ from bnfold import affine
 from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants
 from bnfold.errors import InputError
-from bnfold.io import as_source, has_external_data, save_edited
 from bnfold.ledger import NoMatch
+from bnfold.load import as_source, has_external_data
 from bnfold.plan import iter_scopes, is_batch_norm, mode_problem, read_stats, used_names
 from bnfold.rewrite import Editor
+from bnfold.save import save_edited
 from bnfold.source import Source
 from bnfold.writer import Edited, apply_edits
 

@@ -35,7 +35,7 @@ CUSTOM = "com.example.rich"
 FN_DOMAIN = "com.example.fn"
 #: Opset of the default domain; ORT 1.32 runs it and bnfold knows BN/Conv there.
 OPSET = 17
-#: Main-graph initializers at least this large are streamed by bnfold (bnfold.io.EMBEDDED_MIN_BYTES).
+#: Main-graph initializers at least this large are streamed by bnfold (bnfold.load.EMBEDDED_MIN_BYTES).
 STREAMED_BYTES = 64 * 1024
 
 

@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 
 import bnfold
 from bnfold.errors import InputError
-from bnfold.io import load_model, save_model
+from bnfold.load import load_model
+from bnfold.save import save_model
 
 PYTHON = sys.executable
 FEEDS = {"x": np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)}
@@ -686,7 +687,7 @@ def test_save_interrupted_while_writing_external_data(tmp_path, failure):
 
 def test_signals_wait_until_the_commit_is_done():
     """The commit (renames) runs under _signals_deferred: a signal is held, then delivered."""
-    from bnfold.io import _signals_deferred
+    from bnfold.save import _signals_deferred
 
     delivered = []
 

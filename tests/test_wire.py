@@ -23,11 +23,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnfold
-import bnfold.io
+import bnfold.load
 from bnfold import wire
 from bnfold._onnx_ir import ir
 from bnfold.errors import InputError
-from bnfold.io import EmbeddedTensor, load_model, save_model
+from bnfold.load import EmbeddedTensor, load_model
+from bnfold.save import save_model
 from bnfold.writer import all_tensors
 from builders import GraphBuilder, run
 from test_equivalence import build, graphs
@@ -38,7 +39,7 @@ EVERYTHING_CUT, NOTHING_CUT = 0, 2**62
 
 
 def cut_at(min_bytes: int):
-    return mock.patch.object(bnfold.io, "EMBEDDED_MIN_BYTES", min_bytes)
+    return mock.patch.object(bnfold.load, "EMBEDDED_MIN_BYTES", min_bytes)
 
 
 def protobuf_round_trip(path: Path) -> bytes:
@@ -158,7 +159,7 @@ def test_large_weights_stay_in_the_file_until_written(tmp_path):
     weights = [v.const_value for v in model.graph.initializers.values() if v.const_value.nbytes >= 2**14]
 
     assert weights and all(isinstance(t, EmbeddedTensor) for t in weights)
-    assert not bnfold.io.has_external_data(model)
+    assert not bnfold.load.has_external_data(model)
     bnfold.fold(model).save(tmp_path / "out.onnx")
     assert (tmp_path / "out.onnx").read_bytes() == protobuf_fold(path)
     assert not (tmp_path / "out.onnx.data").exists()

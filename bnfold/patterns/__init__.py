@@ -17,6 +17,7 @@ from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants, has_unresolved_reference
 from bnfold.ledger import NoMatch
 from bnfold.patterns.layout import Channel
+from bnfold.patterns.shapes import linear_shape_problem
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,6 @@ def match_producer(value: ir.Value, consts: Constants) -> LinearMatch:
 def require_valid_shapes(node: ir.Node, weight: ir.TensorProtocol, bias: ir.TensorProtocol | None) -> None:
     """Weights may come from constant subgraphs the loader could not size: check them here."""
     from bnfold.errors import InputError
-    from bnfold.io import linear_shape_problem
 
     problem = linear_shape_problem(node, tuple(weight.shape), None if bias is None else tuple(bias.shape))
     if problem:

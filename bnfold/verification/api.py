@@ -24,7 +24,7 @@ import numpy as np
 from bnfold import __version__
 from bnfold._ort_worker import CPU, CUDA
 from bnfold.errors import InputError
-from bnfold.io import external_data_files, load_model
+from bnfold.load import external_data_files, load_model
 from bnfold.verification.compare import channel_axis_of, compare_arrays, resolve_tolerance, top1
 from bnfold.verification.feeds import (
     ModelSignature,

@@ -16,7 +16,7 @@ import numpy as np
 
 from bnfold._onnx_ir import ir
 from bnfold.errors import InputError
-from bnfold.io import _first_line
+from bnfold.load import _first_line
 
 #: Random integer inputs are drawn from [0, INTEGER_INPUT_HIGH) unless a range is given
 #: or derived from the Gather they index.

@@ -1,34 +1,22 @@
-"""Load and save models safely.
+"""Load models safely: parse, validate, and leave large weights in the file.
 
 Loading validates what onnx_ir does not: that the file is ONNX at all, that every
 external-data reference stays inside the model's folder and within its file, and that
 the graph is well formed (every input defined before use, declared opsets). Large
 weights are not parsed: they stay in the model file as ``EmbeddedTensor``s, read by
 offset where a fold needs them and copied file to file when the model is written back
-(``bnfold.wire``). Saving writes to a temporary folder beside the target and renames
-into place, so a failed or interrupted run never leaves a partial output and never
-touches the input.
+(``bnfold.wire``, ``bnfold.stream``). Saving is ``bnfold.save``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
-import io as _io
 import logging
 import math
 import mmap
 import os
-import shutil
-import signal
-import stat
-import sys
-import tempfile
-import threading
 import warnings
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,26 +27,15 @@ from google.protobuf.message import DecodeError
 from bnfold import wire
 from bnfold._onnx_ir import ir
 from bnfold.constant_eval import constant_tensor
-from bnfold.errors import BnfoldError, InputError
+from bnfold.errors import InputError
+from bnfold.patterns.shapes import linear_shape_problem
 from bnfold.source import Source, analysis_copy, link
-from bnfold.writer import Edited, all_tensors, external_range, set_external, set_inline, tensor_nbytes
+from bnfold.writer import all_tensors, external_range, tensor_nbytes
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
-#: Bytes of computed (folded) tensors that may be in flight ahead of the writer (two
-#: tensors are always allowed, so both workers stay busy whatever the tensor size).
-SAVE_IN_FLIGHT_BYTES = 32 * 2**20
-#: Headroom for the graph itself when deciding whether weights still fit inline.
-EMBED_HEADROOM_BYTES = 64 * 2**20
 #: Main-graph initializers at least this large stay in the model file at load (and are
 #: written by copying); smaller ones (BN statistics, biases) are parsed as usual.
 EMBEDDED_MIN_BYTES = 64 * 2**10
-#: In-memory initializers at least this large go to the external-data file when there is one.
-EXTERNAL_MIN_BYTES = 1024
-#: Small pieces of an output model are gathered up to this size before each write.
-WRITE_BUFFER_BYTES = 2**20
-#: Errors with which copy_file_range says "not between these files": copy through memory instead.
-_NO_FILE_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM,
-                 errno.EBADF}
 
 
 class EmbeddedTensor(ir.ExternalTensor):
@@ -270,438 +247,6 @@ def _proto_external_files(source: Source) -> set[Path]:
             if tensor.data_location == onnx.TensorProto.EXTERNAL}
 
 
-def save_model(
-    model: ir.Model,
-    path: str | os.PathLike,
-    *,
-    external_data: str | None = None,
-    callback: Callable | None = None,
-) -> None:
-    """Write an onnx_ir ``model`` to ``path`` atomically (see ``save_edited``)."""
-    save_edited(_edited_from_ir(model), path, external_data=external_data, callback=callback)
-
-
-def save_edited(
-    edited: Edited,
-    path: str | os.PathLike,
-    *,
-    external_data: str | None = None,
-    callback: Callable | None = None,
-) -> None:
-    """Write an edited model to ``path`` atomically.
-
-    ``external_data`` names the weights file relative to ``path``'s folder; None embeds
-    the weights, which is refused when they cannot fit protobuf's 2 GB limit.
-    ``callback(tensor, written, total)`` runs after each large weight is written.
-    """
-    target, direct = output_target(Path(path), "output")
-    folder = target.parent
-    if external_data is not None:
-        if direct:
-            raise InputError(f"{path}: a device or FIFO cannot have external data beside it; use --embed")
-        _check_relative_name(external_data, target)
-    layout = _Layout(edited, external_data)
-    if external_data is None and layout.embedded_bytes > PROTOBUF_LIMIT_BYTES - EMBED_HEADROOM_BYTES:
-        raise InputError(
-            f"{target}: weights ({layout.embedded_bytes / 2**30:.2f} GiB) do not fit in one ONNX "
-            "file (protobuf limit 2 GiB); write them as external data instead"
-        )
-    if direct:  # a device or FIFO: nothing to replace atomically, write straight to it
-        try:
-            layout.write_model(target, callback)
-        except OSError as exc:
-            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-        return
-    staging = None
-    try:
-        with _signals_deferred():  # a signal between mkdir and assignment would leak the folder
-            try:
-                staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
-            except OSError as exc:
-                raise InputError(f"{target}: cannot write to {folder} ({exc.strerror})") from None
-        staged_model = staging / target.name
-        staged_files = [staged_model]
-        if layout.external:
-            staged_data = staging / external_data
-            staged_data.parent.mkdir(parents=True, exist_ok=True)  # a name like "weights/w.bin"
-            with open(staged_data, "wb", buffering=0) as handle:
-                _write_pieces(handle, list(layout.external), layout.external, callback)
-            staged_files.insert(0, staged_data)
-        layout.write_model(staged_model, callback)
-        for staged in staged_files:
-            _fsync(staged)
-        # Data first: the model file is what makes the pair visible. An interrupt waits
-        # until both are in place, so it never leaves the data without its model.
-        with _signals_deferred():
-            for staged in staged_files:
-                destination = folder / staged.relative_to(staging)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staged, destination)
-            _fsync_dir(folder)
-    except Exception as exc:
-        cause = _cause_of_type(exc, BnfoldError) or _cause_of_type(exc, OSError)
-        if isinstance(cause, BnfoldError):
-            raise cause from None
-        if isinstance(cause, OSError):
-            raise InputError(f"{target}: cannot write ({cause.strerror or cause})") from None
-        raise
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def output_target(path: Path, what: str) -> tuple[Path, bool]:
-    """Where an output really goes, and whether to write it directly.
-
-    A symlink is written through (the link stays, its regular-file target is replaced
-    atomically); a character device or FIFO (``/dev/null``, a named pipe) is written
-    directly, since there is nothing to replace; anything else that is not a regular file
-    is refused, as is a missing folder. Never replaces a file that is not ours to replace.
-    """
-    try:
-        mode = os.stat(path).st_mode  # through any symlinks
-    except OSError:
-        mode = None
-    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-        return path, True  # /dev/null, /dev/stdout (a link to a pipe or terminal), a FIFO
-    if mode is not None and stat.S_ISDIR(mode):
-        raise InputError(f"{path}: is a directory, not a file for the {what}")
-    if mode is not None and not stat.S_ISREG(mode):
-        raise InputError(f"{path}: the {what} would replace something that is not a regular file")
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        problem = "is not a folder" if folder.exists() else "does not exist"
-        raise InputError(f"{path}: the {what}'s folder {folder} {problem}")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"{path}: cannot write the {what} to {folder} (permission denied)")
-    return target, False
-
-
-class _Layout:
-    """Where each tensor's data goes in the output, decided on a copy of the edited proto.
-
-    Embedded: every tensor inline; the data of main-graph initializers that lie in a file
-    or are folded is written in place by ``wire.encode_model`` (never assembled in memory),
-    other such tensors (subgraphs, Constant nodes) are read into the proto, they are small.
-    External: what was external data stays external (in the new data file, its other keys
-    such as a checksum kept), folded weights go there too, and, when the input had no
-    external data, so do initializers of at least EXTERNAL_MIN_BYTES.
-    Everything else stays exactly where it was.
-    """
-
-    def __init__(self, edited: Edited, data_name: str | None):
-        self.proto = onnx.ModelProto()
-        self.proto.CopyFrom(edited.proto)
-        self.data_name = data_name
-        self.streamed: dict[int, ir.TensorProtocol] = {}  # main-graph initializer index -> data
-        self.external: dict[int, ir.TensorProtocol] = {}  # order in the data file -> data
-        move_inline = data_name is not None and not edited.input_external
-        offset = 0
-        main_index = 0
-        for tensor, kind in all_tensors(self.proto):
-            index = main_index if kind == "main" else None
-            main_index += kind == "main"
-            data = _data_of(tensor, kind, edited)
-            nbytes = data.nbytes if data is not None else None
-            if data_name is not None and tensor.data_type != onnx.TensorProto.STRING and (
-                    tensor.data_location == onnx.TensorProto.EXTERNAL
-                    or (tensor.name in edited.folded and kind != "attribute")
-                    or (move_inline and kind != "attribute" and _inline_nbytes(tensor, data) >= EXTERNAL_MIN_BYTES)):
-                if data is None:  # read now: the proto is about to point elsewhere
-                    data = ir.Tensor(ir.serde.TensorProtoTensor(tensor).numpy(), dtype=ir.DataType(tensor.data_type))
-                    nbytes = data.nbytes
-                set_external(tensor, data_name, offset, nbytes)
-                self.external[len(self.external)] = data
-                offset += nbytes
-            elif data is not None:
-                if index is not None:
-                    set_inline(tensor, None)
-                    self.streamed[index] = data
-                else:
-                    set_inline(tensor, _tensor_bytes(data).tobytes())
-        self.lengths = [self.streamed[i].nbytes if i in self.streamed else None for i in range(main_index)]
-        self.embedded_bytes = self.proto.ByteSize() + sum(t.nbytes for t in self.streamed.values())
-
-    def write_model(self, path: Path, callback: Callable | None) -> None:
-        skeleton = self.proto.SerializeToString()
-        pieces = wire.encode_model(skeleton, self.lengths) if self.streamed else [skeleton]
-        _, extension = os.path.splitext(path)
-        if onnx.serialization.registry.get_format_from_file_extension(extension) not in (None, "protobuf"):
-            # A text format (the output's extension asks for it) needs the whole message.
-            buffer = _io.BytesIO()
-            _write_pieces(buffer, pieces, self.streamed, callback)
-            onnx.save_model(onnx.ModelProto.FromString(buffer.getvalue()), str(path))
-            return
-        with open(path, "wb", buffering=0) as handle:
-            _write_pieces(handle, pieces, self.streamed, callback)
-
-
-def _data_of(tensor: onnx.TensorProto, kind: str, edited: Edited) -> ir.TensorProtocol | None:
-    """The data of a tensor the proto does not hold: folded, left in the input file, or
-    external; None for a tensor whose data is in the proto."""
-    source = edited.source
-    if tensor.name in edited.folded and not tensor.HasField("raw_data") and kind != "attribute":
-        return edited.folded[tensor.name]
-    if kind == "main" and tensor.name in source.spans and not tensor.HasField("raw_data") \
-            and tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return source.model.graph.initializers[tensor.name].const_value
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        path, offset, length = external_range(tensor, source.base_dir)
-        dtype = ir.DataType(tensor.data_type)
-        if length == 0:
-            return ir.Tensor(np.empty(tuple(tensor.dims), dtype=dtype.numpy()), dtype=dtype)
-        return ir.ExternalTensor(str(path), offset, length, dtype, shape=ir.Shape(tuple(tensor.dims)),
-                                 name=tensor.name)
-    return None
-
-
-def _inline_nbytes(tensor: onnx.TensorProto, data: ir.TensorProtocol | None) -> int:
-    if data is not None:
-        return data.nbytes
-    if tensor.HasField("raw_data"):
-        return len(tensor.raw_data)
-    return tensor.ByteSize()
-
-
-def _edited_from_ir(model: ir.Model) -> Edited:
-    """An onnx_ir model as an Edited proto: tensors in files or computed on writing become
-    data-less placeholders whose data is streamed; nothing is read into memory for it."""
-    streamed: dict[str, ir.TensorProtocol] = {}
-    values = [v for graph in model.graphs() for v in graph.initializers.values() if v.const_value is not None]
-    placeholders = {}
-    for value in values:
-        tensor = value.const_value
-        if _streamable(tensor) or isinstance(tensor, ir.ExternalTensor):
-            streamed[value.name] = tensor
-            placeholders[value] = ir.ExternalTensor("", None, None, tensor.dtype, shape=tensor.shape, name=value.name,
-                                                    doc_string=tensor.doc_string,
-                                                    metadata_props=dict(tensor.metadata_props) or None)
-    originals = {value: value.const_value for value in placeholders}
-    try:
-        for value, placeholder in placeholders.items():
-            value.const_value = placeholder
-        proto = ir.serde.serialize_model(model)
-    finally:
-        for value, tensor in originals.items():
-            value.const_value = tensor
-    for tensor, _ in all_tensors(proto):
-        if tensor.name in streamed and tensor.data_location == onnx.TensorProto.EXTERNAL:
-            set_inline(tensor, None)
-    external = any(isinstance(t, ir.ExternalTensor) and not isinstance(t, EmbeddedTensor) for t in streamed.values())
-    return Edited(proto, Source(proto=proto, model=model), streamed, external)
-
-
-def _streamable(tensor: ir.TensorProtocol) -> bool:
-    """Whether a weight's bytes go straight to the output: any tensor that lies in a file
-    (its bytes are already ONNX's encoding) or is computed on writing, and large in-memory
-    ones of whole bytes per element."""
-    if tensor.dtype == ir.DataType.STRING:
-        return False
-    if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
-        return True
-    return isinstance(tensor, ir.Tensor) and tensor.nbytes >= EMBEDDED_MIN_BYTES and tensor.dtype.bitwidth % 8 == 0
-
-
-def _write_pieces(handle, pieces, sources: dict[int, ir.TensorProtocol], callback: Callable | None) -> None:
-    """Write ``wire.encode_model``'s pieces (bytes, or the index of a tensor in ``sources``);
-    tensors that must be computed are computed on worker threads ahead of the writer
-    (numpy releases the GIL), copies run in the kernel."""
-    computed = [index for index, tensor in sources.items() if not _in_file(tensor)]
-    written = 0
-    with _Prefetch(sources, computed, SAVE_IN_FLIGHT_BYTES) as prefetch:
-        pending = bytearray()
-        for piece in pieces:
-            if isinstance(piece, bytes):
-                pending += piece
-                if len(pending) >= WRITE_BUFFER_BYTES:
-                    _write_all(handle, pending)
-                    pending.clear()
-                continue
-            _write_all(handle, pending)
-            pending.clear()
-            tensor = sources[piece]
-            start = handle.tell()
-            if _in_file(tensor):
-                _copy_from_file(tensor, handle)
-            else:
-                _write_all(handle, prefetch.take(piece))
-            _start_writeback(handle, start, handle.tell() - start)
-            written += 1
-            if callback is not None:
-                callback(tensor, written, len(sources))
-        _write_all(handle, pending)
-
-
-def _start_writeback(handle, offset: int, length: int) -> None:
-    """Have the kernel start writing these bytes to disk now (Linux ``sync_file_range``).
-
-    The final fsync then has little left to wait for, and the dirty pages never pile up
-    to where the kernel throttles the writer: on the bench's conv stack this took the
-    fsync from ~0.15 s to ~0 and sped up the writes. A hint: a failure changes nothing
-    (the fsync still makes the file durable), and elsewhere this is a no-op.
-    """
-    sync_file_range = _sync_file_range()
-    if sync_file_range is not None and not isinstance(handle, _io.BytesIO):
-        sync_file_range(handle.fileno(), offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-@functools.cache
-def _sync_file_range() -> Callable | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-def _in_file(tensor: ir.TensorProtocol) -> bool:
-    return isinstance(tensor, ir.ExternalTensor) and tensor.nbytes > 0
-
-
-class _Prefetch:
-    """The bytes of tensors, in the order they will be taken, computed on two worker threads
-    while the caller writes; at most ``budget`` bytes, or two tensors, are in flight."""
-
-    def __init__(self, sources: dict[int, ir.TensorProtocol], order: list[int], budget: int):
-        self._sources, self._order, self._budget = sources, list(reversed(order)), budget
-        self._executor = ThreadPoolExecutor(max_workers=2) if order else None
-        self._waiting: dict[int, Future] = {}
-        self._waiting_bytes = 0
-
-    def __enter__(self) -> _Prefetch:
-        self._top_up()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def take(self, index: int) -> memoryview:
-        data = self._waiting.pop(index).result()
-        self._waiting_bytes -= self._sources[index].nbytes
-        self._top_up()
-        return data
-
-    def _top_up(self) -> None:
-        while self._order and (len(self._waiting) < 2 or
-                               self._waiting_bytes + self._sources[self._order[-1]].nbytes <= self._budget):
-            index = self._order.pop()
-            self._waiting[index] = self._executor.submit(_tensor_bytes, self._sources[index])
-            self._waiting_bytes += self._sources[index].nbytes
-
-
-def _tensor_bytes(tensor: ir.TensorProtocol) -> memoryview:
-    """The tensor's little-endian bytes; a folded (lazy) tensor's straight from its array."""
-    if isinstance(tensor, ir.LazyTensor):
-        array = np.ascontiguousarray(tensor.numpy())
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
-        data = memoryview(array.reshape(-1).view(np.uint8))
-    else:
-        data = memoryview(tensor.tobytes())
-    if data.nbytes != tensor.nbytes:
-        raise RuntimeError(f"tensor {tensor.name!r} gave {data.nbytes} bytes, its shape needs {tensor.nbytes}")
-    return data
-
-
-def _write_all(handle, data) -> None:
-    view = memoryview(data)
-    while view:
-        written = handle.write(view)
-        view = view[written:]
-
-
-def _copy_from_file(tensor: ir.ExternalTensor, handle) -> None:
-    """Append the tensor's bytes from its file to ``handle``: in the kernel where the file
-    systems allow it, the rest through a bounded buffer."""
-    source, offset, length = tensor.path, tensor.offset or 0, tensor.nbytes
-    with open(source, "rb") as src:
-        if isinstance(tensor, EmbeddedTensor):
-            tensor.check_source(src.fileno())
-        remaining = length - _kernel_copy(src.fileno(), handle, offset, length)
-        src.seek(offset + length - remaining)
-        while remaining:
-            chunk = src.read(min(remaining, 8 * WRITE_BUFFER_BYTES))
-            if not chunk:
-                break
-            _write_all(handle, chunk)
-            remaining -= len(chunk)
-    if remaining:
-        raise InputError(f"{source}: ends before the {length} bytes of a tensor at offset {offset} "
-                         "(the file changed while bnfold ran)")
-
-
-def _kernel_copy(source_fd: int, handle, offset: int, length: int) -> int:
-    """Bytes appended to ``handle`` by ``copy_file_range``: all of them, or fewer (maybe none)
-    where the platform or the pair of file systems does not allow it."""
-    copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
-    if copy_file_range is None or isinstance(handle, _io.BytesIO):
-        return 0
-    done = 0
-    try:
-        while done < length:
-            copied = copy_file_range(source_fd, handle.fileno(), length - done, offset + done)
-            if copied == 0:  # the source ends early: the buffered copy reports it
-                break
-            done += copied
-    except OSError as exc:
-        if exc.errno not in _NO_FILE_COPY:
-            raise
-    return done
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM while the block runs, then deliver them to the previous handlers.
-
-    Python-level (not pthread_sigmask): any thread may receive the signal, but Python
-    handlers always run in the main thread, which is where this swaps them.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
-    try:
-        previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in held}
-    except ValueError:  # not the main interpreter: signals are not ours to hold
-        previous = None
-    if previous is None:
-        yield
-        return
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in pending:
-            handler = previous[signum]
-            if callable(handler):
-                handler(signum, None)
-            else:  # default or ignore: let the restored disposition decide
-                signal.raise_signal(signum)
-
-
-def _cause_of_type(exc: BaseException, kind: type) -> BaseException | None:
-    """``exc`` or the first exception in its cause/context chain that is a ``kind``."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kind):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
 
 def weight_bytes(model: ir.Model) -> int:
     """Bytes of all initializers, the part of a model that decides embed vs external."""
@@ -738,25 +283,6 @@ def check_linear_shapes(model: ir.Model, path: Path) -> None:
             if problem:
                 raise InputError(f"{path}: invalid node {node.name or node.op_type!r}: {problem}")
 
-
-def linear_shape_problem(node: ir.Node, weight: tuple[int, ...], bias: tuple[int, ...] | None) -> str | None:
-    """What is wrong with a Conv/ConvTranspose/Gemm weight and bias shape, if anything."""
-    op = node.op_type
-    if op == "Gemm":
-        if len(weight) != 2:
-            return f"Gemm weight B has shape {list(weight)}, a Gemm needs a 2-D B"
-        n = weight[0] if node.attributes.get_int("transB", 0) else weight[1]
-        if bias is not None and (len(bias) > 2 or (bias and bias[-1] not in (1, n))):
-            return f"Gemm bias C of shape {list(bias)} does not broadcast to (M, {n})"
-        return None
-    group = node.attributes.get_int("group", 1)
-    if len(weight) < 3 or group < 1 or weight[0] % group:
-        return (f"{op} weight has shape {list(weight)} and group {group}: it needs rank >= 3 "
-                "(channels, channels per group, kernel) and a group >= 1 dividing its first axis")
-    channels = weight[0] if op == "Conv" else weight[1] * group
-    if bias is not None and tuple(bias) != (channels,):
-        return f"{op} bias has shape {list(bias)}, it needs [{channels}] (one per output channel)"
-    return None
 
 
 def _static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
@@ -969,25 +495,6 @@ def _check_tensor(tensor: onnx.TensorProto, path: Path, embedded_length: int | N
         raise InputError(f"{where} stores {stored} {unit} of data, but {dtype.name} of shape "
                          f"{list(tensor.dims)} needs {needed}")
 
-
-def _check_relative_name(name: str, target: Path) -> None:
-    if os.path.isabs(name) or ".." in Path(name).parts:
-        raise InputError(f"{target}: external data name {name!r} must be a plain name relative to the output folder")
-    if not Path(name).parts or Path(name) == Path(target.name):
-        raise InputError(f"{target}: external data name {name!r} must differ from the model file's name")
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _first_line(exc: BaseException) -> str:
