@@ -173,7 +173,7 @@ def main() -> int:
             path.unlink()
     print()
     print("| model | weights | verify wall | bare wall | wall ratio (target <= 1.1) | verify peak RSS | "
-          f"bare peak RSS | verify peak / weights (target <= 2.5) |")
+          "bare peak RSS | verify peak / weights (target <= 2.5) |")
     print("|---|---|---|---|---|---|---|---|")
     for key, weight_bytes, med in rows:
         (vw, vr), (bw, br) = med["verify"], med["bare"]
