@@ -12,7 +12,6 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 
@@ -23,7 +22,7 @@ from bnfold.ledger import Ledger, LedgerEntry
 from bnfold.load import as_source, has_external_data
 from bnfold.plan import Context, Fold, FoldOptions, Site, as_site_of, iter_scopes, plan_site
 from bnfold.rewrite import Editor
-from bnfold.save import save_edited
+from bnfold.save import EditedModel
 from bnfold.source import Source
 from bnfold.writer import Edited, apply_edits
 
@@ -31,7 +30,7 @@ __all__ = ["FoldOptions", "FoldResult", "fold", "run"]
 
 
 @dataclass
-class FoldResult:
+class FoldResult(EditedModel):
     """The folded model (analysis view), the ledger that explains every site, and the
     edited protobuf that ``save`` writes."""
 
@@ -39,25 +38,6 @@ class FoldResult:
     ledger: Ledger
     edited: Edited
     external_data: bool = False
-
-    def save(self, path: str | os.PathLike, *, external_data: str | None | bool = None, callback=None) -> None:
-        """Write atomically. ``external_data``: a file name, True for ``<name>.data``, False
-        to embed; None keeps the input's choice (external stays external)."""
-        target = Path(path)
-        if external_data is None:
-            external_data = self.external_data
-        if external_data is True:
-            external_data = f"{target.name}.data"
-        save_edited(self.edited, target, external_data=external_data or None, callback=callback)
-
-    def to_proto(self) -> onnx.ModelProto:
-        """The folded model as a ModelProto (weights computed, external data read in)."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            self.save(path, external_data=False)
-            return onnx.load(str(path))
 
 
 def fold(model: Source | ir.Model | onnx.ModelProto | str | os.PathLike, options: FoldOptions = FoldOptions(),

@@ -50,9 +50,9 @@ from bnfold.ledger import NoMatch
 from bnfold.load import as_source, has_external_data
 from bnfold.plan import iter_scopes, is_batch_norm, mode_problem, read_stats, used_names
 from bnfold.rewrite import Editor
-from bnfold.save import save_edited
+from bnfold.save import EditedModel, save_edited
 from bnfold.source import Source
-from bnfold.writer import Edited, apply_edits
+from bnfold.writer import Edited, apply_edits, copy_message
 
 __all__ = ["REASONS", "BNRecalibration", "Moments", "RecalibrateResult", "StatsSummary", "recalibrate",
            "render_report", "report_title"]
@@ -135,7 +135,7 @@ class BNRecalibration:
 
 
 @dataclass
-class RecalibrateResult:
+class RecalibrateResult(EditedModel):
     """The recalibrated model (analysis view), the per-BN report, and the edited protobuf
     that ``save`` writes. ``source`` is the edited Source: ``fold(result.source)`` folds the
     recalibrated model, editing those same objects (save the recalibrated model first if
@@ -156,23 +156,6 @@ class RecalibrateResult:
     @property
     def recalibrated(self) -> list[BNRecalibration]:
         return [entry for entry in self.report if entry.recalibrated]
-
-    def save(self, path: str | os.PathLike, *, external_data: str | None | bool = None, callback=None) -> None:
-        """Write atomically; ``external_data`` as in ``FoldResult.save`` (None keeps the
-        input's choice: external data stays external)."""
-        target = Path(path)
-        if external_data is None:
-            external_data = self.external_data
-        if external_data is True:
-            external_data = f"{target.name}.data"
-        save_edited(self.edited, target, external_data=external_data or None, callback=callback)
-
-    def to_proto(self) -> onnx.ModelProto:
-        """The recalibrated model as a ModelProto (external data read in)."""
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.onnx"
-            self.save(path, external_data=False)
-            return onnx.load(str(path))
 
     def to_dict(self, **context) -> dict:
         from bnfold import __version__
@@ -579,7 +562,7 @@ def _capture_model(source: Source, editor: Editor, external: bool, names: list[s
         outputs.append(info)
     for field_name, items in (("node", kept), ("initializer", initializers), ("value_info", infos),
                               ("output", outputs)):
-        copies = [_copy(item) for item in items]
+        copies = [copy_message(item) for item in items]
         graph.ClearField(field_name)
         getattr(graph, field_name).extend(copies)
     del graph.sparse_initializer[:]  # the analysis model cannot see them; nothing measured reads them
@@ -589,12 +572,6 @@ def _capture_model(source: Source, editor: Editor, external: bool, names: list[s
     save_edited(Edited(proto, source, edited.folded, external), path,
                 external_data="model.onnx.data" if external else None)
     return path
-
-
-def _copy(message):
-    copy = type(message)()
-    copy.CopyFrom(message)
-    return copy
 
 
 def _proto_reads(node: onnx.NodeProto) -> set[str]:

@@ -335,3 +335,28 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class EditedModel:
+    """What a result holding an edited model can do (``FoldResult``, ``RecalibrateResult``):
+    needs ``edited`` (the Edited proto) and ``external_data`` (the input's choice)."""
+
+    edited: Edited
+    external_data: bool
+
+    def save(self, path: str | os.PathLike, *, external_data: str | None | bool = None, callback=None) -> None:
+        """Write atomically. ``external_data``: a file name, True for ``<name>.data``, False
+        to embed; None keeps the input's choice (external stays external)."""
+        target = Path(path)
+        if external_data is None:
+            external_data = self.external_data
+        if external_data is True:
+            external_data = f"{target.name}.data"
+        save_edited(self.edited, target, external_data=external_data or None, callback=callback)
+
+    def to_proto(self) -> onnx.ModelProto:
+        """The model as a ModelProto (weights computed, external data read in)."""
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            self.save(path, external_data=False)
+            return onnx.load(str(path))

@@ -87,7 +87,7 @@ def _edit_graph(graph: ir.Graph, graph_proto, source: Source, attributes: dict, 
         nodes.append(node_proto)
     changed = len(nodes) != len(originals) or any(a is not b for a, b in zip(nodes, originals))
     if changed:
-        copies = [_copy(n) for n in nodes]
+        copies = [copy_message(n) for n in nodes]
         del graph_proto.node[:]
         graph_proto.node.extend(copies)
     if not is_function:
@@ -97,12 +97,13 @@ def _edit_graph(graph: ir.Graph, graph_proto, source: Source, attributes: dict, 
         after = _defined_names(graph_proto, is_function)
         gone = before - after
         if gone and any(v.name in gone for v in graph_proto.value_info):
-            kept = [_copy(v) for v in graph_proto.value_info if v.name not in gone]
+            kept = [copy_message(v) for v in graph_proto.value_info if v.name not in gone]
             del graph_proto.value_info[:]
             graph_proto.value_info.extend(kept)
 
 
-def _copy(message):
+def copy_message(message):
+    """A copy of a protobuf message (a repeated field cannot hold the same message twice)."""
     copy = type(message)()
     copy.CopyFrom(message)
     return copy
@@ -154,7 +155,7 @@ def _edit_initializers(graph: ir.Graph, graph_proto: onnx.GraphProto, folded: di
              if name not in known and graph.initializers[name].const_value is not None]
     if present.issuperset(original) and not added:
         return False
-    kept = [_copy(t) for t in graph_proto.initializer if t.name in present]
+    kept = [copy_message(t) for t in graph_proto.initializer if t.name in present]
     del graph_proto.initializer[:]
     graph_proto.initializer.extend(kept)
     for value in added:
@@ -179,7 +180,7 @@ def _edit_inputs(graph: ir.Graph, graph_proto: onnx.GraphProto, opaque: set[str]
     added = [v for v in graph.inputs if v.name not in known and v.name not in opaque]
     if present.issuperset(original) and not added:
         return False
-    kept = [_copy(v) for v in graph_proto.input if v.name in present]
+    kept = [copy_message(v) for v in graph_proto.input if v.name in present]
     del graph_proto.input[:]
     graph_proto.input.extend(kept)
     for value in added:
