@@ -33,8 +33,6 @@ import os
 import shutil
 import tempfile
 import time
-import zipfile
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,11 +45,12 @@ from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants
 from bnfold.errors import InputError
 from bnfold.ledger import NoMatch
-from bnfold.load import as_source, has_external_data
+from bnfold.load import _first_line, as_source, has_external_data
 from bnfold.plan import iter_scopes, is_batch_norm, mode_problem, read_stats, used_names
 from bnfold.rewrite import Editor
 from bnfold.save import EditedModel, save_edited
 from bnfold.source import Source
+from bnfold.verification.feeds import read_npz
 from bnfold.writer import Edited, apply_edits, copy_message
 
 __all__ = ["REASONS", "BNRecalibration", "Moments", "RecalibrateResult", "StatsSummary", "recalibrate",
@@ -247,17 +246,7 @@ def recalibrate(model, data: str | os.PathLike | Mapping[str, np.ndarray], *, sa
 def _load_data(data) -> dict[str, np.ndarray]:
     if isinstance(data, Mapping):
         return {str(k): np.asarray(v) for k, v in data.items()}
-    path = Path(data)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise InputError(f"{path}: a single array, not an .npz archive of arrays named after the inputs")
-        with loaded:
-            return {key: loaded[key] for key in loaded.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise InputError(f"{path}: not a readable .npz archive ({_first_line(exc)})") from None
+    return read_npz(Path(data), "inputs")
 
 
 def _check_data(arrays: dict[str, np.ndarray], inputs: list[ir.Value], data) -> tuple[dict[str, np.ndarray], int]:
@@ -698,8 +687,3 @@ def render_report(result: RecalibrateResult, console, out: Path | None = None) -
 def _peak(values: np.ndarray) -> float:
     values = values[np.isfinite(values)]
     return float(values.max()) if values.size else 0.0
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
