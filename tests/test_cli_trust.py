@@ -289,3 +289,26 @@ def test_several_models_need_an_output_folder(tmp_path):
     model = model_with_names(tmp_path)
     result = invoke("fold", model, model, "-o", tmp_path / "o.onnx")
     assert result.exit_code == 2 and "--out-dir" in result.stderr
+
+
+def test_the_api_takes_models_in_memory(tmp_path):
+    """fold and inspect take a ModelProto or an onnx_ir Model (never changed), fold gives
+    a ModelProto back, and verify compares in-memory models."""
+    import bnfold
+    from bnfold._onnx_ir import ir
+
+    path = model_with_names(tmp_path)
+    proto = onnx.load(path)
+    before = proto.SerializeToString()
+    result = bnfold.fold(proto)
+    assert proto.SerializeToString() == before
+    folded = result.to_proto()
+    assert isinstance(folded, onnx.ModelProto) and sum(n.op_type == "BatchNormalization" for n in folded.graph.node) == 1
+    assert [f.fold_reason for f in bnfold.inspect(ir.from_proto(proto))] == [None, "no-linear-producer"]
+    report = bnfold.verify(proto, folded, providers="cpu")
+    assert report.passed and report.candidate == "<in-memory ModelProto>"
+    wrong = onnx.load(path)
+    weight = next(t for t in wrong.graph.initializer if len(t.dims) == 4)
+    array = onnx.numpy_helper.to_array(weight) * 1.5
+    weight.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), weight.name))
+    assert not bnfold.verify(proto, wrong, providers="cpu").passed

@@ -144,6 +144,51 @@ def parse_channel_axes(specs: Sequence[str]) -> dict[str, int]:
 
 
 def verify(
+    original: str | os.PathLike | Any | None,
+    candidate: str | os.PathLike | Any | None = None,
+    options: VerifyOptions | None = None,
+    /,
+    **option_fields: Any,
+) -> VerifyReport:
+    """Run ORIGINAL and CANDIDATE in onnxruntime on the same inputs and compare every output.
+
+    Each model is a path, or in memory: an ``onnx.ModelProto``, an ``onnx_ir.Model`` or a
+    ``FoldResult`` (written to a temporary folder for the onnxruntime child process).
+    See ``_verify`` for the rest.
+    """
+    in_memory = [m for m in (original, candidate) if m is not None and not isinstance(m, (str, os.PathLike))]
+    if not in_memory:
+        return _verify(original, candidate, options, **option_fields)
+    with tempfile.TemporaryDirectory(prefix="bnfold-verify-") as folder:
+        paths = [_written(m, Path(folder), name) for m, name in ((original, "original"), (candidate, "candidate"))]
+        report = _verify(*paths, options, **option_fields)
+    for field_name, model in (("original", original), ("candidate", candidate)):
+        if model is not None and not isinstance(model, (str, os.PathLike)):
+            setattr(report, field_name, f"<in-memory {type(model).__name__}>")
+    return report
+
+
+def _written(model, folder: Path, name: str):
+    """A path for ``model``: as given, or an in-memory model saved (embedded) into ``folder``."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return model
+    import onnx
+
+    from bnfold._onnx_ir import ir
+
+    path = folder / f"{name}.onnx"
+    if hasattr(model, "save") and hasattr(model, "ledger"):  # a FoldResult
+        model.save(path, external_data=False)
+    elif isinstance(model, ir.Model):
+        ir.save(model, path)
+    elif isinstance(model, onnx.ModelProto):
+        onnx.save(model, path)
+    else:
+        raise TypeError(f"verify takes paths, onnx.ModelProto, onnx_ir.Model or FoldResult, not {type(model).__name__}")
+    return path
+
+
+def _verify(
     original: str | os.PathLike | None,
     candidate: str | os.PathLike | None = None,
     options: VerifyOptions | None = None,
