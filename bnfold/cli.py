@@ -352,7 +352,7 @@ def fold(
             from bnfold.recalibration import render_report as render_recalibration
 
             render_recalibration(recalibration, human_console(json_path))
-        render_ledger(result.ledger, out, human_console(json_path), source=model)
+        render_ledger(result.ledger, out, human_console(json_path), source=model, op_changes=result.op_changes)
     if verify_output:
         from bnfold.verification import verify_or_discard
 

@@ -23,7 +23,7 @@ from bnfold.load import as_source, has_external_data
 from bnfold.plan import Context, Fold, FoldOptions, Site, as_site_of, iter_scopes, plan_site
 from bnfold.rewrite import Editor
 from bnfold.save import EditedModel
-from bnfold.source import Source
+from bnfold.source import Source, all_graphs
 from bnfold.writer import Edited, apply_edits
 
 __all__ = ["FoldOptions", "FoldResult", "fold", "run"]
@@ -38,6 +38,8 @@ class FoldResult(EditedModel):
     ledger: Ledger
     edited: Edited
     external_data: bool = False
+    #: Node counts by op type that the fold changed: op -> (before, after), every graph.
+    op_changes: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
 
 def fold(model: Source | ir.Model | onnx.ModelProto | str | os.PathLike, options: FoldOptions = FoldOptions(),
@@ -51,9 +53,22 @@ def fold(model: Source | ir.Model | onnx.ModelProto | str | os.PathLike, options
         options = FoldOptions(**{**options.__dict__, **flags})
     source = as_source(model)
     external = has_external_data(source)
+    before = op_counts(source.proto)
     editor, ledger = run(source, options)
     edited = apply_edits(source, editor.attributes, editor.truncated, external)
-    return FoldResult(model=source.model, ledger=ledger, edited=edited, external_data=external)
+    after = op_counts(edited.proto)
+    changes = {op: (before.get(op, 0), after.get(op, 0)) for op in sorted(set(before) | set(after))
+               if before.get(op, 0) != after.get(op, 0)}
+    return FoldResult(model=source.model, ledger=ledger, edited=edited, external_data=external, op_changes=changes)
+
+
+def op_counts(proto: onnx.ModelProto) -> dict[str, int]:
+    """Nodes by op type in every graph of the model (main, subgraphs, functions)."""
+    counts: dict[str, int] = {}
+    for graph in all_graphs(proto):
+        for node in graph.node:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 def run(source: Source, options: FoldOptions = FoldOptions(),

@@ -67,24 +67,28 @@ def readiness_lines(ledger) -> list[str]:
     return lines
 
 
-def size_line(before: Path, after: Path, ledger) -> str:
-    """Before/after in one line: BN count and file size (what onnxsim and OnnxSlim print)."""
+def size_line(before: Path, after: Path, ledger, op_changes: dict | None = None) -> str:
+    """Before/after in one line, as onnxsim and OnnxSlim print it: the op counts that
+    changed (else the BN count), and the file size."""
     summary = ledger.summary()
-    left = summary["bn_total"] - summary["folded"] - summary["decomposed"]
+    if op_changes:
+        ops = ", ".join(f"{op} {a} -> {b}" for op, (a, b) in op_changes.items())
+    else:
+        left = summary["bn_total"] - summary["folded"] - summary["decomposed"]
+        ops = f"BatchNormalization {summary['bn_total']} -> {left}"
     sizes = ""
     try:
-        sizes = f", {_mib(os.path.getsize(before))} -> {_mib(os.path.getsize(after))}"
+        sizes = f"; {_mib(os.path.getsize(before))} -> {_mib(os.path.getsize(after))}"
     except OSError:
         pass
-    removed = summary["folded"] + summary["decomposed"] + summary["other_folded"]
-    return f"BatchNormalization {summary['bn_total']} -> {left}, nodes removed {removed}{sizes}"
+    return f"ops: {ops}{sizes}"
 
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB"
 
 
-def render_ledger(ledger, out: Path, console, source: Path | None = None) -> None:
+def render_ledger(ledger, out: Path, console, source: Path | None = None, op_changes: dict | None = None) -> None:
     """The fold ledger: a table on a terminal, plain lines otherwise; then the summary."""
     if console.is_terminal:
         _ledger_table(ledger, console)
@@ -92,7 +96,7 @@ def render_ledger(ledger, out: Path, console, source: Path | None = None) -> Non
         _print_lines(console, [ledger_title(ledger), *(_ascii_safe(console, line) for line in ledger_lines(ledger))])
     tail = readiness_lines(ledger)
     if source is not None:
-        tail.append(size_line(source, out, ledger))
+        tail.append(size_line(source, out, ledger, op_changes))
     tail.append(f"wrote {out}")
     _print_lines(console, [_ascii_safe(console, line) for line in tail])
 

@@ -63,7 +63,7 @@ def analysis_copy(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     opaque: set[str] = set()
-    for graph in _all_graphs(copy):
+    for graph in all_graphs(copy):
         if isinstance(graph, onnx.GraphProto):
             for sparse in graph.sparse_initializer:
                 name = sparse.values.name
@@ -85,7 +85,7 @@ def analysis_copy(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
 
 
 def _needs_sanitizing(proto: onnx.ModelProto) -> bool:
-    for graph in _all_graphs(proto):
+    for graph in all_graphs(proto):
         if isinstance(graph, onnx.GraphProto) and len(graph.sparse_initializer):
             return True
         if any(_unreadable_type(info.type) for info in _value_infos(graph)):
@@ -125,7 +125,7 @@ def _unreadable_type(type_proto: onnx.TypeProto) -> bool:
             return False
 
 
-def _all_graphs(proto: onnx.ModelProto):
+def all_graphs(proto: onnx.ModelProto):
     """Every GraphProto (main and nested) and FunctionProto of the model."""
     stack: list = [proto.graph, *proto.functions]
     while stack:

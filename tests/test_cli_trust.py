@@ -312,3 +312,20 @@ def test_the_api_takes_models_in_memory(tmp_path):
     array = onnx.numpy_helper.to_array(weight) * 1.5
     weight.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), weight.name))
     assert not bnfold.verify(proto, wrong, providers="cpu").passed
+
+
+def test_quiet_verify_failure_prints_one_summary_line(tmp_path):
+    model = model_with_names(tmp_path)
+    wrong = onnx.load(model)
+    weight = next(t for t in wrong.graph.initializer if len(t.dims) == 4)
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 1.5, weight.name))
+    onnx.save(wrong, tmp_path / "wrong.onnx")
+    result = bnfold("verify", model, tmp_path / "wrong.onnx", "--providers", "cpu", "-q")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("bnfold: FAIL"), result.stderr
+
+
+def test_the_summary_line_names_the_ops_that_changed(tmp_path):
+    model = model_with_names(tmp_path)
+    result = bnfold("fold", model, "-o", tmp_path / "o.onnx")
+    assert "ops: BatchNormalization 2 -> 1;" in result.stdout, result.stdout
