@@ -14,3 +14,7 @@ settings.register_profile("ci", max_examples=1000, **COMMON)
 settings.register_profile("nightly", max_examples=20000, **COMMON)
 settings.register_profile("dev", max_examples=100, **COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# The composed fuzzer runs in a child process (tests/test_fuzz_isolated.py), so that an
+# onnxruntime crash cannot end the whole run; set BNFOLD_FUZZ_IN_PROCESS=1 to collect it here.
+collect_ignore = [] if os.environ.get("BNFOLD_FUZZ_IN_PROCESS") else ["test_fuzz.py"]
