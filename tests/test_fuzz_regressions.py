@@ -33,3 +33,12 @@ def test_bn_epsilon_referenced_from_call_sites_that_disagree(tmp_path):
             {"op": "bn", "stats": "normal", "eps": 1e-05, "ref": [], "param_dtype": "float16", "tap": None}],
         "params": "init", "value_info": "full", "output_shapes": False, "overridable": False, "share": False,
         "names": "unique", "encoding": "canonical", "cond": False, "flags": {}}, tmp_path)
+
+
+def test_squeeze_chain_down_to_a_scalar(tmp_path):
+    """A chain of Squeezes after a one-channel Conv down to a rank-0 tensor, then a
+    constant Mul: kept or folded, never ZeroDivisionError (``axis % rank`` with rank 0)."""
+    check_recipe(RECIPE_SQUEEZE_TO_SCALAR, tmp_path)
+
+
+RECIPE_SQUEEZE_TO_SCALAR = {'ir': 9, 'opset': 17, 'dtype': 'float32', 'seed': 2180938031, 'input': [1, 2], 'dynamic_batch': False, 'steps': [{'op': 'matmul', 'n': 8250, 'bias': None, 'w_bad': None, 'b': '2d', 'twin': False, 'tap': None}, {'op': 'bn', 'stats': 'normal', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'bn', 'stats': 'normal', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'bn', 'stats': 'normal', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'bn', 'stats': 'normal', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'unsqueeze', 'axes': [2, 3], 'tap': None}, {'op': 'conv', 'dims': 2, 'cout': 1, 'group': 1, 'k': [1, 1], 'stride': 1, 'dilation': 1, 'pads': [0, 0, 0, 0], 'auto_pad': 'NOTSET', 'explicit_pads': False, 'bias': False, 'w_bad': None, 'twin': False, 'ref': [], 'tap': None}, {'op': 'conv', 'dims': 2, 'cout': 1, 'group': 1, 'k': [1, 1], 'stride': 1, 'dilation': 1, 'pads': [0, 0, 0, 0], 'auto_pad': 'NOTSET', 'explicit_pads': False, 'bias': False, 'w_bad': None, 'twin': False, 'ref': [], 'tap': None}, {'op': 'squeeze', 'axes': [0], 'tap': None}, {'op': 'squeeze', 'axes': [0], 'tap': None}, {'op': 'bn', 'stats': 'normal', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'bn', 'stats': 'normal', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'Mul', 'form': 'chan', 'first': False, 'bad': None, 'tap': None}], 'params': 'subgraph', 'value_info': 'full', 'output_shapes': False, 'overridable': False, 'share': False, 'names': 'unique', 'encoding': 'canonical', 'cond': False, 'flags': {}}

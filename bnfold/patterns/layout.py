@@ -35,7 +35,7 @@ class Channel:
         """With a known rank, the axis as a non-negative index; None if that is impossible."""
         if self.axis is None or self.axis >= 0:
             return self
-        if self.rank is None:
+        if self.rank is None or not -self.rank <= self.axis < 0:
             return None
         return replace(self, axis=self.axis % self.rank)
 
@@ -93,6 +93,8 @@ def _unsqueeze(node: ir.Node, channel: Channel, consts: Constants) -> Channel | 
     if axes is None or known is None or known.rank is None:
         return "Unsqueeze with unknown axes or input rank"
     rank = known.rank + len(axes)
+    if any(not -rank <= a < rank for a in axes):
+        return "Unsqueeze axes outside its output's rank"
     inserted = sorted(a % rank for a in axes)
     if known.axis is None:
         return Channel(rank, None, channel.count)
@@ -110,6 +112,8 @@ def _squeeze(node: ir.Node, channel: Channel, consts: Constants) -> Channel | st
         if dims is None:
             return "Squeeze without axes on a tensor of unknown shape"
         axes = [i for i, d in enumerate(dims) if d == 1]
+    if any(not -known.rank <= a < known.rank for a in axes):
+        return "Squeeze axes outside the rank its input is known to have"
     axes = [a % known.rank for a in axes]
     rank = known.rank - len(axes)
     if known.axis is None or known.axis in axes:
