@@ -2,15 +2,7 @@
 recipes (the hand-minimised ones are in tests/test_regressions.py, "Found by the
 composed fuzzer")."""
 
-import pytest
-import test_fuzz
 from test_fuzz import check_recipe
-
-
-@pytest.fixture(autouse=True)
-def _no_hypothesis_events(monkeypatch):
-    """check_recipe records hypothesis statistics, which only exist inside a @given test."""
-    monkeypatch.setattr(test_fuzz, "event", lambda *args, **kwargs: None)
 
 
 def test_bn_epsilon_referenced_from_call_sites_that_disagree(tmp_path):
