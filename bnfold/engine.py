@@ -113,7 +113,7 @@ def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict,
                 if site is None:
                     continue
                 if node not in seen:
-                    problems = bn_problems(node, scope.opset, consts)[0] if site.is_bn else []
+                    problems = bn_problems(node, scope.opset, consts) if site.is_bn else []
                     seen[node] = (_label(node, index), problems)
                     if observe is not None:
                         observe(site)

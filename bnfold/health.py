@@ -33,24 +33,24 @@ PROBLEMS: dict[str, str] = {
 }
 
 
-def bn_problems(bn: ir.Node, opset: int, consts: Constants) -> tuple[list[tuple[str, str]], int | None]:
-    """Every readiness problem of ``bn`` as (code, detail), and its channel count if known."""
+def bn_problems(bn: ir.Node, opset: int, consts: Constants) -> list[tuple[str, str]]:
+    """Every readiness problem of ``bn`` as (code, detail)."""
     problems: list[tuple[str, str]] = []
     mode = mode_problem(bn, opset)
     if mode is not None and mode[0] == "training-mode":
         problems.append(("training-mode", mode[1]))
     if mode is not None and mode[0] in ("spatial-0", "unsupported-opset"):
-        return problems, None  # statistics per element, or an old form: nothing per channel to judge
+        return problems  # statistics per element, or an old form: nothing per channel to judge
     if has_unresolved_reference(bn):
-        return problems, None  # epsilon differs between the function's call sites: no one value to judge
+        return problems  # epsilon differs between the function's call sites: no one value to judge
     try:
         stats = read_stats(bn, consts)
     except NoMatch as no:
         computed = [v for v in bn.inputs[3:5] if v is not None and v.producer() is not None
                     and v.producer().op_type != "Constant"]
         problems.append(("batch-statistics" if computed else "stats-as-inputs", no.detail))
-        return problems, None
-    return problems + stats_health(stats), stats.channels
+        return problems
+    return problems + stats_health(stats)
 
 
 def stats_health(stats: BNStats) -> list[tuple[str, str]]:

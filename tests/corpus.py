@@ -28,16 +28,13 @@ puts a minimal stub in ``sys.modules`` while timm is imported and removes it aft
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import importlib.machinery
 import importlib.util
-import io
 import logging
 import sys
 import types
-import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -698,22 +695,11 @@ def randomize_bn(net, seed: int) -> None:
                 module.bias.copy_(torch.randn(c, generator=gen) * 0.2)
 
 
-@contextlib.contextmanager
 def _quiet():
-    """Silence exporter chatter (prints, warnings, logging)."""
-    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "timm")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    """Silence exporter and timm chatter (prints, warnings, logging)."""
+    from bnfold.train.export import quiet
+
+    return quiet(("torch.fx", "timm"), logging.CRITICAL)
 
 
 def seed_of(model_id: str) -> int:

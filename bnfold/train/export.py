@@ -47,12 +47,14 @@ MANIFEST_FORMAT = 1
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence exporter chatter (prints, warnings, logging) so a progress bar survives."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+def quiet(extra_loggers: tuple[str, ...] = (), level: int = logging.ERROR) -> Iterator[None]:
+    """Silence exporter chatter (prints, warnings, logging) so a progress bar survives;
+    ``extra_loggers`` are silenced too, all of them at ``level`` and above."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", *extra_loggers)
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(level)
     sink = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -89,7 +91,7 @@ def export(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     options: dict[str, Any] = {"opset_version": opset}
-    with _quiet():
+    with quiet():
         if exporter == "torchscript":
             mode = torch.onnx.TrainingMode.TRAINING if training_mode else torch.onnx.TrainingMode.PRESERVE
             options.update(dynamo=False, training=mode.name, do_constant_folding=not training_mode)

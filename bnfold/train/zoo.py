@@ -334,7 +334,7 @@ def probe_exporters(net, digits: D.Digits) -> dict[str, Any]:
 
     eval_out = predict(net, x)
     notes: dict[str, Any] = {"probe_model": "cnn", "bn_modules": count_bn(net)}
-    with tempfile.TemporaryDirectory() as tmp, E._quiet():
+    with tempfile.TemporaryDirectory() as tmp, E.quiet():
         p = Path(tmp) / "ts_default.onnx"
         torch.onnx.export(copy.deepcopy(net).eval(), (example,), str(p), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"])
