@@ -84,7 +84,7 @@ def run(source: Source, options: FoldOptions = FoldOptions(),
     resolve_function_attributes(model)
     scopes = list(iter_scopes(model))
     consts = Constants(model.ir_version, options.fold_overridable, graphs=[scope.graph for scope in scopes])
-    editor = Editor(model, consts, {scope.graph: scope for scope in scopes})
+    editor = Editor(consts, {scope.graph: scope for scope in scopes})
     entries: dict[ir.Node, LedgerEntry] = {}
     seen: dict[ir.Node, tuple[str, list[tuple[str, str]]]] = {}
     # Decomposing is the last resort: only a BN that no pass could fold becomes Mul + Add.

@@ -207,7 +207,7 @@ def recalibrate(model, data: str | os.PathLike | Mapping[str, np.ndarray], *, sa
 
     scopes = list(iter_scopes(source.model))
     consts = Constants(source.model.ir_version, graphs=[scope.graph for scope in scopes])
-    editor = Editor(source.model, consts, {scope.graph: scope for scope in scopes})
+    editor = Editor(consts, {scope.graph: scope for scope in scopes})
     report, targets = _select(scopes, consts, only)
     _check_upstream(graph, scopes[0].opset, targets, report)
     levels = _levels(graph, targets)

@@ -31,7 +31,6 @@ from bnfold.plan import BiasEdit, Fold, Keep, Scope, WeightEdit, release_pages, 
 class Editor:
     """Applies plans to one model; remembers what the writer cannot derive from it."""
 
-    model: ir.Model
     consts: Constants
     scopes: dict[ir.Graph, Scope]
     #: Attributes set (or removed: None) on nodes, in the order they were changed.
