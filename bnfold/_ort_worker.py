@@ -21,6 +21,11 @@ import numpy as np
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 PROGRESS_PREFIX = "bnfold-verify-worker: "
+#: The session option naming the folder of external data for a model given as bytes, and
+#: the first onnxruntime whose graph optimizers read data placed so (1.18-1.20 fail with
+#: "model_path must not be empty"): see ``bnfold.verification.mapped``.
+DATA_FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
+FIRST_MAPPING_VERSION = (1, 21)
 #: onnx.TensorProto.BFLOAT16, without importing onnx here.
 _ONNX_BFLOAT16 = 16
 
@@ -79,10 +84,17 @@ def run_sessions(request: dict) -> dict:
         if not session_request["optimize"]:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         providers: list = [(CUDA, request["cuda_options"]), CPU] if provider == CUDA else [CPU]
+        model, mapped = session_request["path"], session_request.get("mapped")
+        if mapped is not None and _version(ort.__version__) >= FIRST_MAPPING_VERSION:
+            if _file_identity(mapped["file"]) != mapped["identity"]:
+                result["error"] = f"{what}: the model file changed while it was being verified; verify it again"
+                return result
+            options.add_session_config_entry(DATA_FOLDER_OPTION, mapped["folder"])
+            model = mapped["model"]
         _report_progress(what)
         with _captured_stderr(enabled=provider != CPU) as log:
             try:
-                session = ort.InferenceSession(session_request["path"], options, providers=providers)
+                session = ort.InferenceSession(model, options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own exception types for bad models
                 result["error"] = f"onnxruntime could not load {what} ({_first_line(exc)})"
                 return result
@@ -114,6 +126,21 @@ def run_sessions(request: dict) -> dict:
         gc.collect()
         result["outputs"].append(outputs)
     return result
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """``"1.22.0"`` -> ``(1, 22)``; a version it cannot read counts as old."""
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def _file_identity(path: str) -> list[int] | None:
+    """What ``bnfold.load.file_identity`` records, or None if the file is gone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
 
 
 class _captured_stderr:
@@ -168,7 +195,7 @@ def _report_progress(what: str) -> None:
 def _unavailable_message(provider: str, available: list[str]) -> str:
     message = f"{provider} is not available in this onnxruntime (it offers {', '.join(available)})"
     if provider == CUDA:
-        message += "; install the GPU build: pip uninstall onnxruntime && pip install onnxruntime-gpu"
+        message += "; install the GPU build, onnxruntime-gpu: pip uninstall -y onnxruntime && pip install 'bnfold[gpu]'"
     return message
 
 

@@ -571,6 +571,9 @@ def train(
     from bnfold.train import build_zoo, require_torch
 
     require_torch()  # one-line error naming pip install 'bnfold[train]', exit 2
+    from bnfold.runtime import require_onnxruntime
+
+    require_onnxruntime("bnfold train")  # the zoo is checked in onnxruntime as it is exported
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

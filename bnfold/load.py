@@ -61,7 +61,7 @@ class EmbeddedTensor(ir.ExternalTensor):
         """Raise InputError if the model file (at its path, or open as ``fileno``) is no
         longer the one this tensor was read from."""
         try:
-            now = _file_identity(os.stat(self.path) if fileno is None else os.fstat(fileno))
+            now = file_identity(os.stat(self.path) if fileno is None else os.fstat(fileno))
         except OSError:
             now = None
         if now != self._identity:
@@ -79,7 +79,7 @@ class EmbeddedTensor(ir.ExternalTensor):
         return super().tobytes()
 
 
-def _file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+def file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
@@ -185,7 +185,7 @@ def _attach_embedded(source: Source) -> None:
     if not source.spans:
         return
     path = str(source.path.resolve())
-    identity = _file_identity(os.stat(path))
+    identity = file_identity(os.stat(path))
     for name, (offset, length) in source.spans.items():
         value = source.model.graph.initializers[name]
         skeleton = value.const_value

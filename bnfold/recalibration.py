@@ -48,6 +48,7 @@ from bnfold.ledger import NoMatch
 from bnfold.load import _first_line, as_source, has_external_data
 from bnfold.plan import iter_scopes, is_batch_norm, mode_problem, read_stats, used_names
 from bnfold.rewrite import Editor
+from bnfold.runtime import require_onnxruntime
 from bnfold.save import EditedModel, save_edited
 from bnfold.source import Source
 from bnfold.verification.feeds import read_npz
@@ -184,6 +185,7 @@ def recalibrate(model, data: str | os.PathLike | Mapping[str, np.ndarray], *, sa
     not change the result). A path is loaded; a ModelProto or onnx_ir Model is copied first.
     """
     started = time.perf_counter()
+    require_onnxruntime("bnfold recalibrate")
     source = as_source(model)
     external = has_external_data(source)  # decided before any edit
     arrays = _load_data(data)

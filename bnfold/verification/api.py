@@ -24,7 +24,8 @@ import numpy as np
 from bnfold import __version__
 from bnfold._ort_worker import CPU, CUDA
 from bnfold.errors import InputError
-from bnfold.load import external_data_files, load_model
+from bnfold.load import external_data_files, load_model, load_source
+from bnfold.runtime import require_onnxruntime, runtime_notes
 from bnfold.verification.compare import channel_axis_of, compare_arrays, resolve_tolerance, top1
 from bnfold.verification.feeds import (
     ModelSignature,
@@ -37,6 +38,7 @@ from bnfold.verification.feeds import (
     tensor_mismatches,
     write_npz,
 )
+from bnfold.verification.mapped import mapped_model
 from bnfold.verification.report import (
     OPTIMIZATION_DEFAULT,
     OPTIMIZATION_DISABLED,
@@ -212,11 +214,12 @@ def _verify(
     stored = options.reference_outputs is not None
     if candidate is None:
         raise TypeError("verify needs a CANDIDATE model")
+    require_onnxruntime("bnfold verify")
     if original is None and not stored:
         raise InputError("give an ORIGINAL model to compare with, or --reference-outputs REF.npz")
     providers = parse_providers(options.providers)
-    candidate_signature = _signature(candidate)
-    original_signature = _signature(original) if original is not None else None
+    candidate_signature, candidate_mapped = _signature(candidate)
+    original_signature, original_mapped = _signature(original) if original is not None else (None, None)
     fed_signature = original_signature or candidate_signature
     if original_signature is not None:
         input_mismatches = tensor_mismatches("input", original_signature.inputs, candidate_signature.inputs)
@@ -243,7 +246,7 @@ def _verify(
         signature_mismatches=input_mismatches + output_mismatches,
         comparisons=[],
         noise_floor=[],
-        notes=[],
+        notes=runtime_notes(),
         allow_tf32=options.allow_tf32,
         reference=STORED if stored else ("original-inference" if options.reference_inference else "original"),
         reference_outputs=None if not stored else str(options.reference_outputs),
@@ -257,10 +260,12 @@ def _verify(
     runs = _plan_runs(providers, stored, original is not None)
     with tempfile.TemporaryDirectory(prefix="bnfold-verify-ref-") as folder:
         paths = {"candidate": str(candidate)}
+        mapped = {"candidate": candidate_mapped, "original": original_mapped}
         if original is not None:
             paths["original"] = str(original)
             if options.reference_inference:
                 paths["original"], converted = inference_copy(Path(original), Path(folder))
+                mapped["original"] = None
                 report.notes.append(
                     f"the reference is ORIGINAL with {converted} training-mode BatchNormalization run in inference "
                     "mode (running statistics, extra outputs dropped), as --to-inference converts them"
@@ -271,6 +276,7 @@ def _verify(
                     {
                         "label": f"{run.describe()}: {paths[run.model] if run.model == 'candidate' else original}",
                         "path": paths[run.model],
+                        "mapped": mapped[run.model],
                         "provider": run.provider,
                         "optimize": run.optimization == OPTIMIZATION_DEFAULT,
                     }
@@ -311,12 +317,13 @@ def _verify(
     return report
 
 
-def _signature(path) -> ModelSignature:
-    model = load_model(path)
+def _signature(path) -> tuple[ModelSignature, dict | None]:
+    """The model's inputs and outputs, and how the worker can map its weights (``mapped``)."""
+    source = load_source(path, infer_shapes=False)
     try:
-        return model_signature(model, path)
+        return model_signature(source.model, path), mapped_model(source)
     finally:
-        del model  # the weights are not needed in this process
+        del source  # the weights are not needed in this process
 
 
 def _feeds(signature: ModelSignature, options: VerifyOptions, path):
@@ -340,7 +347,9 @@ def _plan_runs(providers: Mapping[str, bool], stored: bool, have_original: bool)
 
 def preflight(model, path, options: VerifyOptions) -> None:
     """Check, before ``fold --verify`` folds and writes anything, that verification can
-    feed ``model``: dynamic dimensions resolve, ranges name inputs, npz files read."""
+    feed ``model``: onnxruntime is installed, dynamic dimensions resolve, ranges name
+    inputs, npz files read."""
+    require_onnxruntime("fold --verify")
     signature = model_signature(model, path)
     if options.inputs is not None:
         feeds, _ = feeds_from_npz(Path(options.inputs), signature.inputs)

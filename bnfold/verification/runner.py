@@ -6,6 +6,7 @@ InputError naming the session that was running.
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import subprocess
@@ -25,6 +26,23 @@ _WORKER_COMMAND = ("import os, runpy, sys; code = runpy.run_path(sys.argv[1])['m
                    "sys.stdout.flush(); sys.stderr.flush(); os._exit(code)")
 
 
+#: glibc malloc settings for the child. onnxruntime's layout transformer frees the weights it
+#: reorders; from glibc's heap that memory would stay resident, so buffers of 1 MiB and more
+#: are mapped on their own and go back to the system when freed, in transparent huge pages
+#: where the kernel allows (fewer page faults than the heap: faster, too). Measured in
+#: bench/verify_memory.py. Settings the user gives in GLIBC_TUNABLES win; other C libraries
+#: ignore the variable.
+MALLOC_TUNABLES = {"glibc.malloc.mmap_threshold": str(2**20), "glibc.malloc.hugetlb": "1"}
+
+
+def child_environment(environ=os.environ) -> dict[str, str]:
+    """``environ`` with MALLOC_TUNABLES added to GLIBC_TUNABLES where it does not set them."""
+    given = environ.get("GLIBC_TUNABLES", "")
+    set_keys = {item.split("=", 1)[0] for item in given.split(":") if item}
+    added = [f"{key}={value}" for key, value in MALLOC_TUNABLES.items() if key not in set_keys]
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [given, *added]))}
+
+
 def run_in_child(request: dict) -> dict:
     """Run the sessions in a fresh interpreter; turn its crash into InputError.
 
@@ -39,6 +57,7 @@ def run_in_child(request: dict) -> dict:
                 input=pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL),
                 stdout=subprocess.DEVNULL,
                 stderr=stderr_file,
+                env=child_environment(),
             )
             stderr_file.seek(0)
             stderr = stderr_file.read().decode(errors="replace")
