@@ -10,9 +10,16 @@ Models (built here, nothing downloaded):
   8192->8192 + BN, weights in one sparse file).
 
 Each model is folded once; then, alternating, ``bnfold verify ORIGINAL FOLDED --providers
-cpu -q`` (a process tree: the CLI and its onnxruntime child) and the bare script (one
+cpu -q`` (a process tree: the CLI and its onnxruntime child) and two bare scripts, each one
 process creating, running and releasing the same three onnxruntime sessions, in the same
-order, on the same random input). Peak RSS of a tree is the largest sum of the RSS of its
+order, on the same random input:
+
+- ``bare``: onnxruntime given the model paths, the way a user's script would (the target's
+  baseline);
+- ``bare-mapped``: onnxruntime given what verify's worker gets (large embedded weights
+  mapped from the model file, ``bnfold/verification/mapped.py``, and the worker's malloc
+  settings, ``runner.child_environment``): verify's own overhead is the difference.
+ Peak RSS of a tree is the largest sum of the RSS of its
 live processes, sampled every 10 ms from /proc (``ru_maxrss`` would carry the
 benchmark's own high-water mark across fork+exec); wall is the whole command. Medians over ``--reps`` rounds.
 """
@@ -33,6 +40,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from bnfold.verification.runner import child_environment  # noqa: E402
 
 BARE = r"""
 import gc, sys, numpy as np, onnxruntime as ort
@@ -44,6 +54,25 @@ for path, optimize in ((original, False), (candidate, False), (candidate, True))
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    kept.append(session.run(None, {session.get_inputs()[0].name: x}))
+    del session
+    gc.collect()
+"""
+BARE_MAPPED = r"""
+import gc, pickle, sys, numpy as np, onnxruntime as ort
+original, candidate, shape = sys.argv[1], sys.argv[2], [int(d) for d in sys.argv[3].split("x")]
+mapped = pickle.loads(open(sys.argv[4], "rb").read())
+x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+kept = []
+for path, optimize in ((original, False), (candidate, False), (candidate, True)):
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    model = path
+    if mapped[path] is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", mapped[path]["folder"])
+        model = mapped[path]["model"]
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     kept.append(session.run(None, {session.get_inputs()[0].name: x}))
     del session
     gc.collect()
@@ -69,10 +98,10 @@ def _tree_rss(root: int) -> int:
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(command: list[str]) -> tuple[float, int]:
+def measure(command: list[str], environment: dict | None = None) -> tuple[float, int]:
     """(wall seconds, peak tree RSS bytes) of ``command``."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment)
     peak, done = [0], threading.Event()
 
     def sample():
@@ -143,10 +172,20 @@ def main() -> int:
     parser.add_argument("--models", default="convstack24,big")
     parser.add_argument("--workdir", type=Path, default=ROOT / "bench" / "work-verify")
     parser.add_argument("--build", nargs=2, metavar=("KEY", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--map", nargs=3, metavar=("ORIGINAL", "FOLDED", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
         path, weight_bytes, shape = BUILDERS[args.build[0]](Path(args.build[1]))
         print(path, weight_bytes, shape)
+        return 0
+    if args.map:
+        import pickle
+
+        from bnfold.load import load_source
+        from bnfold.verification.mapped import mapped_model
+
+        Path(args.map[2]).write_bytes(pickle.dumps(
+            {path: mapped_model(load_source(path, infer_shapes=False)) for path in args.map[:2]}))
         return 0
     rows = []
     for key in args.models.split(","):
@@ -158,12 +197,19 @@ def main() -> int:
         original, weight_bytes, shape = Path(built[0]), int(built[1]), built[2]
         folded = folder / "folded.onnx"
         subprocess.run([sys.executable, "-m", "bnfold", "fold", str(original), "-o", str(folded), "-q"], check=True)
-        verify_cmd = [sys.executable, "-m", "bnfold", "verify", str(original), str(folded), "--providers", "cpu", "-q"]
-        bare_cmd = [sys.executable, "-c", BARE, str(original), str(folded), shape]
-        results = {"verify": [], "bare": []}
+        mapped = folder / "mapped.pickle"
+        subprocess.run([sys.executable, __file__, "--map", str(original), str(folded), str(mapped)], check=True)
+        commands = {
+            "verify": ([sys.executable, "-m", "bnfold", "verify", str(original), str(folded), "--providers", "cpu",
+                        "-q"], None),
+            "bare": ([sys.executable, "-c", BARE, str(original), str(folded), shape], None),
+            "bare-mapped": ([sys.executable, "-c", BARE_MAPPED, str(original), str(folded), shape, str(mapped)],
+                            child_environment()),
+        }
+        results = {name: [] for name in commands}
         for _ in range(args.reps):
-            for name, command in (("verify", verify_cmd), ("bare", bare_cmd)):
-                results[name].append(measure(command))
+            for name, (command, environment) in commands.items():
+                results[name].append(measure(command, environment))
                 print(key, name, f"wall {results[name][-1][0]:.2f} s, peak {results[name][-1][1] / 2**20:.0f} MiB",
                       flush=True)
         med = {name: (statistics.median(w for w, _ in runs), statistics.median(r for _, r in runs))
@@ -172,13 +218,13 @@ def main() -> int:
         for path in folder.iterdir():
             path.unlink()
     print()
-    print("| model | weights | verify wall | bare wall | wall ratio (target <= 1.1) | verify peak RSS | "
-          "bare peak RSS | verify peak / weights (target <= 2.5) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | weights | verify wall | bare wall | wall ratio (target <= 1.1) | bare-mapped wall | "
+          "verify peak RSS | bare peak RSS | bare-mapped peak RSS | verify peak / weights (target <= 2.5) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for key, weight_bytes, med in rows:
-        (vw, vr), (bw, br) = med["verify"], med["bare"]
-        print(f"| {key} | {weight_bytes / 2**20:.0f} MiB | {vw:.2f} s | {bw:.2f} s | {vw / bw:.2f} | "
-              f"{vr / 2**20:.0f} MiB | {br / 2**20:.0f} MiB | {vr / weight_bytes:.2f} |")
+        (vw, vr), (bw, br), (mw, mr) = med["verify"], med["bare"], med["bare-mapped"]
+        print(f"| {key} | {weight_bytes / 2**20:.0f} MiB | {vw:.2f} s | {bw:.2f} s | {vw / bw:.2f} | {mw:.2f} s | "
+              f"{vr / 2**20:.0f} MiB | {br / 2**20:.0f} MiB | {mr / 2**20:.0f} MiB | {vr / weight_bytes:.2f} |")
     return 0
 
 
