@@ -199,7 +199,7 @@ VERIFY_INPUT_RANGE = typer.Option(
 VERIFY_CHANNEL_RTOL = typer.Option(
     None, "--channel-rtol", help="Bound of each channel's ||diff||/||ref|| (default by dtype: 1e-3 for float32).")
 VERIFY_CHANNEL_AXIS = typer.Option(
-    None, "--channel-axis", help="OUTPUT=AXIS (or AXIS for all outputs): where channels lie (default 1).")
+    None, "--channel-axis", help="OUTPUT=AXIS (or AXIS for all outputs): where channels lie (default: read from the graph, else 1).")
 VERIFY_METRIC = typer.Option(None, "--metric", help="Extra per-output view: top1 (argmax agreement); repeatable.")
 VERIFY_REFERENCE_OUTPUTS = typer.Option(
     None, "--reference-outputs", help="Compare against these stored outputs (.npz keyed by output name); needs --inputs.")

@@ -119,6 +119,67 @@ def test_channel_axis_and_channel_rtol_options(tmp_path):
     assert other_axis.comparisons[0].difference.channel_axis == 3
 
 
+def _channels_last_model(nudge: float = 0.0, channels: int = 8, size: int = 6) -> onnx.ModelProto:
+    """tf2onnx's shape of a Keras Conv: NHWC in, Transpose, Conv, Relu, Transpose back to
+    NHWC. Half the output channels are ~1000, half ~0.01; ``nudge`` scales the weights of
+    channel 5 (a small one)."""
+    weight = (np.random.default_rng(0).standard_normal((channels, channels, 1, 1)) * 0.3).astype(np.float32)
+    weight[: channels // 2] *= 1000
+    weight[channels // 2:] *= 0.01
+    weight[5] *= 1 + nudge
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["xt", "W"], ["c"]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["y"], perm=[0, 2, 3, 1])]
+    shape = [1, size, size, channels]
+    return make_model(nodes, [numpy_helper.from_array(weight, "W")],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+
+
+def test_channels_are_judged_along_the_axis_the_graph_puts_them(tmp_path):
+    """A channels-last output is judged per channel of the Conv that made it: 1% on one small
+    channel fails along axis 3, where the graph's Transposes put the Conv's channels, while
+    along axis 1 (image rows, each holding large channels too) even 20% would pass."""
+    original = save(_channels_last_model(), tmp_path / "o.onnx")
+    changed = save(_channels_last_model(nudge=0.01), tmp_path / "c.onnx")
+    report = verify(original, changed, providers="cpu")
+    assert not report.passed
+    assert {c.difference.channel_axis for c in report.comparisons} == {3}
+    assert {c.difference.max_channel_rel_diff_channel for c in report.failures()} == {5}
+    assert verify(original, save(_channels_last_model(nudge=0.2), tmp_path / "c20.onnx"), providers="cpu",
+                  channel_axes={"*": 1}).passed
+    assert verify(original, save(_channels_last_model(), tmp_path / "same.onnx"), providers="cpu").passed
+
+
+@pytest.mark.parametrize(("ops", "expected"), [
+    (["MatMul"], {"y": -1}),
+    (["MatMul", "Relu", "Add"], {"y": -1}),
+    (["MatMul", "Transpose"], {"y": 0}),
+    (["Gemm"], {}),
+    (["MatMul", "Reshape"], {}),
+])
+def test_output_channel_axes_follow_layout_keeping_ops_and_transposes(ops, expected):
+    from bnfold._onnx_ir import ir
+    from bnfold.verification.feeds import output_channel_axes
+
+    shape = [2, 3, 4] if ops[0] == "MatMul" else [2, 4]
+    nodes, initializers, current = [], [numpy_helper.from_array(np.ones((4, 4), np.float32), "W"),
+                                        numpy_helper.from_array(np.ones(4, np.float32), "b"),
+                                        numpy_helper.from_array(np.array([-1], np.int64), "flat")], "x"
+    for index, op in enumerate(ops):
+        out = "y" if index == len(ops) - 1 else f"t{index}"
+        inputs = {"MatMul": [current, "W"], "Gemm": [current, "W"], "Add": [current, "b"], "Relu": [current],
+                  "Reshape": [current, "flat"], "Transpose": [current]}[op]
+        attributes = {"perm": [2, 0, 1]} if op == "Transpose" else {}
+        nodes.append(helper.make_node(op, inputs, [out], **attributes))
+        current = out
+    proto = make_model(nodes, initializers, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a"] if "Reshape" in ops else
+                                                       ["a", "b", "c"][: len(shape)])])
+    assert output_channel_axes(ir.serde.deserialize_model(proto)) == expected
+
+
 # --- 1. golden outputs ---------------------------------------------------------------------
 
 

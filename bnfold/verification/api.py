@@ -73,7 +73,8 @@ class VerifyOptions:
     input_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     #: --channel-rtol: bound of each channel's ||diff_c|| / ||ref_c|| (default by dtype).
     channel_rtol: float | None = None
-    #: --channel-axis: output name (or "*") -> the axis its channels lie along (default 1).
+    #: --channel-axis: output name (or "*") -> the axis its channels lie along (default: the
+    #: graph's, ``feeds.output_channel_axes``, else 1).
     channel_axes: Mapping[str, int] = field(default_factory=dict)
     #: --metric: extra per-output views, e.g. ("top1",).
     metrics: Sequence[str] = ()
@@ -299,17 +300,18 @@ def _verify(
     stored_run = RunId(STORED, "", "")
     if stored:
         outputs[stored_run] = reference_outputs
+    graph_axes = fed_signature.channel_axes or {}
     for provider in report.providers:
         reference = stored_run if stored else RunId("original", provider, OPTIMIZATION_DISABLED)
         for optimization in (OPTIMIZATION_DISABLED, OPTIMIZATION_DEFAULT):
             subject = RunId("candidate", provider, optimization)
-            report.comparisons += _compare_runs(reference, subject, outputs, options)
+            report.comparisons += _compare_runs(reference, subject, outputs, options, graph_axes)
         original_run = RunId("original", provider, OPTIMIZATION_DISABLED)
         if stored and original_run in outputs:
-            report.noise_floor += _compare_runs(stored_run, original_run, outputs, options)
+            report.noise_floor += _compare_runs(stored_run, original_run, outputs, options, graph_axes)
         elif provider != CPU and original_run in outputs:
             report.noise_floor += _compare_runs(RunId("original", CPU, OPTIMIZATION_DISABLED), original_run,
-                                                outputs, options)
+                                                outputs, options, graph_axes)
     if options.save_outputs is not None:
         saved = outputs.get(RunId("original", CPU, OPTIMIZATION_DISABLED))
         if saved is not None:
@@ -362,9 +364,12 @@ def preflight(model, path, options: VerifyOptions) -> None:
 
 
 def _compare_runs(
-    reference: RunId, subject: RunId, outputs: Mapping[RunId, dict[str, list[np.ndarray]]], options: VerifyOptions
+    reference: RunId, subject: RunId, outputs: Mapping[RunId, dict[str, list[np.ndarray]]], options: VerifyOptions,
+    graph_axes: Mapping[str, int],
 ) -> list[OutputComparison]:
-    """Compare every output the two runs share; outputs only one model has are signature mismatches."""
+    """Compare every output the two runs share; outputs only one model has are signature mismatches.
+    Channels lie along --channel-axis where given, else along the axis the graph shows
+    (``graph_axes``), else axis 1."""
     comparisons = []
     for name, reference_arrays in outputs[reference].items():
         subject_arrays = outputs[subject].get(name)
@@ -383,7 +388,9 @@ def _compare_runs(
             if ref.shape != sub.shape
         ]
         problems += mismatched
-        axis = channel_axis_of(reference_arrays[0].shape, options.channel_axes.get(name, options.channel_axes.get("*", 1)))
+        inferred = graph_axes.get(name, 1)
+        axis = channel_axis_of(reference_arrays[0].shape,
+                               options.channel_axes.get(name, options.channel_axes.get("*", inferred)))
         difference = top = None
         if not problems:
             difference = compare_arrays(reference_arrays, subject_arrays, tolerance, axis)

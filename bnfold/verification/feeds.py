@@ -51,6 +51,8 @@ class ModelSignature:
     outputs: tuple[TensorSignature, ...]
     #: Integer inputs that index a Gather over a constant dimension: name -> that dimension's size.
     index_limits: Mapping[str, int] | None = None
+    #: Outputs whose channels the graph shows lie along another axis than 1: name -> axis.
+    channel_axes: Mapping[str, int] | None = None
 
 
 @dataclass
@@ -72,7 +74,8 @@ def model_signature(model: ir.Model, path: str | os.PathLike) -> ModelSignature:
         _tensor_signature(value, path, "input") for value in graph.inputs if value.name not in graph.initializers
     )
     outputs = tuple(_tensor_signature(value, path, "output") for value in graph.outputs)
-    return ModelSignature(inputs, outputs, index_limits(model, {t.name for t in inputs if _is_integer(t.dtype)}))
+    return ModelSignature(inputs, outputs, index_limits(model, {t.name for t in inputs if _is_integer(t.dtype)}),
+                          output_channel_axes(model))
 
 
 def _tensor_signature(value: ir.Value, path: str | os.PathLike, role: str) -> TensorSignature:
@@ -120,6 +123,67 @@ def index_limits(model: ir.Model, integer_inputs: set[str]) -> dict[str, int]:
                     if 0 <= axis < len(dims) and isinstance(dims[axis], int) and dims[axis] > 0:
                         limits[value.name] = min(limits.get(value.name, dims[axis]), dims[axis])
     return limits
+
+
+#: Ops whose output channels lie along axis 1 (NCHW), and along the last axis.
+_CHANNELS_FIRST = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "BatchNormalization",
+                   "InstanceNormalization", "Gemm", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+                   "GlobalMaxPool", "GlobalLpPool"}
+_CHANNELS_LAST = {"MatMul", "MatMulInteger", "QLinearMatMul"}
+#: Ops that keep their (first non-constant) input's layout.
+_LAYOUT_KEEPING = {"Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish",
+                   "Tanh", "Elu", "Selu", "Celu", "Gelu", "Softplus", "Softsign", "Mish", "Clip", "Identity",
+                   "Dropout", "Cast", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Reciprocal", "Pow"}
+#: How far back from an output the walk looks before it gives up (axis 1 then).
+_CHANNEL_WALK_LIMIT = 64
+
+
+def output_channel_axes(model: ir.Model) -> dict[str, int]:
+    """The channel axis of each graph output where the graph shows it is not 1.
+
+    A wrong fold is wrong per channel of the op it went into, so verify judges each channel
+    of that op's output: walking back from the output through layout-keeping ops and
+    Transposes to the op that made the channels (Conv, BN, Gemm: axis 1; MatMul: the last
+    axis). Outputs the walk cannot place keep the default, axis 1."""
+    axes = {}
+    for value in model.graph.outputs:
+        axis = _channel_axis(value)
+        if axis is not None and axis != 1:
+            axes[value.name] = axis
+    return axes
+
+
+def _channel_axis(value: ir.Value) -> int | None:
+    """The channel axis of ``value`` (negative: from the end), or None if unknown."""
+    transposes = []
+    for _ in range(_CHANNEL_WALK_LIMIT):
+        node = value.producer()
+        if node is None:
+            return None
+        if node.op_type in _CHANNELS_FIRST or node.op_type in _CHANNELS_LAST:
+            axis = 1 if node.op_type in _CHANNELS_FIRST else -1
+            break
+        if node.op_type == "Transpose":
+            perm = node.attributes.get_ints("perm", None)
+            if perm is None or node.inputs[0] is None:
+                return None
+            transposes.append(list(perm))
+            value = node.inputs[0]
+        elif node.op_type in _LAYOUT_KEEPING:
+            data = [v for v in node.inputs if v is not None and v.const_value is None and not v.is_initializer()]
+            if not data:
+                return None
+            value = data[0]
+        else:
+            return None
+    else:
+        return None
+    for perm in reversed(transposes):  # innermost first: follow the axis out through each
+        axis = axis % len(perm)
+        if axis not in perm:
+            return None
+        axis = perm.index(axis)
+    return axis
 
 
 def _is_integer(dtype: str) -> bool:
