@@ -107,8 +107,9 @@ def peak_by_factor(weight: np.ndarray, factor: np.ndarray, block_elements: int =
     with it. ``max |W| * |factor|`` is then the largest magnitude of each folded cell, so
     one small array decides whether the folded weight fits its dtype (NaN propagates).
 
-    Read in blocks along axis 0, so a huge weight costs one block of float64 at a time;
-    ``done()`` runs after each block.
+    ``max |W|`` is ``max(max W, -min W)``, exact in the weight's own dtype: no float64 copy
+    of the weight is made. Read in blocks along axis 0, so a huge weight is touched one
+    block at a time; ``done()`` runs after each block.
     """
     if weight.ndim == 0:
         return np.abs(np.asarray(weight, dtype=np.float64))
@@ -116,7 +117,10 @@ def peak_by_factor(weight: np.ndarray, factor: np.ndarray, block_elements: int =
     rows = max(1, block_elements // max(1, weight[0].size))
     parts = []
     for start in range(0, weight.shape[0], rows):
-        parts.append(np.abs(np.asarray(weight[start:start + rows], dtype=np.float64)).max(axis=axes, keepdims=True))
+        block = weight[start:start + rows]
+        with np.errstate(invalid="ignore"):  # a NaN is the answer here, not a problem
+            high, low = block.max(axis=axes, keepdims=True), block.min(axis=axes, keepdims=True)
+        parts.append(np.maximum(high.astype(np.float64), -low.astype(np.float64)))
         if done is not None:
             done()
     if 0 in axes:
