@@ -80,21 +80,15 @@ def run_sessions(request: dict) -> dict:
         if provider in unusable:
             result["outputs"].append(None)
             continue
-        options = ort.SessionOptions()
-        if not session_request["optimize"]:
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         providers: list = [(CUDA, request["cuda_options"]), CPU] if provider == CUDA else [CPU]
-        model, mapped = session_request["path"], session_request.get("mapped")
-        if mapped is not None and _version(ort.__version__) >= FIRST_MAPPING_VERSION:
-            if _file_identity(mapped["file"]) != mapped["identity"]:
-                result["error"] = f"{what}: the model file changed while it was being verified; verify it again"
-                return result
-            options.add_session_config_entry(DATA_FOLDER_OPTION, mapped["folder"])
-            model = mapped["model"]
+        mapped = session_request.get("mapped")
+        if mapped is not None and _file_identity(mapped["file"]) != mapped["identity"]:
+            result["error"] = f"{what}: the model file changed while it was being verified; verify it again"
+            return result
         _report_progress(what)
         with _captured_stderr(enabled=provider != CPU) as log:
             try:
-                session = ort.InferenceSession(model, options, providers=providers)
+                session = _create_session(ort, session_request, providers, result["notes"])
             except Exception as exc:  # onnxruntime raises its own exception types for bad models
                 result["error"] = f"onnxruntime could not load {what} ({_first_line(exc)})"
                 return result
@@ -126,6 +120,31 @@ def run_sessions(request: dict) -> dict:
         gc.collect()
         result["outputs"].append(outputs)
     return result
+
+
+def _create_session(ort, session_request: dict, providers: list, notes: list[str]):
+    """A session of the model with its large weights mapped from the file where this
+    onnxruntime can (``bnfold.verification.mapped``), else of the path. Should the mapped
+    load fail, the path is tried before giving up, and a note says so."""
+
+    def options():
+        made = ort.SessionOptions()
+        if not session_request["optimize"]:
+            made.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return made
+
+    mapped = session_request.get("mapped")
+    if mapped is not None and _version(ort.__version__) >= FIRST_MAPPING_VERSION:
+        mapping = options()
+        mapping.add_session_config_entry(DATA_FOLDER_OPTION, mapped["folder"])
+        try:
+            return ort.InferenceSession(mapped["model"], mapping, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            note = (f"onnxruntime could not map the weights of {session_request['path']} ({_first_line(exc)}); "
+                    "it was given the file instead")
+            if note not in notes:
+                notes.append(note)
+    return ort.InferenceSession(session_request["path"], options(), providers=providers)
 
 
 def _version(text: str) -> tuple[int, ...]:

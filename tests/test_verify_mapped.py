@@ -105,3 +105,21 @@ def test_malloc_tunables_are_added_but_the_users_own_win():
     environment = child_environment(given)
     assert environment["HOME"] == "/h"
     assert environment["GLIBC_TUNABLES"] == given["GLIBC_TUNABLES"] + ":glibc.malloc.hugetlb=1"
+
+
+def test_a_mapped_model_onnxruntime_refuses_falls_back_to_the_file_with_a_note(tmp_path):
+    path = save(_mixed_model(np.random.default_rng(0)), tmp_path / "model.onnx")
+    mapped = mapped_model(load_source(path, infer_shapes=False))
+    mapped["model"] = mapped["model"][: len(mapped["model"]) // 2]  # a skeleton onnxruntime cannot parse
+    feed = {"x": np.ones((2, 64), np.float32), "index": np.arange(10, dtype=np.int64).reshape(2, 5)}
+    sessions = [{"label": f"candidate {optimize}", "path": str(path), "mapped": mapped, "provider": _ort_worker.CPU,
+                 "optimize": optimize} for optimize in (False, True)]
+    result = _ort_worker.run_sessions({"sessions": sessions, "required": {_ort_worker.CPU: True},
+                                       "cuda_options": {}, "feeds": [feed]})
+    assert result["error"] is None
+    assert len(result["notes"]) == 1 and "could not map the weights of" in result["notes"][0]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    expected = dict(zip(["y64", "y16", "picked"], session.run(None, feed)))
+    for outputs in result["outputs"]:
+        for name, value in expected.items():
+            np.testing.assert_allclose(outputs[name][0].astype(np.float64), value.astype(np.float64), rtol=1e-3)
