@@ -35,7 +35,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -122,33 +121,10 @@ def build_convstack(folder: Path) -> tuple[Path, int, str]:
 
 
 def build_big(folder: Path) -> tuple[Path, int, str]:
-    import onnx
-    import onnx.helper as oh
-    from test_large import CHANNELS, HEAD, LAYERS, external
+    from test_large import CHANNELS, build_big_model
 
-    rng = np.random.default_rng(0)
-    weight_bytes = CHANNELS * CHANNELS * 4
-    initializers, nodes, x = [], [], "x"
-    with open(folder / "big.data", "wb") as data:
-        for layer in range(LAYERS):
-            offset = layer * weight_bytes
-            data.seek(offset)
-            data.write((rng.standard_normal(HEAD) * 0.01).astype(np.float32).tobytes())
-            initializers.append(external(f"w{layer}", [CHANNELS, CHANNELS, 1, 1], offset, "big.data"))
-            params = [rng.uniform(0.5, 2, CHANNELS), rng.standard_normal(CHANNELS),
-                      rng.standard_normal(CHANNELS), rng.uniform(0.5, 2, CHANNELS)]
-            names = [f"{role}{layer}" for role in ("gamma", "beta", "mean", "var")]
-            initializers += [onnx.numpy_helper.from_array(p.astype(np.float32), n) for p, n in zip(params, names)]
-            nodes.append(oh.make_node("Conv", [x, f"w{layer}"], [f"c{layer}"], name=f"conv{layer}"))
-            nodes.append(oh.make_node("BatchNormalization", [f"c{layer}", *names], [f"y{layer}"], name=f"bn{layer}"))
-            x = f"y{layer}"
-        data.truncate(LAYERS * weight_bytes)
-    graph = oh.make_graph(nodes, "big", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, CHANNELS, 1, 1])],
-                          [oh.make_tensor_value_info(x, onnx.TensorProto.FLOAT, [1, CHANNELS, 1, 1])], initializers)
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
-    path = folder / "big.onnx"
-    path.write_bytes(model.SerializeToString())
-    return path, LAYERS * weight_bytes, f"1x{CHANNELS}x1x1"
+    _, weight_bytes = build_big_model(folder)
+    return folder / "big.onnx", weight_bytes, f"1x{CHANNELS}x1x1"
 
 
 BUILDERS = {"convstack24": build_convstack, "big": build_big}

@@ -35,9 +35,9 @@ def external(name: str, dims, offset: int, location: str) -> onnx.TensorProto:
     return tensor
 
 
-@pytest.fixture(scope="module")
-def big_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("big")
+def build_big_model(folder) -> tuple[list[np.ndarray], int]:
+    """Write ``big.onnx`` and its sparse ``big.data`` into ``folder``; return each weight's
+    written head and the weight bytes in all (``bench/verify_memory.py`` builds it too)."""
     rng = np.random.default_rng(0)
     weight_bytes = CHANNELS * CHANNELS * 4
     heads, initializers, nodes, x = [], [], [], "x"
@@ -62,7 +62,14 @@ def big_model(tmp_path_factory):
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=9)
     with open(folder / "big.onnx", "wb") as handle:
         handle.write(model.SerializeToString())
-    return folder, heads, LAYERS * weight_bytes
+    return heads, LAYERS * weight_bytes
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("big")
+    heads, weight_bytes = build_big_model(folder)
+    return folder, heads, weight_bytes
 
 
 @pytest.mark.slow
