@@ -125,7 +125,8 @@ def run_sessions(request: dict) -> dict:
 def _create_session(ort, session_request: dict, providers: list, notes: list[str]):
     """A session of the model with its large weights mapped from the file where this
     onnxruntime can (``bnfold.verification.mapped``), else of the path. Should the mapped
-    load fail, the path is tried before giving up, and a note says so."""
+    load fail, the path is tried before giving up, and a note says so. onnxruntime's
+    Python API takes only UTF-8 paths: a file whose name is not is given as its bytes."""
 
     def options():
         made = ort.SessionOptions()
@@ -135,16 +136,33 @@ def _create_session(ort, session_request: dict, providers: list, notes: list[str
 
     mapped = session_request.get("mapped")
     if mapped is not None and _version(ort.__version__) >= FIRST_MAPPING_VERSION:
-        mapping = options()
-        mapping.add_session_config_entry(DATA_FOLDER_OPTION, mapped["folder"])
         try:
+            mapping = options()
+            mapping.add_session_config_entry(DATA_FOLDER_OPTION, mapped["folder"])
             return ort.InferenceSession(mapped["model"], mapping, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             note = (f"onnxruntime could not map the weights of {session_request['path']} ({_first_line(exc)}); "
                     "it was given the file instead")
             if note not in notes:
                 notes.append(note)
-    return ort.InferenceSession(session_request["path"], options(), providers=providers)
+    path = session_request["path"]
+    if _is_utf8(path):
+        return ort.InferenceSession(path, options(), providers=providers)
+    with open(path, "rb") as handle:
+        content = handle.read()
+    whole = options()
+    folder = os.path.dirname(os.path.abspath(path))
+    if _is_utf8(folder):  # where its external data, if any, lies
+        whole.add_session_config_entry(DATA_FOLDER_OPTION, folder)
+    return ort.InferenceSession(content, whole, providers=providers)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a file name (surrogate escapes)
+        return False
+    return True
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -5,6 +5,8 @@ weight must still fail."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -123,3 +125,18 @@ def test_a_mapped_model_onnxruntime_refuses_falls_back_to_the_file_with_a_note(t
     for outputs in result["outputs"]:
         for name, value in expected.items():
             np.testing.assert_allclose(outputs[name][0].astype(np.float64), value.astype(np.float64), rtol=1e-3)
+
+
+@pytest.mark.parametrize("where", ["deep folder", "undecodable name"])
+def test_paths_onnxruntime_cannot_take_as_mapped_data_are_given_whole(tmp_path, where):
+    """A folder longer than a session option may be (1024 bytes) or a file name that is
+    not UTF-8 cannot be named in the skeleton: the worker gets the path, and verify works."""
+    if where == "deep folder":
+        folder = tmp_path.joinpath(*["d" * 200] * 6)
+        folder.mkdir(parents=True)
+        path = folder / "model.onnx"
+    else:
+        path = tmp_path / os.fsdecode(b"model-\xff.onnx")
+    save(_mixed_model(np.random.default_rng(0)), path)
+    assert mapped_model(load_source(path, infer_shapes=False)) is None
+    assert verify(path, path, input_ranges={"index": (0, 19999)}).passed

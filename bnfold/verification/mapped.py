@@ -32,6 +32,8 @@ def mapped_model(source: Source) -> dict | None:
     if not source.spans or source.path is None:
         return None
     real = Path(source.path).resolve()  # onnxruntime refuses data reached through a link out of the folder
+    if not _fits_onnxruntime(real):
+        return None
     skeleton = onnx.ModelProto()
     skeleton.CopyFrom(source.proto)
     for tensor in skeleton.graph.initializer:
@@ -45,3 +47,17 @@ def mapped_model(source: Source) -> dict | None:
             entry.key, entry.value = key, value
     return {"model": skeleton.SerializeToString(), "folder": str(real.parent), "file": str(real),
             "identity": list(file_identity(os.stat(real)))}
+
+
+#: onnxruntime's limit on the length of a session option's value (the folder).
+_OPTION_VALUE_LIMIT = 1024
+
+
+def _fits_onnxruntime(real: Path) -> bool:
+    """The file name can be a protobuf string (UTF-8) and the folder a session option."""
+    try:
+        real.name.encode("utf-8")
+        folder = str(real.parent).encode("utf-8")
+    except UnicodeEncodeError:  # a name of undecodable bytes (surrogate escapes)
+        return False
+    return len(folder) <= _OPTION_VALUE_LIMIT
