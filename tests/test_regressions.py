@@ -1035,6 +1035,40 @@ def test_fuzz_decompose_only_what_no_pass_folds(tmp_path):
     assert_folded(folded, "bn2")
 
 
+def _squeeze_all_after_conv(width: int) -> Case:
+    """``Conv -> Squeeze (no axes) -> BN`` with a symbolic batch: at batch 1 the Squeeze also
+    drops the batch, so the BN's axis 1 is the Conv's width, not its channels."""
+    rng = np.random.default_rng(25)
+    params, inits = bn_inits(rng, "bn", width)
+    nodes = [node("Conv", ["x", "W"], ["c"], "conv"), node("Squeeze", ["c"], ["s"], "squeeze"),
+             node(BN, ["s", *params], ["y"], "bn")]
+    model = make(nodes, [vi("x", F32, ["N", 2, 1, width])], [vi("y", F32, ["d0", "d1"])],
+                 [tensor(rnd(rng, (2, 2, 1, 1)), "W"), *inits])
+    return Case(model, feeds=[{"x": rnd(rng, (1, 2, 1, width))}])
+
+
+@case("fuzz_squeeze_all_with_symbolic_batch")
+def _fuzz_squeeze_all_with_symbolic_batch():
+    """Width 2 = the Conv's channels: the counts agree, and the fold used to scale the Conv's
+    channels by the BN's factors for the width (wrong values)."""
+    return _squeeze_all_after_conv(2)
+
+
+@case("fuzz_squeeze_all_with_symbolic_batch_counts_differ")
+def _fuzz_squeeze_all_with_symbolic_batch_counts_differ():
+    """Width 3: the counts differ, and bnfold called the valid model invalid (exit 2)."""
+    return _squeeze_all_after_conv(3)
+
+
+@pytest.mark.parametrize("name", ["fuzz_squeeze_all_with_symbolic_batch",
+                                  "fuzz_squeeze_all_with_symbolic_batch_counts_differ"])
+def test_fuzz_squeeze_without_axes_keeps_symbolic_dims(tmp_path, name):
+    folded = fold_and_check(CASES[name](), tmp_path)
+    entry = folded.entry("bn")
+    assert entry.status == "kept" and entry.reason == "unproven-layout", entry
+    assert "symbolic" in entry.detail
+
+
 # ---------------------------------------------------------------------------------------
 # Property: inspect plans what fold does, on every model above
 

@@ -111,6 +111,8 @@ def _squeeze(node: ir.Node, channel: Channel, consts: Constants) -> Channel | st
         dims = static_dims(node.inputs[0])
         if dims is None:
             return "Squeeze without axes on a tensor of unknown shape"
+        if not all(isinstance(d, int) for d in dims):  # a symbolic dim (the batch) may be 1 at run time
+            return "Squeeze without axes on a tensor with symbolic dims"
         axes = [i for i, d in enumerate(dims) if d == 1]
     if any(not -known.rank <= a < known.rank for a in axes):
         return "Squeeze axes outside the rank its input is known to have"
