@@ -251,8 +251,8 @@ def check_recipe(recipe: dict, workdir: Path) -> None:
 
 def _signs_rounding_decides(name: str, expected: np.ndarray, actual: np.ndarray, model: onnx.ModelProto,
                             folded: onnx.ModelProto, feeds: dict, recipe: dict) -> np.ndarray | None:
-    """Where an output is ``x * c`` (or ``x / c``) with an infinite constant ``c`` that both
-    models keep, a correct fold that changes ``x`` by rounding may turn ``x = -3e-6`` into
+    """Where an output is ``x * c`` (or ``x / c``) with an infinite ``c`` (or a zero divisor) that
+    both models keep, a correct fold that changes ``x`` by rounding may turn ``x = -3e-6`` into
     ``+2e-6``, and ``-inf`` into ``+inf`` (or ``0 * inf = NaN`` into ``inf``). Such positions,
     where both outputs are non-finite and ``x`` is within tolerance of zero in both models,
     are returned to be excused; None where the output is not such a site."""
@@ -263,26 +263,31 @@ def _signs_rounding_decides(name: str, expected: np.ndarray, actual: np.ndarray,
     sites = []
     for graph in (model.graph, folded.graph):
         node = next((n for n in graph.node if name in n.output), None)
-        constants = {t.name: t for t in graph.initializer}
-        if node is None or node.op_type not in ("Mul", "Div") or node.input[1] not in constants:
+        if node is None or node.op_type not in ("Mul", "Div") or len(node.input) != 2:
             return None
-        if np.isfinite(onnx.numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)).all():
-            return None
-        sites.append(node.input[0])
+        sites.append((node.op_type, *node.input))
     if sites[0] != sites[1]:
         return None
-    values = []
+    op, *operands = sites[0]
+    values = []  # both operands, in each model
     for graph_model in (model, folded):
         probe = onnx.ModelProto()
         probe.CopyFrom(graph_model)
         elem_type = onnx.helper.np_dtype_to_tensor_dtype(expected.dtype)
-        probe.graph.output.append(onnx.helper.make_tensor_value_info(sites[0], elem_type, None))
-        values.append(session(probe.SerializeToString()).run([sites[0]], feeds)[0])
-    if values[0].shape != expected.shape or values[1].shape != expected.shape:
-        return None
-    tol = tolerance(expected.dtype, values[0], recipe)
-    near_zero = (np.abs(values[0].astype(np.float64)) <= tol) & (np.abs(values[1].astype(np.float64)) <= tol)
-    return differs & near_zero
+        probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, elem_type, None) for n in operands)
+        values.append(session(probe.SerializeToString()).run(operands, feeds))
+    for x_index in (0, 1) if op == "Mul" else (0,):  # Div: x / c only
+        c_before, c_after = values[0][1 - x_index], values[1][1 - x_index]
+        blows_up = ~np.isfinite(c_before) | ((c_before == 0) if op == "Div" else False)
+        if not blows_up.any() or not np.array_equal(c_before, c_after, equal_nan=True):
+            continue
+        x_before, x_after = values[0][x_index], values[1][x_index]
+        if x_before.shape != expected.shape or x_after.shape != expected.shape:
+            continue
+        tol = tolerance(expected.dtype, x_before, recipe)
+        near_zero = (np.abs(x_before.astype(np.float64)) <= tol) & (np.abs(x_after.astype(np.float64)) <= tol)
+        return differs & near_zero
+    return None
 
 
 def record(events) -> None:
