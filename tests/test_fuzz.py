@@ -14,7 +14,8 @@ checks:
    (bnfold's exception propagates, with the recipe attached);
 3. the output passes the checker (full_check) and loads in onnxruntime;
 4. both run (ORT_DISABLE_ALL) to the same output names, shapes, dtypes, NaN and ±inf
-   positions, and values within ``tolerance()``; the real graph inputs are unchanged
+   positions (but where an infinite constant or a zero divisor meets a value that rounding
+   moves across zero: ``_signs_rounding_decides``), and values within ``tolerance()``; the real graph inputs are unchanged
    and the input file is untouched;
 5. ``bnfold.inspect`` agrees with the ledger of a flagless fold for every BN
    (``fold_reason is None`` iff folded; equal reasons when kept; inspect takes no flags),
