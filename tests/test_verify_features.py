@@ -180,6 +180,19 @@ def test_output_channel_axes_follow_layout_keeping_ops_and_transposes(ops, expec
     assert output_channel_axes(ir.serde.deserialize_model(proto)) == expected
 
 
+def test_a_constant_first_operand_made_by_a_constant_node_is_not_followed():
+    from bnfold._onnx_ir import ir
+    from bnfold.verification.feeds import output_channel_axes
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["t"]),
+             helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(4, np.float32))),
+             helper.make_node("Mul", ["k", "t"], ["y"])]
+    proto = make_model(nodes, [numpy_helper.from_array(np.ones((4, 4), np.float32), "W")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])])
+    assert output_channel_axes(ir.serde.deserialize_model(proto)) == {"y": -1}
+
+
 # --- 1. golden outputs ---------------------------------------------------------------------
 
 

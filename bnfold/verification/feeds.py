@@ -170,7 +170,7 @@ def _channel_axis(value: ir.Value) -> int | None:
             transposes.append(list(perm))
             value = node.inputs[0]
         elif node.op_type in _LAYOUT_KEEPING:
-            data = [v for v in node.inputs if v is not None and v.const_value is None and not v.is_initializer()]
+            data = [v for v in node.inputs if v is not None and not _is_constant(v)]
             if not data:
                 return None
             value = data[0]
@@ -184,6 +184,12 @@ def _channel_axis(value: ir.Value) -> int | None:
             return None
         axis = perm.index(axis)
     return axis
+
+
+def _is_constant(value: ir.Value) -> bool:
+    producer = value.producer()
+    return value.const_value is not None or value.is_initializer() or (
+        producer is not None and producer.op_type == "Constant")
 
 
 def _is_integer(dtype: str) -> bool:
