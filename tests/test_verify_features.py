@@ -371,3 +371,15 @@ def test_model_derived_text_is_escaped_in_the_rich_report(tmp_path):
 
     assert result.exit_code == EXIT_CHECK_FAILED
     assert "float32[batch, 3, 8, 8]" in result.output and "[red]f.onnx" in result.output
+
+
+def test_naming_an_input_twice_is_one_usage_error():
+    from bnfold.verification.feeds import parse_shapes
+
+    with pytest.raises(InputError, match=r"^--shape x is given twice$"):
+        parse_shapes(["x=1x2", "x:1,3"])
+    with pytest.raises(InputError, match=r"^--input-range \(all inputs\) is given twice$"):
+        parse_input_ranges(["0,1", "2,3"])
+    with pytest.raises(InputError, match=r"^--input-range ids is given twice$"):
+        parse_input_ranges(["ids=0,1", "ids:[2,3]"])
+    assert parse_input_ranges(["ids=0,9", "-1,1"]) == {"ids": (0.0, 9.0), "*": (-1.0, 1.0)}

@@ -249,13 +249,7 @@ def parse_shape(spec: str) -> tuple[str, tuple[int, ...]]:
 
 def parse_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Parse repeated ``--shape`` values; naming an input twice is a usage error."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for spec in specs:
-        name, dims = parse_shape(spec)
-        if name in shapes:
-            raise InputError(f"--shape {name} is given twice")
-        shapes[name] = dims
-    return shapes
+    return _by_input(specs, parse_shape, "--shape")
 
 
 #: Key of the range that applies to every input not named.
@@ -282,13 +276,19 @@ def parse_input_range(spec: str) -> tuple[str, tuple[float, float]]:
 
 
 def parse_input_ranges(specs: Sequence[str]) -> dict[str, tuple[float, float]]:
-    ranges: dict[str, tuple[float, float]] = {}
+    """Parse repeated ``--input-range`` values; naming an input (or all) twice is a usage error."""
+    return _by_input(specs, parse_input_range, "--input-range")
+
+
+def _by_input(specs: Sequence[str], parse, option: str) -> dict:
+    """``{name: value}`` from ``parse(spec) -> (name, value)`` for each spec of ``option``."""
+    parsed: dict = {}
     for spec in specs:
-        name, bounds = parse_input_range(spec)
-        if name in ranges:
-            raise InputError(f"--input-range {'(all inputs)' if name == ALL_INPUTS else name} is given twice")
-        ranges[name] = bounds
-    return ranges
+        name, value = parse(spec)
+        if name in parsed:
+            raise InputError(f"{option} {'(all inputs)' if name == ALL_INPUTS else name} is given twice")
+        parsed[name] = value
+    return parsed
 
 
 # --- random inputs -----------------------------------------------------------------------
