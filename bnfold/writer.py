@@ -148,19 +148,11 @@ def _defined_names(graph_proto, is_function: bool) -> set[str]:
 
 
 def _edit_initializers(graph: ir.Graph, graph_proto: onnx.GraphProto, folded: dict) -> bool:
-    original = [t.name for t in graph_proto.initializer]
     present = {name for name, value in graph.initializers.items() if value.const_value is not None}
-    known = set(original)
-    added = [graph.initializers[name] for name in graph.initializers
-             if name not in known and graph.initializers[name].const_value is not None]
-    if present.issuperset(original) and not added:
-        return False
-    kept = [copy_message(t) for t in graph_proto.initializer if t.name in present]
-    del graph_proto.initializer[:]
-    graph_proto.initializer.extend(kept)
-    for value in added:
-        graph_proto.initializer.append(_new_tensor(value.name, value.const_value, folded))
-    return True
+    known = {t.name for t in graph_proto.initializer}
+    added = [_new_tensor(name, value.const_value, folded) for name, value in graph.initializers.items()
+             if name not in known and value.const_value is not None]
+    return _rebuild(graph_proto.initializer, present, added)
 
 
 def _new_tensor(name: str, tensor: ir.TensorProtocol, folded: dict) -> onnx.TensorProto:
@@ -174,17 +166,20 @@ def _new_tensor(name: str, tensor: ir.TensorProtocol, folded: dict) -> onnx.Tens
 
 
 def _edit_inputs(graph: ir.Graph, graph_proto: onnx.GraphProto, opaque: set[str]) -> bool:
-    original = [v.name for v in graph_proto.input]
-    present = {v.name for v in graph.inputs}
-    known = set(original)
-    added = [v for v in graph.inputs if v.name not in known and v.name not in opaque]
-    if present.issuperset(original) and not added:
+    known = {v.name for v in graph_proto.input}
+    added = [ir.serde.serialize_value(v) for v in graph.inputs if v.name not in known and v.name not in opaque]
+    return _rebuild(graph_proto.input, {v.name for v in graph.inputs}, added)
+
+
+def _rebuild(field, present: set[str], added: list) -> bool:
+    """Keep the messages of a repeated ``field`` whose names are in ``present`` (copies, in
+    their order), then append ``added``; False, untouched, when nothing changes."""
+    if not added and all(message.name in present for message in field):
         return False
-    kept = [copy_message(v) for v in graph_proto.input if v.name in present]
-    del graph_proto.input[:]
-    graph_proto.input.extend(kept)
-    for value in added:
-        graph_proto.input.append(ir.serde.serialize_value(value))
+    kept = [copy_message(message) for message in field if message.name in present]
+    del field[:]
+    field.extend(kept)
+    field.extend(added)
     return True
 
 
