@@ -50,7 +50,8 @@ def inspect(model) -> list[Finding]:
                           details=list(entry.problem_details), channels=entry.channels)
         if entry.status == STATUS_FOLDED:
             direction = "forward into" if entry.pattern.startswith("bn-") else "into"
-            finding.plan = f"fold {direction} {entry.into_op} {entry.into!r} ({entry.pattern})"
+            finding.plan = f"fold {direction} {entry.into_op} {entry.into!r} ({entry.pattern})" + \
+                (f"; {entry.route}" if entry.route else "")
         else:
             finding.fold_reason = entry.reason
             finding.plan = f"keep: {entry.reason} ({entry.detail})"

@@ -152,9 +152,11 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
 
 
 def element_readers(value: ir.Value) -> list[tuple[ir.Node, int]]:
-    """The uses of ``value`` that read its elements, not only its shape (Shape, Size)."""
+    """The uses of ``value`` that read its elements, not only its shape (Shape, Size) or
+    its type (CastLike's second input: the dynamo exporter casts constants like a value)."""
     return [(node, index) for node, index in value.uses()
-            if not (node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"))]
+            if not (node.domain in ("", "ai.onnx") and (node.op_type in ("Shape", "Size")
+                                                         or (node.op_type == "CastLike" and index == 1)))]
 
 
 def _evaluable(node: ir.Node) -> bool:

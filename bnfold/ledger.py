@@ -33,6 +33,10 @@ REASONS: dict[str, str] = {
     "padded-consumer": "a constant Add/Sub before a padded Conv: the shift would meet the zero padding, only a pure scale folds there",
     "zero-size": "the site has no channels, or the weight it would fold into has no elements",
     "attribute-reference": "an attribute that decides the fold refers to a function attribute whose call sites disagree (or that is never given)",
+    "negative-scale": "the route crosses a max or min (MaxPool, ReduceMax, ...), and a scale <= 0 would turn it around",
+    "shift-not-crossing": "the route crosses an op that a shift does not commute with (an average that counts zero padding, a sum over an unknown count)",
+    "pad-value": "the route crosses a constant Pad whose value the map would change",
+    "unproven-crossing": "an op on the route (a pool, Resize, Slice, Gather, Split, Pad, Concat, ...) works on the channels or has facts that cannot be proven",
 }
 
 
@@ -68,6 +72,9 @@ class LedgerEntry:
     into: str | None = None
     #: The op type of ``into``.
     into_op: str | None = None
+    #: Folded: what the map crossed or split over on its way ("through MaxPool 'p' (all 64
+    #: scales > 0)", "split over Add 'a' into Conv 'x' and Conv 'y'"); "" for a direct fold.
+    route: str = ""
     reason: str | None = None
     detail: str = ""
     channels: int | None = None

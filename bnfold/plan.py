@@ -7,10 +7,10 @@ scale and shift, the new bias, and the overflow and finiteness checks of weight,
 addend — so that rewriting it (``bnfold.rewrite``) cannot fail or change its mind.
 ``inspect`` reports these same plans, so inspect and fold agree by construction.
 
-Directions:
-- *after*: fold into the linear op that produces the site's input, possibly through
-  layout ops that keep each element's channel;
-- *before*: fold a BN into the linear op that reads its output;
+Directions (``bnfold.route`` finds and proves the way there):
+- *after*: fold into the linear ops that produce the site's input, across ops the map
+  commutes with and over sums;
+- *before*: fold into every linear op that reads the site's output, across such ops;
 - *decompose* (opt-in): a BN with no linear neighbour becomes one Mul and one Add.
 """
 
@@ -25,19 +25,18 @@ import numpy as np
 
 from bnfold import affine
 from bnfold._onnx_ir import ir
-from bnfold.constant_eval import Constants, element_readers, rank_of, static_dims
+from bnfold.constant_eval import Constants, rank_of, static_dims
 from bnfold.errors import InputError
 from bnfold.folded import compose
 from bnfold.ledger import NoMatch
-from bnfold.patterns import LinearMatch, describe, match_producer, require_resolved
-from bnfold.patterns.consumer import MATCHERS as CONSUMERS
-from bnfold.patterns.consumer import ConsumerMatch, match_consumer, match_reader
+from bnfold.patterns import LinearMatch, describe, require_resolved
 from bnfold.patterns.elementwise import ElementwiseSite, as_site, channel_vector, scale_shift
-from bnfold.patterns.layout import Channel, is_layout, through
+from bnfold.patterns.layout import Channel
 from bnfold.patterns.matmul import bias_operand
+from bnfold.route import Leg, Route, downstream_route, leads_to_linear, trace_downstream, trace_upstream, \
+    upstream_route
 
 DEFAULT_EPSILON = 1e-5
-MAX_LAYOUT_CHAIN = 16
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,8 @@ class Fold:
     addend: np.ndarray | None = None
     #: --decompose-standalone: the Mul and Add constants, in the BN's dtype.
     decomposed: tuple[np.ndarray, np.ndarray] | None = None
-    chain: tuple[ir.Node, ...] = ()
+    #: What the map crossed or split over on its way, in words (see ``route.Route.text``).
+    route: str = ""
     convert: bool = False
     detail: str = ""
 
@@ -331,13 +331,15 @@ def _convertible(bn: ir.Node, problem: tuple[str, str], options: FoldOptions) ->
 
 
 def _plan_elementwise(site: Site, ctx: Context) -> Plan | None:
-    """A constant Mul/Add/Sub/Div folds into the linear op before it or, failing that, the
-    one after it; with no linear neighbour at all it is not a site (None)."""
+    """A constant Mul/Add/Sub/Div folds into the linear ops its route reaches before it or,
+    failing that, after it; with no linear op either way it is not a site (None)."""
     constant = site.elementwise.constant
     try:
-        matches, chain, channel = _producer_chain(site, ctx, scalar=constant.ndim == 0)
-        scale, shift = scale_shift(site.elementwise, channel_vector(constant, channel))
-        return _plan_after(site, matches, chain, scale, shift, ctx)
+        uniform = constant.ndim == 0
+        root = trace_upstream(site.node.inputs[site.data_index], ctx.consts, site.scope.opset, uniform=uniform)
+        vector = constant.astype(np.float64).reshape(1) if uniform else channel_vector(constant, root.channel)
+        scale, shift = scale_shift(site.elementwise, vector)
+        return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale)
     except NoMatch as after:
         try:
             return _plan_elementwise_before(site, ctx)
@@ -351,57 +353,51 @@ def _plan_elementwise(site: Site, ctx: Context) -> Plan | None:
 
 def _plan_elementwise_before(site: Site, ctx: Context) -> Fold:
     """Keras' BN before a Dense (``Mul -> Add -> MatMul``), input normalisation before a
-    Conv or Gemm: the constant runs along the axis the op reads as its input features."""
+    Conv or Gemm: the constant must run along the axis the linear ops read as features."""
     data, out = site.node.inputs[site.data_index], site.node.outputs[0]
-    if not any(n.op_type in CONSUMERS and n.domain in ("", "ai.onnx") for n, _ in element_readers(out)):
+    if not leads_to_linear(out):
         raise NoMatch("no-linear-producer", f"no linear op reads the {site.node.op_type} output")
-    node, index = match_reader(out, ctx.consts)
-    if node.domain not in ("", "ai.onnx") or index != 0 or node.op_type not in CONSUMERS:
-        raise NoMatch("no-linear-producer", f"the {site.node.op_type} output is read by {describe(node)}")
-    require_resolved(node)
-    consumer = CONSUMERS[node.op_type](node, ctx.consts)
-    # The data input, not the site's output, must have the op's input rank: a constant
-    # that broadcast the data to a higher rank cannot be folded away.
-    want = consumer.input_channel
+    constant = site.elementwise.constant
+    channel = _constant_channel(constant, data, site.node)
+    _require_no_broadcast(data, constant.shape, site.node)
+    root = trace_downstream(out, channel, ctx.consts, site.scope.opset)
+    vector = constant.astype(np.float64).reshape(-1)
+    scale, shift = scale_shift(site.elementwise, vector[:1] if channel is None else vector)
+    return _fold_down(site, root, scale, shift, ctx, False)
+
+
+def _constant_channel(constant: np.ndarray, data: ir.Value, node: ir.Node) -> Channel | None:
+    """The axis a Mul/Add/... constant runs along, aligned to its data from the right (None:
+    one value for every element); NoMatch if it varies along more than one axis."""
+    varying = [i for i, size in enumerate(constant.shape) if size != 1]
+    if not varying:
+        return None
+    if len(varying) > 1:
+        raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {list(constant.shape)} varies "
+                                              "along more than one axis")
+    count = constant.shape[varying[0]]
+    from_end = varying[0] - constant.ndim
     rank = rank_of(data)
-    if want.axis != -1 and rank != want.rank:
-        raise NoMatch("unknown-rank" if rank is None else "channel-axis-mismatch",
-                      f"the rank of {data.name!r} read through the {site.node.op_type} is not proven to be {want.rank}")
-    _require_no_broadcast(data, site.elementwise.constant.shape, site.node)
-    vector = channel_vector(site.elementwise.constant, Channel(rank if want.axis == -1 else want.rank,
-                                                                want.axis if want.axis != -1 or rank is None
-                                                                else rank - 1, want.count))
-    scale, shift = scale_shift(site.elementwise, vector)
-    if not consumer.exact_shift and np.any(shift != 0):
-        raise NoMatch("padded-consumer", f"{describe(node)} pads its input: only a pure scale folds there")
-    consumer = dataclasses.replace(consumer, pattern=consumer.pattern.replace("bn-", f"{site.kind}-", 1))
-    return _fold_before(site, consumer, scale, shift, consumer.in_channels, ctx, False)
+    if rank is None:
+        if from_end != -1:
+            raise NoMatch("unknown-rank", f"the rank of {data.name!r}, which the {node.op_type} constant of shape "
+                                          f"{list(constant.shape)} runs along, cannot be proven")
+        return Channel(None, -1, count)
+    if -from_end > rank:
+        raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {list(constant.shape)} "
+                                              f"broadcasts {data.name!r} to a higher rank")
+    return Channel(rank, rank + from_end, count)
 
 
 def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
     scale, shift = stats.scale_shift()
-    scalar = stats.channels == 1
+    uniform = stats.channels == 1  # one channel: a scalar map, the same s and t everywhere
     try:
-        matches, chain, channel = _producer_chain(site, ctx, scalar=scalar)
-        match = matches[0]
-        if scalar:  # one channel: a scalar map, the same s and t for every producer channel
-            scale, shift = np.full(channel.count, scale[0]), np.full(channel.count, shift[0])
-        else:
-            known = channel.normalized()
-            if channel.axis is None:
-                raise NoMatch("channel-axis-mismatch", f"{describe(match.node)} has one channel, "
-                                                       f"the BN normalises {stats.channels}")
-            if known is None:
-                raise NoMatch("unknown-rank", f"the rank of {describe(match.node)}'s output cannot be proven")
-            if known.axis != 1:
-                raise NoMatch("channel-axis-mismatch", f"{describe(match.node)}'s channels are on axis "
-                                                       f"{known.axis}, the BN normalises axis 1")
-            if channel.count != stats.channels:
-                raise InputError(f"BatchNormalization {site.node.name!r} has {stats.channels} channels but its "
-                                 f"producer {describe(match.node)} has {channel.count} output channels: invalid model")
-        return _plan_after(site, matches, chain, scale, shift, ctx, convert)
+        root = trace_upstream(site.node.inputs[0], ctx.consts, site.scope.opset, uniform=uniform)
+        if not uniform:
+            _require_bn_channels(site, root.channel, stats.channels)
+        return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale, convert)
     except NoMatch as after:
-        scale, shift = stats.scale_shift()
         try:
             return _plan_before(site, stats, scale, shift, ctx, convert)
         except NoMatch as before:
@@ -417,63 +413,20 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
             raise NoMatch("no-linear-producer", detail) from None
 
 
-def _producer_chain(site: Site, ctx: Context, *, scalar: bool = False):
-    """The linear producer(s) behind the site's input, through layout ops, and the channel
-    there; every value on the way must be read by the next step alone. A Concat along the
-    channel axis of linear producers (each read by the Concat alone) gives several. A
-    scalar map commutes with every layout op, so its channel needs no proof."""
-    value = site.node.inputs[site.data_index]
-    chain: list[ir.Node] = []
-    while value.producer() is not None and is_layout(value.producer()) and len(chain) < MAX_LAYOUT_CHAIN:
-        chain.insert(0, value.producer())
-        value = value.producer().inputs[0]
-        if value is None:
-            raise NoMatch("no-linear-producer", "a layout op before the site has no data input")
-    concat = value.producer()
-    if concat is not None and concat.op_type == "Concat" and concat.domain in ("", "ai.onnx"):
-        matches, channel = _concat_producers(concat, ctx)
-        steps = [value]
-    else:
-        matches = (match_producer(value, ctx.consts),)
-        channel = matches[0].channel
-        steps = [matches[0].output]
-    where = describe(matches[0].node if len(matches) == 1 else concat)
-    for step in [*steps, *(node.outputs[0] for node in chain)]:
-        if ctx.consts.is_output(step):
-            raise NoMatch("graph-output", f"{step.name!r} between {where} and the site is a graph output")
-        if ctx.consts.sole_reader(step) is None:
-            raise NoMatch("fan-out", f"{step.name!r} between {where} and the site has {len(step.uses())} readers")
-    for node in chain:
-        require_resolved(node)
-        if not scalar:
-            channel = through(node, channel, ctx.consts)
-    return matches, tuple(chain), channel
-
-
-def _concat_producers(concat: ir.Node, ctx: Context) -> tuple[tuple[LinearMatch, ...], Channel]:
-    """timm's mixed convolutions: ``Split -> Conv_i -> Concat(axis=1)``. Each input's
-    channels are one slice of the Concat's, so the map folds slice by slice."""
-    require_resolved(concat)
-    matches = []
-    for value in concat.inputs:
-        if value is None:
-            raise NoMatch("no-linear-producer", f"{describe(concat)} has an empty input")
-        match = match_producer(value, ctx.consts)
-        if ctx.consts.is_output(match.output) or ctx.consts.sole_reader(match.output) is None:
-            raise NoMatch("fan-out", f"{match.output.name!r} of {describe(match.node)} is read by more than "
-                                     f"{describe(concat)}")
-        matches.append(match)
-    if len({id(m.node) for m in matches}) != len(matches):
-        raise NoMatch("fan-out", f"{describe(concat)} reads one producer twice")
-    channels = [m.channel.normalized() for m in matches]
-    ranks = {c.rank for c in channels if c is not None}
-    axes = {c.axis for c in channels if c is not None}
-    if None in channels or len(ranks) != 1 or None in ranks or len(axes) != 1:
-        raise NoMatch("unproven-layout", f"the inputs of {describe(concat)} do not share a proven channel axis")
-    rank, axis = ranks.pop(), axes.pop()
-    if concat.attributes.get_int("axis", 0) % rank != axis:
-        raise NoMatch("channel-axis-mismatch", f"{describe(concat)} does not concatenate along the channel axis")
-    return tuple(matches), Channel(rank, axis, sum(m.channels for m in matches))
+def _require_bn_channels(site: Site, channel: Channel, count: int) -> None:
+    """A BN normalises axis 1: the producers' channels must arrive there, all of them."""
+    where = describe(site.node.inputs[0].producer(), site.node.inputs[0])
+    if channel.axis is None:
+        raise NoMatch("channel-axis-mismatch", f"{where} carries one channel, the BN normalises {count}")
+    known = channel.normalized()
+    if known is None:
+        raise NoMatch("unknown-rank", f"the rank of {where}'s output cannot be proven")
+    if known.axis != 1:
+        raise NoMatch("channel-axis-mismatch", f"the producers' channels arrive on axis {known.axis} of "
+                                               f"{where}'s output, the BN normalises axis 1")
+    if channel.count != count:
+        raise InputError(f"BatchNormalization {site.node.name!r} has {count} channels but its input from "
+                         f"{where} has {channel.count} output channels: invalid model")
 
 
 def _require_no_broadcast(data: ir.Value, shape: tuple[int, ...], node: ir.Node) -> None:
@@ -488,19 +441,13 @@ def _require_no_broadcast(data: ir.Value, shape: tuple[int, ...], node: ir.Node)
                                                   f"{data.name!r} to a larger shape")
 
 
-def _plan_after(site: Site, matches: tuple[LinearMatch, ...], chain: tuple, scale: np.ndarray, shift: np.ndarray,
-                ctx: Context, convert: bool = False) -> Fold:
-    """``W' = s (.)_out W``, ``b' = s * (beta * b) + t`` for each producer, on its slice of the
-    channels; every result checked before anything changes."""
-    parts, start = [], 0
-    for match in matches:
-        stop = start + match.channels
-        parts.append(_after_part(match, scale[start:stop], shift[start:stop]))
-        start = stop
-    producers = matches[0].pattern if len(matches) == 1 else f"concat({'+'.join(m.pattern for m in matches)})"
-    pattern = f"{producers}{''.join(f'-{node.op_type.lower()}' for node in chain)}-{site.kind}"
-    return Fold(site, "after", pattern, scale.shape[0], scale, into=tuple(m.node for m in matches),
-                parts=tuple(parts), chain=chain, convert=convert)
+def _plan_after(site: Site, route: Route, scale: np.ndarray, convert: bool = False) -> Fold:
+    """``W' = s (.)_out W``, ``b' = s * (beta * b) + t`` for each producer, on its share of
+    the map; every result checked before anything changes."""
+    parts = tuple(_after_part(leg.match, leg.scale, leg.shift) for leg in route.legs)
+    channels = scale.size if scale.size > 1 else max(leg.scale.size for leg in route.legs)
+    return Fold(site, "after", route.pattern, channels, scale, into=route.into, parts=parts, route=route.text,
+                convert=convert)
 
 
 def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray) -> Part:
@@ -527,49 +474,79 @@ def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray) -> Par
 
 def _plan_before(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, ctx: Context,
                  convert: bool) -> Fold:
-    """A BN before the linear op that reads its output (through layout ops if any)."""
+    """A BN before the linear ops its output reaches."""
     bn = site.node
-    channel = Channel(rank_of(bn.inputs[0]) or rank_of(bn.outputs[0]), 1, stats.channels)
-    consumer = match_consumer(bn.outputs[0], channel, ctx.consts, scalar=stats.channels == 1)
-    if not consumer.exact_shift and np.any(scale == 0):
-        raise NoMatch("zero-scale", f"{describe(consumer.node)} pads its input and a BN scale is 0, "
-                                    "so the shift cannot stay as an Add")
-    return _fold_before(site, consumer, scale, shift, stats.channels, ctx, convert)
+    channel = None if stats.channels == 1 else \
+        Channel(rank_of(bn.inputs[0]) or rank_of(bn.outputs[0]), 1, stats.channels)
+    root = trace_downstream(bn.outputs[0], channel, ctx.consts, site.scope.opset)
+    return _fold_down(site, root, scale, shift, ctx, convert)
 
 
-def _fold_before(site: Site, consumer: ConsumerMatch, scale: np.ndarray, shift: np.ndarray, channels: int,
-                 ctx: Context, convert: bool) -> Fold:
-    """``W' = W (.)_in s`` and ``b' = beta * b + alpha * W t`` (or ``x + t/s`` kept before a padded Conv)."""
+def _fold_down(site: Site, root, scale: np.ndarray, shift: np.ndarray, ctx: Context, convert: bool) -> Fold:
+    """``W' = W (.)_in s`` and ``b' = beta * b + alpha * W t`` in every linear op the route
+    reaches. Where the shift cannot reach one of them (a padded Conv sees zeros at its
+    border, not t; a crossing that refuses a shift), the shift stays at the site as
+    ``x + t/s`` and only the scale travels: padding ``x + t/s`` and scaling by s pads
+    ``s*x + t`` with zeros."""
+    shift_refused = None
+    try:
+        route = downstream_route(root, scale, shift, site.kind)
+        if all(leg.match.exact_shift for leg in route.legs) or not np.any(shift != 0):
+            parts = tuple(_before_part(leg, leg.match.exact_shift) for leg in route.legs)
+            return Fold(site, "before", route.pattern, scale.size, scale, into=route.into, parts=parts,
+                        route=route.text, convert=convert)
+        padded = next(leg.match.node for leg in route.legs if not leg.match.exact_shift)
+    except NoMatch as no:
+        if no.reason not in ("shift-not-crossing", "pad-value"):
+            raise
+        shift_refused, padded = no, None
+    if not site.is_bn:  # a Mul/Add site would only become another Add
+        if shift_refused is not None:
+            raise shift_refused
+        raise NoMatch("padded-consumer", f"{describe(padded)} pads its input: only a pure scale folds there")
+    where = describe(padded) if padded is not None else shift_refused.detail
+    if np.any(scale == 0):
+        raise NoMatch("zero-scale", f"the shift cannot reach every linear op ({where}) and a BN scale is 0, "
+                                    "so it cannot stay as an Add")
+    route = downstream_route(root, scale, np.zeros_like(shift), site.kind)
+    parts = tuple(_before_part(leg, False) for leg in route.legs)
+    data = site.node.inputs[site.data_index]
+    # A conv reading the site directly knows its input's rank (the site may sit in a function).
+    direct = [r.match.input_channel.rank for r in root.readers if r.match.node.op_type == "Conv"]
+    rank = rank_of(data) or rank_of(site.node.outputs[0]) or (direct[0] if direct else None)
+    if rank is None:
+        raise NoMatch("unknown-rank", f"the rank of {data.name!r}, where the shift would stay, cannot be proven")
+    dtype = data.dtype or route.legs[0].match.weight.dtype
+    addend = _cast((shift / scale).reshape([-1] + [1] * (rank - 2)), dtype, "t / s", site.node)
+    detail = f"shift kept as an Add before the route ({where})" if padded is None else \
+        "shift kept as an Add before the padded conv"
+    return Fold(site, "before", route.pattern, scale.size, scale, into=route.into, parts=parts, addend=addend,
+                route=route.text, convert=convert, detail=detail)
+
+
+def _before_part(leg: Leg, with_shift: bool) -> Part:
+    """One linear op's share of a map before it: the scale into its input axis and, with
+    the shift, ``W t`` into its bias."""
+    consumer = leg.match
     weight = consumer.weight
-    per_feature_scale = np.repeat(scale, consumer.repeat)
-    _require_nonempty(weight, scale, consumer.node)
-    source, factor = compose(weight, affine.input_channel_factor(tuple(weight.shape), per_feature_scale,
-                                                                 consumer.in_axis, consumer.groups))
+    _require_nonempty(weight, leg.scale, consumer.node)
+    source, factor = compose(weight, affine.input_channel_factor(tuple(weight.shape), leg.scale, consumer.in_axis,
+                                                                 consumer.groups))
     _require_weight_fits(consumer.node, source, factor)
-    dtype = weight.dtype
     edit = WeightEdit(consumer.node, consumer.weight_index, source, factor)
-    if not consumer.exact_shift:
-        addend = None
-        if np.any(shift != 0):
-            shape = [channels] + [1] * (len(weight.shape) - 2)
-            addend = _cast((shift / scale).reshape(shape), dtype, "t / s", consumer.node)
-        return Fold(site, "before", consumer.pattern, channels, scale, into=(consumer.node,),
-                    parts=(Part(edit, None),), addend=addend, chain=consumer.chain, convert=convert,
-                    detail="shift kept as an Add before the padded conv" if addend is not None else "")
+    if not with_shift:
+        return Part(edit, None)
     weight_values = _finite(np.asarray(weight.numpy(), dtype=np.float64), consumer.node, "weight")
-    extra = affine.input_shift_bias(weight_values, np.repeat(shift, consumer.repeat), consumer.in_axis,
-                                    consumer.out_axis, consumer.groups)
+    extra = affine.input_shift_bias(weight_values, leg.shift, consumer.in_axis, consumer.out_axis, consumer.groups)
     old_bias = 0.0
     if consumer.bias is not None and consumer.bias_factor != 0:
         old_bias = _finite(consumer.bias.numpy().astype(np.float64), consumer.node, "bias") * consumer.bias_factor
     bias_dtype = (consumer.bias if consumer.bias is not None else weight).dtype
     new_bias = _cast(old_bias + consumer.shift_factor * extra, bias_dtype, "folded bias", consumer.node)
     if consumer.bias_node is not None:
-        bias = BiasEdit(new_bias, consumer.bias_node, consumer.bias_index, reset_beta=consumer.bias_factor != 1.0)
-    else:
-        bias = BiasEdit(new_bias, after=consumer.node) if np.any(new_bias != 0) else None
-    return Fold(site, "before", consumer.pattern, channels, scale, into=(consumer.node,), parts=(Part(edit, bias),),
-                chain=consumer.chain, convert=convert)
+        return Part(edit, BiasEdit(new_bias, consumer.bias_node, consumer.bias_index,
+                                   reset_beta=consumer.bias_factor != 1.0))
+    return Part(edit, BiasEdit(new_bias, after=consumer.node) if np.any(new_bias != 0) else None)
 
 
 def _plan_decompose(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, convert: bool,

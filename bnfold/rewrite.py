@@ -161,7 +161,8 @@ class Editor:
         details = [plan.detail, "converted from training mode" if plan.convert else "",
                    "shared weight cloned" if cloned else ""]
         return _entry(plan, STATUS_FOLDED, pattern=plan.pattern, into=", ".join(n.name for n in plan.into),
-                      into_op=plan.into[0].op_type, weight_cloned=cloned,
+                      into_op=", ".join(dict.fromkeys(n.op_type for n in plan.into)), route=plan.route,
+                      weight_cloned=cloned,
                       detail="; ".join(d for d in details if d), channels=plan.channels,
                       max_rel_weight_change=affine.max_relative_change(plan.scale))
 

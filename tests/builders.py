@@ -20,6 +20,7 @@ NP_TO_ONNX = {
     np.dtype(np.float32): onnx.TensorProto.FLOAT,
     np.dtype(np.float64): onnx.TensorProto.DOUBLE,
     np.dtype(np.float16): onnx.TensorProto.FLOAT16,
+    np.dtype(np.int64): onnx.TensorProto.INT64,
 }
 
 

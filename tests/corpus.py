@@ -45,6 +45,8 @@ import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
 
+import blocks as B
+
 TS, DYNAMO, ONNX = "ts", "dynamo", "onnx"
 EXPORTER_NAMES = {TS: "torchscript", DYNAMO: "dynamo", ONNX: "onnx.helper"}
 TS_OPSET, DYNAMO_OPSET, ONNX_OPSET = 17, 18, 17
@@ -61,7 +63,7 @@ class Spec:
     model (None for timm)."""
 
     name: str
-    kind: str  # "timm" | "torch" | "onnx"
+    kind: str  # "timm" | "torch" | "block" | "onnx"
     build: Callable
     pattern: int | None = None
     dynamic: bool = True
@@ -69,6 +71,8 @@ class Spec:
     #: so that an exporter change cannot silently drop what the model is here for; a
     #: ``@ts``/``@dynamo`` suffix limits an edge to one exporter.
     signature: tuple[str, ...] = ()
+    #: Run on the torch net after its BNs got realistic statistics (a negative case's plant).
+    tweak: Callable | None = None
 
     @property
     def exporters(self) -> tuple[str, ...]:
@@ -626,6 +630,21 @@ SPECS: list[Spec] = [
          signature=("input>Transpose", "Transpose>Conv", "Conv>Transpose", "Transpose>Mul", "Mul>Add")),
 ]
 
+# Real blocks in training form (tests/blocks.py): routes across pools, resizes, sums and forks.
+SPECS += [
+    Spec("block.vgg_pool_bn", "block", B.vgg_pool_bn, signature=("MaxPool>BatchNormalization",)),
+    Spec("block.vgg_pool_bn_negative", "block", B.vgg_pool_bn, signature=("MaxPool>BatchNormalization",),
+         tweak=B.negative_scale_after_pool),
+    Spec("block.preact_residual", "block", B.preact_residual, signature=("Add>BatchNormalization",)),
+    Spec("block.inception_fork", "block", B.inception_fork, signature=("BatchNormalization>MaxPool",)),
+    Spec("block.classifier_head", "block", B.classifier_head, signature=("BatchNormalization>GlobalAveragePool@ts",)),
+    Spec("block.sum_then_bn", "block", B.sum_then_bn, signature=("Add>BatchNormalization",)),
+    Spec("block.upsampling_decoder", "block", B.upsampling_decoder, signature=("Resize>BatchNormalization",)),
+    Spec("block.counted_padding_pool", "block", B.counted_padding_pool,
+         signature=("AveragePool>BatchNormalization",)),
+    Spec("block.fork_with_activation", "block", B.fork_with_activation, signature=("BatchNormalization>Relu",)),
+]
+
 SPEC_OF: dict[str, Spec] = {model_id: spec for spec in SPECS for model_id in spec.ids()}
 ALL_IDS: list[str] = list(SPEC_OF)
 
@@ -767,6 +786,8 @@ class Corpus:
             net, example = spec.build()
             rescale_weights(net, seed_of(spec.name) % (2**31))
             randomize_bn(net, seed_of(spec.name) % (2**31))
+            if spec.tweak is not None:
+                spec.tweak(net)
             self._nets[spec.name] = (net.eval(), example)
         return self._nets[spec.name]
 

@@ -77,6 +77,24 @@ EXPECTED_LEFT_MAX: dict[str, int] = {
     "onnx.input_norm_conv-onnx": 0,
     "onnx.input_norm_gemm-onnx": 0,
     "onnx.nhwc_conv_mul_add-onnx": 0,
+    # Real blocks (tests/blocks.py), exact: the BNs each must keep, and why.
+    "block.vgg_pool_bn-ts": 0, "block.vgg_pool_bn-dynamo": 0,
+    "block.vgg_pool_bn_negative-ts": 1, "block.vgg_pool_bn_negative-dynamo": 1,  # negative-scale
+    "block.preact_residual-ts": 2, "block.preact_residual-dynamo": 2,  # BN -> ReLU, the stem read twice
+    "block.inception_fork-ts": 0, "block.inception_fork-dynamo": 0,
+    "block.classifier_head-ts": 0, "block.classifier_head-dynamo": 0,
+    "block.sum_then_bn-ts": 0, "block.sum_then_bn-dynamo": 0,
+    "block.upsampling_decoder-ts": 0, "block.upsampling_decoder-dynamo": 0,
+    "block.counted_padding_pool-ts": 1, "block.counted_padding_pool-dynamo": 1,  # shift-not-crossing
+    "block.fork_with_activation-ts": 1, "block.fork_with_activation-dynamo": 1,  # fan-out into a ReLU
+}
+
+#: Why each block keeps what it keeps (the reasons, exactly).
+BLOCK_KEPT: dict[str, dict[str, int]] = {
+    "block.vgg_pool_bn_negative": {"negative-scale": 1},
+    "block.preact_residual": {"fan-out": 2},
+    "block.counted_padding_pool": {"shift-not-crossing": 1},
+    "block.fork_with_activation": {"fan-out": 1},
 }
 
 #: Hand-written pattern models that do not fold fully today (model id -> what is left);
@@ -227,6 +245,17 @@ def test_bn_left(corpus, cache, model_id):
     assert f.bn_after == len(kept), [(e.node, e.status, e.reason) for e in kept]
     assert all(e.reason in REASONS for e in kept), [(e.node, e.reason) for e in kept]
     assert f.bn_after <= EXPECTED_LEFT_MAX[model_id], _kept_reasons(f)
+
+
+BLOCK_IDS = [model_id for model_id in C.ALL_IDS if C.SPEC_OF[model_id].kind == "block"]
+
+
+@pytest.mark.parametrize("model_id", BLOCK_IDS)
+def test_blocks_fold_to_the_counts_expected(corpus, cache, model_id):
+    """Each real block keeps exactly the BNs it must, for exactly its reason."""
+    f = folded(corpus, cache, model_id)
+    assert f.bn_after == EXPECTED_LEFT_MAX[model_id], _kept_reasons(f)
+    assert _kept_reasons(f) == BLOCK_KEPT.get(C.SPEC_OF[model_id].name, {})
 
 
 TIMM_TS_IDS = [model_id for model_id in C.ALL_IDS if model_id.startswith("timm.") and model_id.endswith("-ts")]

@@ -7,26 +7,21 @@ for Gemm and MatMul, for Conv only without padding (a padded border sees zeros, 
 With padding the scale still folds exactly and the shift stays as ``x + t/s`` before the
 conv, because zero-padding ``x + t/s`` and then scaling by s pads ``s*x + t`` with zeros.
 Through ``Flatten(axis=1)`` (or a Reshape that does the same) each BN channel covers
-``K / C`` consecutive features; through Transpose/Identity the channel axis is followed
-and must land on the axis the op reads as its input features.
+``K / C`` consecutive features; otherwise the channel axis must land on the axis the op
+reads as its input features. How a map reaches the op is ``bnfold.route``'s business.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 from bnfold._onnx_ir import ir
-from bnfold.constant_eval import Constants, element_readers, rank_of, static_dims
-from bnfold.errors import InputError
+from bnfold.constant_eval import Constants, rank_of, static_dims
 from bnfold.ledger import NoMatch
-from bnfold.patterns import constant_param, describe, require_resolved, weight_and_bias
-from bnfold.patterns.layout import Channel, through
+from bnfold.patterns import constant_param, describe, weight_and_bias
+from bnfold.patterns.layout import Channel
 from bnfold.patterns.matmul import constant_2d_weight, is_channel_bias
-
-#: Layout ops a map may pass through on its way to the consumer (they only move elements).
-_FORWARD_LAYOUT = {"Transpose", "Identity"}
 
 
 @dataclass(frozen=True)
@@ -45,79 +40,19 @@ class ConsumerMatch:
     #: The channel layout of the op's data input: rank (None if unknown) and the feature axis.
     input_channel: Channel
     groups: int = 1
-    #: Features per site channel when a Flatten sits between (K / C), else 1.
-    repeat: int = 1
     #: Gemm's alpha multiplies W * t; beta multiplies the old bias.
     shift_factor: float = 1.0
     bias_factor: float = 1.0
     #: False for a padded Conv: only the scale folds, the shift stays as an Add.
     exact_shift: bool = True
-    #: Layout nodes between the site and the op (Flatten / Transpose / Identity).
-    chain: tuple[ir.Node, ...] = ()
 
 
-def match_reader(value: ir.Value, consts: Constants) -> tuple[ir.Node, int]:
-    """The one node reading the elements of ``value``; NoMatch when there is none or several."""
-    uses = element_readers(value)
-    names = ", ".join(describe(node) for node, _ in uses) or "nothing"
-    if consts.is_output(value):
-        raise NoMatch("graph-output", f"{value.name!r} is a graph output")
-    if len(uses) != 1:
-        reason = "fan-out" if uses else "no-linear-producer"
-        raise NoMatch(reason, f"{value.name!r} is read by {names}")
-    return uses[0]
-
-
-def match_consumer(value: ir.Value, channel: Channel, consts: Constants, *, scalar: bool = False) -> ConsumerMatch:
-    """The linear op reading ``value`` (a BN output whose channels are ``channel``),
-    directly or through layout ops; NoMatch if there is none to fold into.
-
-    A scalar map (one channel) commutes with every layout op and needs no channel proof.
-    """
-    channels = channel.count
-    uses = element_readers(value)
-    if not any(node.op_type in MATCHERS or node.op_type in _FORWARD_LAYOUT | {"Flatten", "Reshape"}
-               for node, _ in uses):
-        names = ", ".join(describe(node) for node, _ in uses) or "nothing"
-        raise NoMatch("no-linear-producer", f"the output is read by {names}")
-    node, index = match_reader(value, consts)
-    chain: list[ir.Node] = []
-    flattened = False
-    while node.domain in ("", "ai.onnx") and index == 0 and node.op_type not in MATCHERS:
-        require_resolved(node)
-        if node.op_type in _FORWARD_LAYOUT:
-            channel = channel if scalar else through(node, channel, consts)
-        elif node.op_type in ("Flatten", "Reshape") and not chain:
-            _flattened(node, channel, scalar)
-            flattened = True
-        else:
-            break
-        chain.append(node)
-        node, index = match_reader(node.outputs[0], consts)
-    if node.domain not in ("", "ai.onnx") or index != 0 or node.op_type not in MATCHERS:
-        raise NoMatch("no-linear-producer", f"the map is read by {describe(node)}")
-    require_resolved(node)
-    match = MATCHERS[node.op_type](node, consts)
-    if flattened and node.op_type not in ("Gemm", "MatMul"):
-        raise NoMatch("no-linear-producer", f"a flattened map feeds {describe(node)}, not a matrix op")
-    if not (scalar or flattened):  # flattened from axis 1, the channels are the features of a 2-D input
-        _require_channel_on_features(channel, match, node)
-    if match.in_channels % max(channels, 1) or (not (flattened or scalar) and match.in_channels != channels):
-        raise InputError(f"a map over {channels} channels feeds {describe(node)}, which reads "
-                         f"{match.in_channels} input channels: invalid model")
-    repeat = match.in_channels // channels if channels else 1
-    pattern = match.pattern
-    if chain:
-        pattern = "bn-" + "-".join(n.op_type.lower() for n in chain) + pattern[2:]
-    return dataclasses.replace(match, chain=tuple(chain), repeat=repeat, pattern=pattern)
-
-
-def _flattened(node: ir.Node, channel: Channel, scalar: bool) -> None:
+def require_flattened(node: ir.Node, channel: Channel) -> None:
     """Check that ``node`` is a Flatten(axis=1) of the map's output, or a Reshape proven to do
     the same (dynamo's ``x.view(x.size(0), -1)``); NoMatch otherwise. Each channel then
     covers consecutive features, as many as the op reads per channel."""
     known = channel.normalized()
-    if not scalar and (known is None or known.axis != 1):
+    if known is None or known.axis != 1:
         raise NoMatch("no-linear-producer", f"{describe(node)} does not flatten from the channel axis")
     if node.op_type == "Flatten":
         if node.attributes.get_int("axis", 1) != 1:
@@ -129,7 +64,7 @@ def _flattened(node: ir.Node, channel: Channel, scalar: bool) -> None:
         raise NoMatch("unproven-layout", f"{describe(node)} is not proven to flatten from axis 1")
 
 
-def _require_channel_on_features(channel: Channel, match: ConsumerMatch, node: ir.Node) -> None:
+def require_channel_on_features(channel: Channel, match: ConsumerMatch, node: ir.Node) -> None:
     """The map's channels must be the axis the op reads as its input features."""
     want = match.input_channel
     known = channel.normalized()
