@@ -252,6 +252,38 @@ def test_the_same_conv_reached_twice_is_kept(tmp_path):
 # --- downstream: BN -> op -> linear ops ---------------------------------------------
 
 
+def then_conv(op: str, sign=1.0, **attrs):
+    """``Relu -> BN -> op -> Conv 1x1``."""
+    def build(b: GraphBuilder):
+        y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4, sign)
+        inputs = [y] + ["" if v is None else b.const(np.asarray(v)) for v in attrs.pop("inputs", [])]
+        return conv(b, b.node(op, inputs, **attrs))
+    return build
+
+
+DOWN_FOLDS = {
+    "maxpool": (then_conv("MaxPool", kernel_shape=[2, 2], strides=[2, 2]), "bn-maxpool-conv"),
+    "averagepool": (then_conv("AveragePool", kernel_shape=[3, 3], pads=[1, 1, 1, 1]), "bn-averagepool-conv"),
+    "globalmaxpool": (then_conv("GlobalMaxPool"), "bn-globalmaxpool-conv"),
+    "reducesum": (then_conv("ReduceSum", inputs=[[2, 3]], keepdims=1), "bn-reducesum-conv"),
+    "reducemean": (then_conv("ReduceMean", inputs=[[3]], keepdims=1), "bn-reducemean-conv"),
+    "resize-linear": (then_conv("Resize", inputs=[None, SCALES], mode="linear"), "bn-resize-conv"),
+    "slice-spatial": (then_conv("Slice", inputs=[[-1], [0], [3], [-1]]), "bn-slice-conv"),
+    "pad-reflect": (then_conv("Pad", inputs=[[0, 0, 1, 1, 0, 0, 1, 1]], mode="reflect"), "bn-pad-conv"),
+    "dropout": (then_conv("Dropout"), "bn-dropout-conv"),
+}
+
+
+@pytest.mark.parametrize("case", DOWN_FOLDS)
+def test_map_crosses_downstream(tmp_path, case):
+    build, pattern = DOWN_FOLDS[case]
+    b = GraphBuilder(seed=len(case) + 30)
+    b.output(build(b))
+    result, out = fold(b.model(18), tmp_path)
+    entry = folded(result, out, pattern)
+    assert entry.route.startswith("through ") and count_ops(out, "Add") == 0
+
+
 def test_inception_fork_folds_into_every_reader(tmp_path):
     """A BN read by three 1x1 convs and a MaxPool -> 1x1 conv: all four take it."""
     b = GraphBuilder(seed=13)
