@@ -34,12 +34,18 @@ def _ascii_safe(console, text: str) -> str:
     return text.encode(encoding, errors="backslashreplace").decode(encoding)
 
 
+def entry_detail(e) -> str:
+    """A site's route, detail and readiness problems, in one text."""
+    problems = (f"{p}: {d}" for p, d in zip(e.problems, e.problem_details))
+    return "; ".join(filter(None, [e.route, e.detail, *problems]))
+
+
 def ledger_lines(ledger) -> list[str]:
     """One line per site: label, status, pattern or reason, detail (tab-free, two spaces)."""
     lines = []
     for e in ledger:
         what = f"{e.pattern} into {e.into}" if e.folded else (e.reason or "")
-        detail = "; ".join(filter(None, [e.detail, *(f"{p}: {d}" for p, d in zip(e.problems, e.problem_details))]))
+        detail = entry_detail(e)
         lines.append("  ".join(filter(None, [e.label or e.node, e.op, e.graph, e.status, what, detail])))
     return lines
 
@@ -114,7 +120,7 @@ def _ledger_table(ledger, console) -> None:
     for e in ledger:
         target = f"{e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
         change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
-        detail = "; ".join(filter(None, [e.detail, *(f"{p}: {d}" for p, d in zip(e.problems, e.problem_details))]))
+        detail = entry_detail(e)
         cells = [e.label or e.node, "BN" if e.is_bn else e.op, e.graph, e.status, target or "", detail, change]
         table.add_row(*(escape(_ascii_safe(console, c)) for c in cells),
                       style="red" if e.problems else (None if e.folded else "yellow"))
