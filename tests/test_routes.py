@@ -132,6 +132,15 @@ def test_map_does_not_cross_upstream(tmp_path, case):
     assert entry.detail.split(" ")[0] in {"MaxPool", "ReduceMin", "AveragePool", "Pad", "ReduceMean", "Resize"}
 
 
+def test_map_crosses_a_wrapping_pad(tmp_path):
+    b = GraphBuilder(seed=2)
+    y = b.node("Pad", [conv(b, b.input(list(SHAPE))), b.const(np.array([0, 0, 1, 2, 0, 0, 2, 1]))], mode="wrap")
+    b.output(bn(b, y, 4, sign=None))
+    result, out = fold_and_compare(b.model(19), {"x": np.random.default_rng(1).standard_normal(SHAPE)
+                                                 .astype(np.float32)}, tmp_path)
+    folded(result, out, "conv-pad-bn")
+
+
 def test_negative_scale_names_the_channels(tmp_path):
     b = GraphBuilder(seed=3)
     y = b.node("MaxPool", [conv(b, b.input(list(SHAPE)))], kernel_shape=[2, 2], name="pool")
