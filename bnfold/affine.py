@@ -167,3 +167,28 @@ def input_shift_bias(weight: np.ndarray, shift: np.ndarray, in_axis: int, out_ax
     weighted = scale_input_channels(weight, shift, in_axis, groups)
     axes = tuple(a for a in range(weight.ndim) if a != out_axis)
     return weighted.sum(axis=axes)
+
+
+def merge_rows(shape: tuple[int, ...], start: int, stop: int,
+               kernels: list[tuple[np.ndarray, tuple[int, ...]]],
+               diagonals: list[tuple[np.ndarray, tuple[int, ...], tuple[int, ...]]]) -> np.ndarray:
+    """Rows ``start:stop`` (output channels) of a merged conv kernel of ``shape``, in float64.
+
+    Parallel branches that read one tensor and are summed are one conv whose kernel is the
+    sum of theirs, each placed inside the largest. A kernel term ``(rows, offset)`` adds its
+    (already scaled) rows at ``offset`` along the spatial axes. A diagonal term
+    ``(multiplier_rows, offset, window)`` adds ``m_o / prod(window)`` to input channel
+    ``o mod shape[1]`` of each output channel ``o`` over ``window`` at ``offset``: the
+    identity (window all 1s, grouped or depthwise alike) and an average pool.
+    """
+    out = np.zeros((stop - start, *shape[1:]), dtype=np.float64)
+    for rows, offset in kernels:
+        place = tuple(slice(o, o + k) for o, k in zip(offset, rows.shape[2:]))
+        out[(slice(None), slice(None), *place)] += rows
+    channels = np.arange(start, stop)
+    for multiplier, offset, window in diagonals:
+        place = tuple(slice(o, o + k) for o, k in zip(offset, window))
+        block = out[(slice(None), slice(None), *place)]
+        block[np.arange(stop - start), channels % shape[1]] += (multiplier / np.prod(window)).reshape(
+            [-1] + [1] * len(window))
+    return out

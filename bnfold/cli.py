@@ -240,6 +240,9 @@ def fold(
         False, "--decompose-standalone", help="Rewrite a BN with no linear neighbour as one Mul and one Add."),
     to_inference: bool = typer.Option(
         False, "--to-inference", help="Convert training-mode BNs (running-stat outputs unused) to inference form, then fold."),
+    no_merge_branches: bool = typer.Option(
+        False, "--no-merge-branches",
+        help="Keep parallel conv branches of one tensor that meet in a sum (by default they merge into one conv, exactly)."),
     recalibrate_data: Optional[Path] = typer.Option(
         None, "--recalibrate", metavar="DATA.npz",
         help="First recompute every BN's running statistics from these inputs (as `bnfold recalibrate`), then fold."),
@@ -270,7 +273,7 @@ def fold(
     from bnfold.engine import FoldOptions, fold as fold_model
 
     options = FoldOptions(fold_overridable=fold_overridable, decompose_standalone=decompose_standalone,
-                          to_inference=to_inference)
+                          to_inference=to_inference, merge_branches=not no_merge_branches)
     if out_dir is None and len(models) == 1 and models[0].is_dir():
         raise InputError(f"{models[0]}: is a directory; fold the models in it with --out-dir DIR")
     if out_dir is not None or len(models) > 1:

@@ -20,6 +20,7 @@ from bnfold.constant_eval import Constants
 from bnfold.health import bn_problems
 from bnfold.ledger import Ledger, LedgerEntry
 from bnfold.load import as_source, has_external_data
+from bnfold.merge import Merge, is_sum, plan_merge
 from bnfold.plan import Context, Fold, FoldOptions, Site, as_site_of, iter_scopes, plan_site
 from bnfold.rewrite import Editor
 from bnfold.save import EditedModel
@@ -95,8 +96,23 @@ def run(source: Source, options: FoldOptions = FoldOptions(),
     ledger = Ledger()
     for node in seen:
         if node in entries:
+            _retarget(entries[node], editor.targets.get(node, ()), editor.merged)
             ledger.add(entries[node])
     return editor, ledger
+
+
+def _retarget(entry: LedgerEntry, into: tuple, merged: dict) -> None:
+    """A fold into a branch conv that a merge later absorbed now lives in the merged conv."""
+    if not any(node in merged for node in into):
+        return
+    final = []
+    for node in into:
+        while node in merged:
+            node = merged[node]
+        final.append(node)
+    final = list(dict.fromkeys(final))
+    entry.into = ", ".join(n.name for n in final)
+    entry.into_op = ", ".join(dict.fromkeys(n.op_type for n in final))
 
 
 def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict, observe) -> None:
@@ -110,6 +126,8 @@ def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict,
                 if node.graph is not scope.graph or node in editor.created:
                     continue  # removed by an earlier fold, or made by one
                 site = as_site_of(node, scope, consts)
+                if site is None and context.options.merge_branches and is_sum(node, consts):
+                    site = Site(node, scope, merge=True)
                 if site is None:
                     continue
                 if node not in seen:
@@ -117,15 +135,24 @@ def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict,
                     seen[node] = (_label(node, index), problems)
                     if observe is not None:
                         observe(site)
-                plan = plan_site(site, context)
+                plan = plan_merge(site, context) if site.merge else plan_site(site, context)
                 if plan is None:
                     continue
-                entry = editor.apply(plan)
-                entry.label, problems = seen[node]
-                entry.problems = [code for code, _ in problems]
-                entry.problem_details = [detail for _, detail in problems]
-                entries[node] = entry
-                changed |= isinstance(plan, Fold)
+                _record(entries, node, editor.apply(plan), seen)
+                if isinstance(plan, Fold):
+                    editor.targets[node] = plan.into
+                if isinstance(plan, Merge):
+                    for bn in plan.absorbed:
+                        _record(entries, bn, editor.absorbed(plan, bn), seen)
+                    editor.merged.update({n: plan.into for n in plan.nodes})
+                changed |= isinstance(plan, (Fold, Merge))
+
+
+def _record(entries: dict, node: ir.Node, entry: LedgerEntry, seen: dict) -> None:
+    entry.label, problems = seen.get(node, (node.name, []))
+    entry.problems = [code for code, _ in problems]
+    entry.problem_details = [detail for _, detail in problems]
+    entries[node] = entry
 
 
 def _label(node: ir.Node, index: int) -> str:

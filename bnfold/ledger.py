@@ -36,6 +36,9 @@ REASONS: dict[str, str] = {
     "negative-scale": "the route crosses a max or min (MaxPool, ReduceMax, ...), and a scale <= 0 would turn it around",
     "shift-not-crossing": "the route crosses an op that a shift does not commute with (an average that counts zero padding, a sum over an unknown count)",
     "pad-value": "the route crosses a constant Pad whose value the map would change",
+    "branch-mismatch": "parallel branches of one tensor differ in stride, groups or dilation, or one's kernel cannot be placed exactly inside another's",
+    "sequential-branch": "a branch applies two convs in a row (1x1 -> BN -> kxk): no single kernel, unless its padding carries the BN-shifted value",
+    "avgpool-borders": "an average-pool branch divides its border by fewer elements (count_include_pad=0 with padding, ceil_mode): no conv computes that",
     "unproven-crossing": "an op on the route (a pool, Resize, Slice, Gather, Split, Pad, Concat, ...) works on the channels or has facts that cannot be proven",
 }
 
@@ -56,6 +59,8 @@ STATUS_FOLDED = "folded"
 STATUS_KEPT = "kept"
 #: A BN with no linear neighbour rewritten as Mul + Add (``--decompose-standalone``).
 STATUS_DECOMPOSED = "decomposed"
+#: A sum whose parallel branches became one conv (``bnfold.merge``).
+STATUS_MERGED = "merged"
 
 
 @dataclass
@@ -132,6 +137,7 @@ class Ledger:
             "decomposed": sum(e.status == STATUS_DECOMPOSED for e in bns),
             "other_folded": sum(e.status == STATUS_FOLDED for e in others),
             "other_kept": sum(e.status == STATUS_KEPT for e in others),
+            "merged": sum(e.status == STATUS_MERGED for e in others),
             "with_problems": sum(bool(e.problems) for e in bns),
         }
 

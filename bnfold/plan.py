@@ -49,6 +49,8 @@ class FoldOptions:
     decompose_standalone: bool = False
     #: Turn a training-mode BN whose running-stat outputs are unused into its inference form.
     to_inference: bool = False
+    #: Merge parallel conv branches of one tensor that meet in a sum into one conv (exact).
+    merge_branches: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,14 +74,16 @@ class Site:
     scope: Scope
     data_index: int = 0
     elementwise: ElementwiseSite | None = None
+    #: A sum where parallel branches may merge into one conv (``bnfold.merge``).
+    merge: bool = False
 
     @property
     def is_bn(self) -> bool:
-        return self.elementwise is None
+        return self.elementwise is None and not self.merge
 
     @property
     def kind(self) -> str:
-        return "bn" if self.is_bn else self.node.op_type.lower()
+        return "bn" if self.is_bn else "sum" if self.merge else self.node.op_type.lower()
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,10 @@ import numpy as np
 from bnfold import affine
 from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants, is_evaluated_constant
-from bnfold.folded import FoldedTensor
-from bnfold.ledger import STATUS_DECOMPOSED, STATUS_FOLDED, STATUS_KEPT, LedgerEntry
+from bnfold.folded import FoldedTensor, MergedTensor
+from bnfold.ledger import STATUS_DECOMPOSED, STATUS_FOLDED, STATUS_KEPT, STATUS_MERGED, LedgerEntry
+from bnfold.merge import Merge
+from bnfold.patterns import describe
 from bnfold.plan import BiasEdit, Fold, Keep, Scope, WeightEdit, release_pages, weight_array
 
 
@@ -39,6 +41,9 @@ class Editor:
     truncated: set[ir.Node] = field(default_factory=set)
     #: Nodes a fold inserted: never sites themselves.
     created: set[ir.Node] = field(default_factory=set)
+    #: The linear ops each folded site went into, and where a merge moved each branch node.
+    targets: dict[ir.Node, tuple[ir.Node, ...]] = field(default_factory=dict)
+    merged: dict[ir.Node, ir.Node] = field(default_factory=dict)
     names: NameAllocator = field(init=False)
 
     def __post_init__(self):
@@ -133,11 +138,13 @@ class Editor:
 
     # --- applying plans ----------------------------------------------------------------
 
-    def apply(self, plan: Fold | Keep) -> LedgerEntry:
+    def apply(self, plan: Fold | Merge | Keep) -> LedgerEntry:
         if plan.convert:
             self.convert_to_inference(plan.site.node, plan.site.scope.opset)
         if isinstance(plan, Keep):
             return _entry(plan, STATUS_KEPT, reason=plan.reason, detail=plan.detail, channels=plan.channels)
+        if isinstance(plan, Merge):
+            return self._merge(plan)
         if plan.direction == "decompose":
             return self._decompose(plan)
         site = plan.site.node
@@ -199,6 +206,39 @@ class Editor:
             self.set_attribute(node, ir.AttrFloat32("beta", 1.0))
         self.drop_unused([old])
 
+    def _merge(self, plan: Merge) -> LedgerEntry:
+        """The branch conv ``plan.into`` takes the merged kernel and bias and the sum's place;
+        every other node of the branches goes."""
+        conv, root = plan.into, plan.site.node
+        old_weight = conv.inputs[1]
+        merged = MergedTensor(plan.shape, plan.dtype, list(plan.kernels), list(plan.diagonals), name="",
+                              read=weight_array, release=release_pages)
+        conv.replace_input_with(1, self.constant(conv, f"{old_weight.name}_bnfold_merged", merged))
+        old_bias = conv.inputs[2] if len(conv.inputs) > 2 else None
+        if len(conv.inputs) < 3:
+            conv.resize_inputs(3)
+        base = old_bias.name if old_bias is not None else f"{conv.name or 'conv'}_bias"
+        conv.replace_input_with(2, self.constant(conv, f"{base}_bnfold_merged", ir.tensor(plan.bias)))
+        self.replace_value(root.outputs[0], conv.outputs[0])
+        pending = list(plan.nodes)
+        while pending:  # from the sum down: each node goes once nothing reads it
+            dead = [n for n in pending if not any(v.uses() or self.consts.is_output(v) for v in n.outputs
+                                                  if v is not None)]
+            if not dead:
+                break
+            for node in dead:
+                self.remove_node(node)
+                pending.remove(node)
+        self.drop_unused([old_weight, old_bias])
+        return _entry(plan, STATUS_MERGED, pattern=plan.pattern, into=conv.name, into_op=conv.op_type,
+                      detail=plan.detail, channels=plan.channels)
+
+    def absorbed(self, plan: Merge, bn: ir.Node) -> LedgerEntry:
+        """The ledger entry of a BN that a merge folded into its conv."""
+        return LedgerEntry(op=bn.op_type, node=bn.name, graph=plan.site.scope.label, status=STATUS_FOLDED,
+                           pattern="merge", into=plan.into.name, into_op=plan.into.op_type,
+                           route=f"one of the branches merged at {describe(plan.site.node)}")
+
     def _decompose(self, plan: Fold) -> LedgerEntry:
         """Replace a BN that has no linear neighbour by ``x * s + t``."""
         bn = plan.site.node
@@ -227,7 +267,7 @@ class Editor:
             self.set_attribute(bn, ir.AttrInt64("is_test", 1))
 
 
-def _entry(plan: Fold | Keep, status: str, **fields) -> LedgerEntry:
+def _entry(plan: Fold | Merge | Keep, status: str, **fields) -> LedgerEntry:
     node = plan.site.node
     return LedgerEntry(op=node.op_type, node=node.name, graph=plan.site.scope.label, status=status,
                        converted_from_training=plan.convert, **fields)

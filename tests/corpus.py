@@ -637,7 +637,7 @@ SPECS += [
          tweak=B.negative_scale_after_pool),
     Spec("block.preact_residual", "block", B.preact_residual, signature=("Add>BatchNormalization",)),
     Spec("block.inception_fork", "block", B.inception_fork, signature=("BatchNormalization>MaxPool",)),
-    Spec("block.classifier_head", "block", B.classifier_head, signature=("BatchNormalization>GlobalAveragePool@ts",)),
+    Spec("block.classifier_head", "block", B.classifier_head, signature=("BatchNormalization>GlobalAveragePool@ts", "BatchNormalization>ReduceMean@dynamo")),
     Spec("block.sum_then_bn", "block", B.sum_then_bn, signature=("Add>BatchNormalization",)),
     Spec("block.upsampling_decoder", "block", B.upsampling_decoder, signature=("Resize>BatchNormalization",)),
     Spec("block.counted_padding_pool", "block", B.counted_padding_pool,

@@ -1139,6 +1139,7 @@ def _fold_kind(kind: str):
         return bn_inputs(prefix, c)
 
     if kind == "shared-weight":  # the weight is also read by another Conv: cloned, the original stays
+        flags = ["--no-merge-branches"]  # the two convs of x would merge into one otherwise
         inits += [onh.from_array(arr(4, 3, 3, 3), "w")]
         nodes += [oh.make_node("Conv", ["x", "w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
                   oh.make_node("BatchNormalization", ["c1", *add_stats("bn", 4)], ["b1"], name="bn"),

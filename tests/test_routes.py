@@ -212,8 +212,8 @@ def test_spatial_split_with_another_piece_read_is_kept(tmp_path):
 
 def test_bn_after_a_sum_of_convs_splits_into_both(tmp_path):
     b = GraphBuilder(seed=9)
-    x = b.input(list(SHAPE))
-    total = b.node("Add", [conv(b, x, name="a"), conv(b, x, k=3, pads=1, name="c")], name="sum")
+    x = b.input(list(SHAPE))  # the convs read two tensors: no merge, the map splits
+    total = b.node("Add", [conv(b, x, name="a"), conv(b, b.node("Sigmoid", [x]), k=3, pads=1, name="c")], name="sum")
     b.output(bn(b, total, 4, sign=None))
     result, out = fold(b.model(18), tmp_path)
     entry = folded(result, out, "add(conv+conv)-bn")
@@ -225,8 +225,9 @@ def test_nary_sums_and_differences_distribute(tmp_path):
     """``BN((a - b) + Sum(c, d))``: s into every operand, t once; a pooled operand too."""
     b = GraphBuilder(seed=10)
     x = b.input(list(SHAPE))
-    diff = b.node("Sub", [conv(b, x), b.node("MaxPool", [conv(b, x)], kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
-    total = b.node("Add", [diff, b.node("Sum", [conv(b, x), conv(b, x), conv(b, x)])])
+    xs = [x] + [b.node(op, [x]) for op in ("Sigmoid", "Tanh", "Relu", "Softsign")]
+    diff = b.node("Sub", [conv(b, xs[0]), b.node("MaxPool", [conv(b, xs[1])], kernel_shape=[3, 3], pads=[1, 1, 1, 1])])
+    total = b.node("Add", [diff, b.node("Sum", [conv(b, xs[2]), conv(b, xs[3]), conv(b, xs[4])])])
     b.output(bn(b, total, 4))
     result, out = fold(b.model(18), tmp_path)
     folded(result, out, "add(sub(conv+conv-maxpool)+sum(conv+conv+conv))-bn")
@@ -236,7 +237,7 @@ def test_nary_sums_and_differences_distribute(tmp_path):
 def test_a_sum_with_an_operand_that_cannot_take_the_map_is_kept(tmp_path, other):
     b = GraphBuilder(seed=11)
     x = b.input(list(SHAPE))
-    y = conv(b, x)
+    y = conv(b, b.node("Sigmoid", [x]))  # not x's conv: a sum of branches of x would merge instead
     operand = {"relu": lambda: b.node("Relu", [conv(b, x)]), "graph-input": lambda: x,
                "read-elsewhere": lambda: y}[other]()
     b.output(bn(b, b.node("Add", [conv(b, x) if other == "read-elsewhere" else y, operand]), 4))
