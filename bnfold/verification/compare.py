@@ -101,8 +101,8 @@ class Difference:
     max_abs_diff: float
     #: [run, *index] of the largest absolute difference; None when all are equal.
     max_abs_diff_index: list[int] | None
-    #: [reference, subject] values at that index.
-    max_abs_diff_values: list[float] | None
+    #: [reference, subject] values at that index (integers exact).
+    max_abs_diff_values: list[float | int] | None
     max_rel_diff: float
     mean_abs_diff: float
     cosine_similarity: float
@@ -153,13 +153,48 @@ def channel_axis_of(shape: Sequence[int], requested: int | None = 1) -> int | No
     return axis if 0 <= axis < len(shape) else None
 
 
+def pooled_channel_axis(shapes: Sequence[Sequence[int]], axis: int | None) -> int | None:
+    """``axis`` where every run has it and the same number of channels along it, else None
+    (the output is judged as one channel): an output whose channel count changes from run
+    to run (NonZero, Compress along it) has no channel that is the same in every run."""
+    if axis is None or not shapes or any(axis >= len(shape) for shape in shapes):
+        return None
+    return axis if len({shape[axis] for shape in shapes}) == 1 else None
+
+
 def _by_channel(arrays: Sequence[np.ndarray], axis: int | None) -> np.ndarray:
-    """(C, M) float64: channel c of every run, flattened and concatenated."""
-    if axis is None:
-        return np.concatenate([np.asarray(a, dtype=np.float64).reshape(1, -1) for a in arrays], axis=1)
-    return np.concatenate(
-        [np.moveaxis(np.asarray(a, dtype=np.float64), axis, 0).reshape(np.shape(a)[axis], -1) for a in arrays], axis=1
-    )
+    """(C, M), in the arrays' own dtype: channel c of every run, flattened and concatenated."""
+    rows = []
+    for array in arrays:
+        array = np.asarray(array)
+        if axis is None:
+            rows.append(array.reshape(1, array.size))
+        else:
+            channels = array.shape[axis]
+            rows.append(np.moveaxis(array, axis, 0).reshape(channels, array.size // channels if channels else 0))
+    return np.concatenate(rows, axis=1)
+
+
+def _is_exact_type(array: np.ndarray) -> bool:
+    """Integers and bool: compared in their own type, never through float64's 53 bits."""
+    return array.dtype.kind in "biu"
+
+
+def _abs_difference(ref: np.ndarray, sub: np.ndarray) -> np.ndarray:
+    """|sub - ref| in float64. Integer differences are taken exactly first: ``high - low``
+    in uint64 is exact for any two int64 or uint64 values (it is at most 2**64 - 1), so a
+    difference of 1 between 2**60 and 2**60 + 1 stays 1."""
+    if _is_exact_type(ref) and _is_exact_type(sub):
+        ref, sub = (a.astype(np.int8) if a.dtype.kind == "b" else a for a in (ref, sub))
+        high, low = np.maximum(ref, sub), np.minimum(ref, sub)
+        return (high.astype(np.uint64) - low.astype(np.uint64)).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.abs(sub.astype(np.float64) - ref.astype(np.float64))
+
+
+def _value(array: np.ndarray, c: int, m: int) -> float | int:
+    """An element for the report: integers as exact Python ints, the rest as floats."""
+    return int(array[c, m]) if _is_exact_type(array) else float(array[c, m])
 
 
 def compare_arrays(
@@ -168,17 +203,20 @@ def compare_arrays(
     tolerance: Tolerance,
     channel_axis: int | None = None,
 ) -> Difference:
-    """Compare per-run arrays of equal shapes, all runs pooled, in float64, per channel along ``channel_axis``."""
+    """Compare per-run arrays (each run's two arrays of one shape), all runs pooled, per
+    channel along ``channel_axis`` (see ``pooled_channel_axis``); floats in float64,
+    integers and bool exactly."""
     shapes = [tuple(np.shape(a)) for a in reference]
-    if channel_axis is not None and (not shapes or any(channel_axis >= len(s) for s in shapes)):
-        channel_axis = None
-    ref = _by_channel(reference, channel_axis)
-    sub = _by_channel(subject, channel_axis)
+    channel_axis = pooled_channel_axis(shapes, channel_axis)
+    ref_native = _by_channel(reference, channel_axis)
+    sub_native = _by_channel(subject, channel_axis)
+    ref = ref_native.astype(np.float64)
+    sub = sub_native.astype(np.float64)
     channels = ref.shape[0]
     finite = np.isfinite(ref) & np.isfinite(sub)
     equal_nonfinite = (np.isnan(ref) & np.isnan(sub)) | (np.isinf(ref) & (ref == sub))
     nonfinite_mismatch = ~finite & ~equal_nonfinite
-    diff = np.abs(np.subtract(sub, ref, where=finite, out=np.zeros_like(ref)))
+    diff = np.where(finite, _abs_difference(ref_native, sub_native), 0.0)
     magnitude = np.where(finite, np.abs(ref), 0.0)
     if tolerance.atol_scaled:
         scale = np.maximum(1.0, np.max(np.where(np.isfinite(ref), np.abs(ref), 0.0), axis=1, initial=0.0))
@@ -197,7 +235,7 @@ def compare_arrays(
     if max_abs > 0:
         c, m = np.unravel_index(int(np.argmax(diff)), diff.shape)
         index = _run_index(int(c), int(m), shapes, channel_axis)
-        values = [float(ref[c, m]), float(sub[c, m])]
+        values = [_value(ref_native, int(c), int(m)), _value(sub_native, int(c), int(m))]
     # per channel: relative L2 error over the finite pairs
     counts = finite.sum(axis=1)
     diff_norm = np.sqrt((diff**2).sum(axis=1))
@@ -288,6 +326,8 @@ def top1(reference: Sequence[np.ndarray], subject: Sequence[np.ndarray], axis: i
     """How often the subject's argmax along ``axis`` is the reference's, over every run and position."""
     predictions = agreeing = near_ties = 0
     for ref, sub in zip(reference, subject):
+        if ref.ndim <= axis or ref.shape[axis] == 0:
+            continue  # no classes in this run (an output with no channels): nothing to predict
         ref64, sub64 = np.asarray(ref, np.float64), np.asarray(sub, np.float64)
         ref_top, sub_top = np.argmax(ref64, axis=axis), np.argmax(sub64, axis=axis)
         same = ref_top == sub_top

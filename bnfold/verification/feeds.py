@@ -3,6 +3,7 @@ seeded random inputs valid for the model, and inputs or outputs read from / writ
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -257,7 +258,8 @@ ALL_INPUTS = "*"
 
 
 def parse_input_range(spec: str) -> tuple[str, tuple[float, float]]:
-    """``NAME=LO,HI`` (or ``NAME:[LO,HI]``), or ``LO,HI`` for every input: [LO, HI], inclusive."""
+    """``NAME=LO,HI`` (or ``NAME:[LO,HI]``), or ``LO,HI`` for every input: [LO, HI], inclusive.
+    Integer literals stay exact ints (a uint64 bound needs all 64 bits)."""
     name, sep, values = spec.rpartition("=")
     if not sep:
         match = re.fullmatch(r"(.+):\[?\s*([^,\[\]:]+)\s*,\s*([^,\[\]]+?)\s*\]?", spec)
@@ -267,12 +269,17 @@ def parse_input_range(spec: str) -> tuple[str, tuple[float, float]]:
             name, values = ALL_INPUTS, spec
     values = values.strip().removeprefix("[").removesuffix("]")
     try:
-        low, high = (float(v) for v in values.split(","))
+        low, high = (_number(v) for v in values.split(","))
     except ValueError:
         raise InputError(f"--input-range {spec!r}: expected NAME=LO,HI (e.g. ids=0,999) or LO,HI for all inputs") from None
     if not (np.isfinite(low) and np.isfinite(high)) or low > high:
         raise InputError(f"--input-range {spec!r}: LO and HI must be finite with LO <= HI")
     return name or ALL_INPUTS, (low, high)
+
+
+def _number(text: str) -> float | int:
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
 
 
 def parse_input_ranges(specs: Sequence[str]) -> dict[str, tuple[float, float]]:
@@ -377,8 +384,10 @@ def input_ranges(
     for tensor in inputs:
         if tensor.name in given:
             ranges[tensor.name] = (given[tensor.name], "--input-range")
+            _check_range(tensor, given[tensor.name], f"--input-range {tensor.name}=")
         elif ALL_INPUTS in given:
             ranges[tensor.name] = (given[ALL_INPUTS], "--input-range (all inputs)")
+            _check_range(tensor, given[ALL_INPUTS], "--input-range ")
         elif _is_integer(tensor.dtype) and tensor.name in limits:
             ranges[tensor.name] = ((0, limits[tensor.name] - 1), f"indexes a dimension of size {limits[tensor.name]}")
         elif _is_integer(tensor.dtype):
@@ -388,6 +397,27 @@ def input_ranges(
         else:
             ranges[tensor.name] = (None, "standard normal")
     return ranges
+
+
+def _check_range(tensor: TensorSignature, bounds: tuple[float, float], option: str) -> None:
+    """Refuse a range that holds no value of the input's type, or reaches beyond the type."""
+    low, high = bounds
+    given = f"{option}{_plain(low)},{_plain(high)}: input {tensor.name!r} is {tensor.dtype}"
+    if tensor.dtype == "bool":
+        if not any(low <= value <= high for value in (0, 1)):
+            raise InputError(f"{given}, whose only values are 0 (False) and 1 (True), and "
+                             f"[{_plain(low)}, {_plain(high)}] holds neither")
+        return
+    if _is_integer(tensor.dtype):
+        info = np.iinfo(numpy_dtype(tensor.dtype))
+        if math.ceil(low) > math.floor(high):
+            raise InputError(f"{given}, and [{_plain(low)}, {_plain(high)}] holds no integer")
+        if math.ceil(low) < info.min or math.floor(high) > info.max:
+            raise InputError(f"{given}, whose values lie in [{info.min}, {info.max}]")
+        return
+    largest = float(np.finfo(numpy_dtype(tensor.dtype)).max)
+    if max(abs(low), abs(high)) > largest:
+        raise InputError(f"{given}, whose finite values lie in [-{largest:g}, {largest:g}]")
 
 
 def random_feeds(
@@ -411,24 +441,21 @@ def random_feeds(
     return feeds, data
 
 
-def _plain(value: float) -> float | int:
+def _plain(value: float | int) -> float | int:
+    if isinstance(value, int):
+        return value
     return int(value) if float(value).is_integer() else float(value)
 
 
 def random_array(rng: np.random.Generator, dtype: str, shape: tuple[int, ...], bounds) -> np.ndarray:
+    """Seeded values of ``dtype``: uniform in ``bounds`` (checked by ``input_ranges``: they
+    hold a value of the type), standard normal for floats without bounds."""
     numpy_type = numpy_dtype(dtype)
-    kind = numpy_type.kind
-    if kind == "b":
-        low, high = (0, 1) if bounds is None else (int(np.ceil(bounds[0])), int(np.floor(bounds[1])))
-        if low > 1 or high < 0:
-            raise InputError(f"a range for a bool input must include 0 or 1, got [{bounds[0]}, {bounds[1]}]")
-        return rng.integers(max(low, 0), min(high, 1) + 1, size=shape).astype(bool)
-    if kind in "iu":
-        info = np.iinfo(numpy_type)
-        low, high = int(np.ceil(bounds[0])), int(np.floor(bounds[1]))
-        if low > high or low < info.min or high > info.max:
-            raise InputError(f"range [{bounds[0]}, {bounds[1]}] holds no {dtype} value")
-        return rng.integers(low, high, size=shape, endpoint=True).astype(numpy_type)
+    if numpy_type.kind in "biu":
+        low, high = (0, 1) if bounds is None else (math.ceil(bounds[0]), math.floor(bounds[1]))
+        if numpy_type.kind == "b":
+            low, high = max(low, 0), min(high, 1)
+        return rng.integers(low, high, size=shape, endpoint=True, dtype=numpy_type)
     if bounds is None:
         return rng.standard_normal(shape).astype(numpy_type)
     return rng.uniform(bounds[0], bounds[1], size=shape).astype(numpy_type)
