@@ -149,6 +149,9 @@ class Fold:
     chain: tuple[ir.Node, ...] = ()
     convert: bool = False
     detail: str = ""
+    #: The axis of the site's data input along which ``scale`` runs (negative: from the end,
+    #: the rank unknown); None for a one-channel (scalar) map whose axis was not followed.
+    channel_axis: int | None = None
 
 
 @dataclass(frozen=True)
@@ -337,7 +340,7 @@ def _plan_elementwise(site: Site, ctx: Context) -> Plan | None:
     try:
         matches, chain, channel = _producer_chain(site, ctx, scalar=constant.ndim == 0)
         scale, shift = scale_shift(site.elementwise, channel_vector(constant, channel))
-        return _plan_after(site, matches, chain, scale, shift, ctx)
+        return _plan_after(site, matches, chain, channel, scale, shift, ctx)
     except NoMatch as after:
         try:
             return _plan_elementwise_before(site, ctx)
@@ -368,14 +371,13 @@ def _plan_elementwise_before(site: Site, ctx: Context) -> Fold:
         raise NoMatch("unknown-rank" if rank is None else "channel-axis-mismatch",
                       f"the rank of {data.name!r} read through the {site.node.op_type} is not proven to be {want.rank}")
     _require_no_broadcast(data, site.elementwise.constant.shape, site.node)
-    vector = channel_vector(site.elementwise.constant, Channel(rank if want.axis == -1 else want.rank,
-                                                                want.axis if want.axis != -1 or rank is None
-                                                                else rank - 1, want.count))
-    scale, shift = scale_shift(site.elementwise, vector)
+    channel = Channel(rank if want.axis == -1 else want.rank,
+                      want.axis if want.axis != -1 or rank is None else rank - 1, want.count)
+    scale, shift = scale_shift(site.elementwise, channel_vector(site.elementwise.constant, channel))
     if not consumer.exact_shift and np.any(shift != 0):
         raise NoMatch("padded-consumer", f"{describe(node)} pads its input: only a pure scale folds there")
     consumer = dataclasses.replace(consumer, pattern=consumer.pattern.replace("bn-", f"{site.kind}-", 1))
-    return _fold_before(site, consumer, scale, shift, consumer.in_channels, ctx, False)
+    return _fold_before(site, consumer, scale, shift, consumer.in_channels, ctx, False, channel.axis)
 
 
 def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
@@ -399,7 +401,7 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
             if channel.count != stats.channels:
                 raise InputError(f"BatchNormalization {site.node.name!r} has {stats.channels} channels but its "
                                  f"producer {describe(match.node)} has {channel.count} output channels: invalid model")
-        return _plan_after(site, matches, chain, scale, shift, ctx, convert)
+        return _plan_after(site, matches, chain, channel, scale, shift, ctx, convert)
     except NoMatch as after:
         scale, shift = stats.scale_shift()
         try:
@@ -488,8 +490,8 @@ def _require_no_broadcast(data: ir.Value, shape: tuple[int, ...], node: ir.Node)
                                                   f"{data.name!r} to a larger shape")
 
 
-def _plan_after(site: Site, matches: tuple[LinearMatch, ...], chain: tuple, scale: np.ndarray, shift: np.ndarray,
-                ctx: Context, convert: bool = False) -> Fold:
+def _plan_after(site: Site, matches: tuple[LinearMatch, ...], chain: tuple, channel: Channel, scale: np.ndarray,
+                shift: np.ndarray, ctx: Context, convert: bool = False) -> Fold:
     """``W' = s (.)_out W``, ``b' = s * (beta * b) + t`` for each producer, on its slice of the
     channels; every result checked before anything changes."""
     parts, start = [], 0
@@ -499,8 +501,9 @@ def _plan_after(site: Site, matches: tuple[LinearMatch, ...], chain: tuple, scal
         start = stop
     producers = matches[0].pattern if len(matches) == 1 else f"concat({'+'.join(m.pattern for m in matches)})"
     pattern = f"{producers}{''.join(f'-{node.op_type.lower()}' for node in chain)}-{site.kind}"
+    known = channel.normalized() or channel
     return Fold(site, "after", pattern, scale.shape[0], scale, into=tuple(m.node for m in matches),
-                parts=tuple(parts), chain=chain, convert=convert)
+                parts=tuple(parts), chain=chain, convert=convert, channel_axis=known.axis)
 
 
 def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray) -> Part:
@@ -534,11 +537,11 @@ def _plan_before(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarra
     if not consumer.exact_shift and np.any(scale == 0):
         raise NoMatch("zero-scale", f"{describe(consumer.node)} pads its input and a BN scale is 0, "
                                     "so the shift cannot stay as an Add")
-    return _fold_before(site, consumer, scale, shift, stats.channels, ctx, convert)
+    return _fold_before(site, consumer, scale, shift, stats.channels, ctx, convert, 1)
 
 
 def _fold_before(site: Site, consumer: ConsumerMatch, scale: np.ndarray, shift: np.ndarray, channels: int,
-                 ctx: Context, convert: bool) -> Fold:
+                 ctx: Context, convert: bool, channel_axis: int | None) -> Fold:
     """``W' = W (.)_in s`` and ``b' = beta * b + alpha * W t`` (or ``x + t/s`` kept before a padded Conv)."""
     weight = consumer.weight
     per_feature_scale = np.repeat(scale, consumer.repeat)
@@ -555,7 +558,8 @@ def _fold_before(site: Site, consumer: ConsumerMatch, scale: np.ndarray, shift: 
             addend = _cast((shift / scale).reshape(shape), dtype, "t / s", consumer.node)
         return Fold(site, "before", consumer.pattern, channels, scale, into=(consumer.node,),
                     parts=(Part(edit, None),), addend=addend, chain=consumer.chain, convert=convert,
-                    detail="shift kept as an Add before the padded conv" if addend is not None else "")
+                    detail="shift kept as an Add before the padded conv" if addend is not None else "",
+                    channel_axis=channel_axis)
     weight_values = _finite(np.asarray(weight.numpy(), dtype=np.float64), consumer.node, "weight")
     extra = affine.input_shift_bias(weight_values, np.repeat(shift, consumer.repeat), consumer.in_axis,
                                     consumer.out_axis, consumer.groups)
@@ -569,7 +573,7 @@ def _fold_before(site: Site, consumer: ConsumerMatch, scale: np.ndarray, shift: 
     else:
         bias = BiasEdit(new_bias, after=consumer.node) if np.any(new_bias != 0) else None
     return Fold(site, "before", consumer.pattern, channels, scale, into=(consumer.node,), parts=(Part(edit, bias),),
-                chain=consumer.chain, convert=convert)
+                chain=consumer.chain, convert=convert, channel_axis=channel_axis)
 
 
 def _plan_decompose(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, convert: bool,
@@ -584,7 +588,7 @@ def _plan_decompose(site: Site, stats: BNStats, scale: np.ndarray, shift: np.nda
     scale_cast = _cast(scale.reshape(shape), dtype, "decomposed scale", bn)
     shift_cast = _cast(shift.reshape(shape), dtype, "decomposed shift", bn)
     return Fold(site, "decompose", "bn-mul-add", stats.channels, scale, decomposed=(scale_cast, shift_cast),
-                convert=convert, detail=reason_detail)
+                convert=convert, detail=reason_detail, channel_axis=1)
 
 
 def _param_dtype(bn: ir.Node, consts: Constants) -> ir.DataType | None:

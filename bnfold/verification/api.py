@@ -320,10 +320,11 @@ def _verify(
 
 
 def _signature(path) -> tuple[ModelSignature, dict | None]:
-    """The model's inputs and outputs, and how the worker can map its weights (``mapped``)."""
-    source = load_source(path, infer_shapes=False)
+    """The model's declared inputs and outputs, its outputs' channel axes (read with the
+    shapes onnx infers, as fold reads a model), and how the worker can map its weights."""
+    source = load_source(path)
     try:
-        return model_signature(source.model, path), mapped_model(source)
+        return model_signature(source.model, path, source.proto.graph), mapped_model(source)
     finally:
         del source  # the weights are not needed in this process
 

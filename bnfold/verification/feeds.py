@@ -68,18 +68,35 @@ class InputData:
     range_source: str | None = None
 
 
-def model_signature(model: ir.Model, path: str | os.PathLike) -> ModelSignature:
-    """Read the feedable inputs and the outputs of ``model``, refusing non-numeric tensors."""
+def model_signature(model: ir.Model, path: str | os.PathLike, declared=None) -> ModelSignature:
+    """Read the feedable inputs and the outputs of ``model``, refusing non-numeric tensors.
+
+    ``declared`` (the file's own ``onnx.GraphProto``) gives the shapes as the file declares
+    them where ``model`` carries shapes onnx's inference filled in: the interface compared
+    between two models is the declared one."""
     graph = model.graph
-    inputs = tuple(
-        _tensor_signature(value, path, "input") for value in graph.inputs if value.name not in graph.initializers
-    )
-    outputs = tuple(_tensor_signature(value, path, "output") for value in graph.outputs)
+    shapes = _declared_shapes(declared) if declared is not None else {}
+    inputs = tuple(_tensor_signature(value, path, "input", shapes)
+                   for value in graph.inputs if value.name not in graph.initializers)
+    outputs = tuple(_tensor_signature(value, path, "output", shapes) for value in graph.outputs)
     return ModelSignature(inputs, outputs, index_limits(model, {t.name for t in inputs if _is_integer(t.dtype)}),
                           output_channel_axes(model))
 
 
-def _tensor_signature(value: ir.Value, path: str | os.PathLike, role: str) -> TensorSignature:
+def _declared_shapes(graph) -> dict[str, tuple | None]:
+    """name -> the shape a graph input or output declares (as ``_tensor_signature`` reads it)."""
+    shapes = {}
+    for info in [*graph.input, *graph.output]:
+        tensor = info.type.tensor_type
+        if not tensor.HasField("shape"):
+            shapes[info.name] = None
+            continue
+        shapes[info.name] = tuple(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+                                  for dim in tensor.shape.dim)
+    return shapes
+
+
+def _tensor_signature(value: ir.Value, path: str | os.PathLike, role: str, declared=None) -> TensorSignature:
     if not isinstance(value.type, ir.TensorType):
         raise InputError(f"{path}: {role} {value.name!r} is {value.type or 'untyped'}; bnfold verify compares tensors")
     if value.dtype not in _SUPPORTED_DTYPES:
@@ -87,7 +104,9 @@ def _tensor_signature(value: ir.Value, path: str | os.PathLike, role: str) -> Te
             f"{path}: {role} {value.name!r} has element type {value.dtype.name}, which verify cannot compare"
         )
     shape = None
-    if value.shape is not None:
+    if declared and value.name in declared:
+        shape = declared[value.name]
+    elif value.shape is not None:
         shape = tuple(dim if isinstance(dim, int) else dim.value for dim in value.shape.dims)
     return TensorSignature(value.name, value.dtype.numpy().name, shape)
 
@@ -126,71 +145,26 @@ def index_limits(model: ir.Model, integer_inputs: set[str]) -> dict[str, int]:
     return limits
 
 
-#: Ops whose output channels lie along axis 1 (NCHW), and along the last axis.
-_CHANNELS_FIRST = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "BatchNormalization",
-                   "InstanceNormalization", "Gemm", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
-                   "GlobalMaxPool", "GlobalLpPool"}
-_CHANNELS_LAST = {"MatMul", "MatMulInteger", "QLinearMatMul"}
-#: Ops that keep their (first non-constant) input's layout.
-_LAYOUT_KEEPING = {"Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish",
-                   "Tanh", "Elu", "Selu", "Celu", "Gelu", "Softplus", "Softsign", "Mish", "Clip", "Identity",
-                   "Dropout", "Cast", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Reciprocal", "Pow"}
-#: How far back from an output the walk looks before it gives up (axis 1 then).
-_CHANNEL_WALK_LIMIT = 64
-
-
 def output_channel_axes(model: ir.Model) -> dict[str, int]:
     """The channel axis of each graph output where the graph shows it is not 1.
 
     A wrong fold is wrong per channel of the op it went into, so verify judges each channel
-    of that op's output: walking back from the output through layout-keeping ops and
-    Transposes to the op that made the channels (Conv, BN, Gemm: axis 1; MatMul: the last
-    axis). Outputs the walk cannot place keep the default, axis 1."""
+    of that op's output: ``patterns.channels.channel_of`` walks back from the output with
+    fold's own matchers and layout proofs, so the axis is the one a fold of any pattern
+    scaled. Outputs the walk cannot place keep the default, axis 1."""
+    from bnfold.constant_eval import Constants
+    from bnfold.patterns.channels import channel_of
+
+    consts = Constants(model.ir_version, graphs=[model.graph])
     axes = {}
     for value in model.graph.outputs:
-        axis = _channel_axis(value)
-        if axis is not None and axis != 1:
-            axes[value.name] = axis
+        channel = channel_of(value, consts)
+        if channel is None or channel.axis is None:
+            continue
+        known = channel.normalized() or channel
+        if known.axis != 1:
+            axes[value.name] = known.axis
     return axes
-
-
-def _channel_axis(value: ir.Value) -> int | None:
-    """The channel axis of ``value`` (negative: from the end), or None if unknown."""
-    transposes = []
-    for _ in range(_CHANNEL_WALK_LIMIT):
-        node = value.producer()
-        if node is None:
-            return None
-        if node.op_type in _CHANNELS_FIRST or node.op_type in _CHANNELS_LAST:
-            axis = 1 if node.op_type in _CHANNELS_FIRST else -1
-            break
-        if node.op_type == "Transpose":
-            perm = node.attributes.get_ints("perm", None)
-            if perm is None or node.inputs[0] is None:
-                return None
-            transposes.append(list(perm))
-            value = node.inputs[0]
-        elif node.op_type in _LAYOUT_KEEPING:
-            data = [v for v in node.inputs if v is not None and not _is_constant(v)]
-            if not data:
-                return None
-            value = data[0]
-        else:
-            return None
-    else:
-        return None
-    for perm in reversed(transposes):  # innermost first: follow the axis out through each
-        axis = axis % len(perm)
-        if axis not in perm:
-            return None
-        axis = perm.index(axis)
-    return axis
-
-
-def _is_constant(value: ir.Value) -> bool:
-    producer = value.producer()
-    return value.const_value is not None or value.is_initializer() or (
-        producer is not None and producer.op_type == "Constant")
 
 
 def _is_integer(dtype: str) -> bool:
