@@ -218,3 +218,73 @@ def test_bool_ranges_that_hold_a_value():
         assert set(feeds[0]["x"].tolist()) == expected
     with pytest.raises(InputError):
         random_feeds(signature, {}, parse_input_ranges(["x=2,3"]), 2, 1, 0, "m.onnx")
+
+
+# --- off a terminal: one plain line per output and run ---------------------------------------
+
+
+def _conv_pair(tmp_path):
+    from _models import ConvBnParams, conv_bn_model
+
+    params = ConvBnParams.random(np.random.default_rng(0), 4, 3, (3, 3))
+    return (save(conv_bn_model(params, output_name="a_rather_long_output_name_for_an_80_column_log"),
+                 tmp_path / "original.onnx"),
+            save(conv_bn_model(params, folded=True, output_name="a_rather_long_output_name_for_an_80_column_log"),
+                 tmp_path / "folded.onnx"))
+
+
+def test_verify_prints_one_plain_line_per_output_off_a_terminal(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    original, folded = _conv_pair(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "bnfold", "verify", str(original), str(folded), "--providers", "cpu"],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+
+    assert result.returncode == EXIT_OK, result.stderr
+    lines = result.stdout.splitlines()
+    assert not any(character in result.stdout for character in "─━┃│┏╭"), result.stdout  # no boxes
+    runs = [line for line in lines if line.startswith("a_rather_long_output_name_for_an_80_column_log  candidate CPU")]
+    assert len(runs) == 2 and all("PASS" in line and "max|diff|" in line and len(line) > 80 for line in runs)
+    assert [line for line in lines if line.startswith("noise floor: a_rather_long")]  # ORIGINAL's own drift
+    assert lines[-1].startswith("PASS: 1 output(s) match") and len(lines) <= 8
+
+
+def test_verify_keeps_its_tables_on_a_terminal(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    original, folded = _conv_pair(tmp_path)
+    script = ("import sys; from bnfold.cli import main; sys.argv = ['bnfold', 'verify', sys.argv[1], sys.argv[2], "
+              "'--providers', 'cpu']; import bnfold.cli as c; from rich.console import Console; "
+              "c.console.cache_clear(); c._console_class.cache_clear(); "
+              "Console.is_terminal = property(lambda self: True); main()")
+    result = subprocess.run([sys.executable, "-c", script, str(original), str(folded)], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    assert "CANDIDATE against ORIGINAL (unoptimised)" in result.stdout and "─" in result.stdout
+    assert "noise floor" in result.stdout
+
+
+def test_train_prints_one_plain_line_per_model_off_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from bnfold.render import render_zoo
+
+    entries = [{"file": "cnn_ts13.onnx", "exporter": "torchscript", "opset": 13, "bn_count": 3,
+                "test_accuracy": 0.9861, "test_mse": None, "health": "healthy", "size_bytes": 40960},
+               {"file": "autoencoder_dynamo18.onnx", "exporter": "dynamo", "opset": 18, "bn_count": 4,
+                "test_accuracy": None, "test_mse": 0.01234, "health": "untrained-stats", "size_bytes": 81920}]
+    plain = io.StringIO()
+    render_zoo(entries, "models", Console(file=plain, width=80))
+    assert plain.getvalue().splitlines() == [
+        "bnfold train: 2 model(s) -> models",
+        "cnn_ts13.onnx  torchscript  opset 13  BN 3  test accuracy 0.9861  healthy  40 KiB",
+        "autoencoder_dynamo18.onnx  dynamo  opset 18  BN 4  test mse 0.01234  untrained-stats  80 KiB"]
+    table = io.StringIO()
+    render_zoo(entries, "models", Console(file=table, width=80, force_terminal=True))
+    assert "━" in table.getvalue() or "─" in table.getvalue()

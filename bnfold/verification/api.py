@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +85,16 @@ class VerifyOptions:
     save_inputs: str | os.PathLike | None = None
     #: Run ORIGINAL's training-mode BNs in inference mode for the reference (fold --to-inference).
     reference_inference: bool = False
+    #: --noise-factor: how many times ORIGINAL's own drift (default against disabled
+    #: optimisations) a float comparison allows on top of its tolerance (default 4; 0: none).
+    noise_factor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("samples", "batch"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise InputError(f"--{name} must be at least 1, got {value}")
-        for name in ("rtol", "atol", "channel_rtol"):
+        for name in ("rtol", "atol", "channel_rtol", "noise_factor"):
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise InputError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -303,9 +306,12 @@ def _verify(
     graph_axes = fed_signature.channel_axes or {}
     for provider in report.providers:
         reference = stored_run if stored else RunId("original", provider, OPTIMIZATION_DISABLED)
+        drift = None if stored else RunId("original", provider, OPTIMIZATION_DEFAULT)
+        if drift is not None and drift in outputs:
+            report.noise_floor += _compare_runs(reference, drift, outputs, options, graph_axes)
         for optimization in (OPTIMIZATION_DISABLED, OPTIMIZATION_DEFAULT):
             subject = RunId("candidate", provider, optimization)
-            report.comparisons += _compare_runs(reference, subject, outputs, options, graph_axes)
+            report.comparisons += _compare_runs(reference, subject, outputs, options, graph_axes, drift)
         original_run = RunId("original", provider, OPTIMIZATION_DISABLED)
         if stored and original_run in outputs:
             report.noise_floor += _compare_runs(stored_run, original_run, outputs, options, graph_axes)
@@ -340,10 +346,14 @@ def _feeds(signature: ModelSignature, options: VerifyOptions, path):
 
 
 def _plan_runs(providers: Mapping[str, bool], stored: bool, have_original: bool) -> list[RunId]:
+    """Per provider: ORIGINAL unoptimised (the reference) and at the default level (its own
+    drift, the noise allowance; not with stored reference outputs), then CANDIDATE at both."""
     runs = []
     for provider in providers:
         if have_original:
             runs.append(RunId("original", provider, OPTIMIZATION_DISABLED))
+            if not stored:
+                runs.append(RunId("original", provider, OPTIMIZATION_DEFAULT))
         runs += [RunId("candidate", provider, OPTIMIZATION_DISABLED), RunId("candidate", provider, OPTIMIZATION_DEFAULT)]
     return runs
 
@@ -366,18 +376,23 @@ def preflight(model, path, options: VerifyOptions) -> None:
 
 def _compare_runs(
     reference: RunId, subject: RunId, outputs: Mapping[RunId, dict[str, list[np.ndarray]]], options: VerifyOptions,
-    graph_axes: Mapping[str, int],
+    graph_axes: Mapping[str, int], drift: RunId | None = None,
 ) -> list[OutputComparison]:
     """Compare every output the two runs share; outputs only one model has are signature mismatches.
     Channels lie along --channel-axis where given, else along the axis the graph shows
-    (``graph_axes``), else axis 1."""
+    (``graph_axes``), else axis 1. ``drift``: the reference model's run at another
+    optimisation level, whose difference from ``reference`` is the noise allowance."""
     comparisons = []
     for name, reference_arrays in outputs[reference].items():
         subject_arrays = outputs[subject].get(name)
         if subject_arrays is None:
             continue
         ref_dtype, sub_dtype = str(reference_arrays[0].dtype), str(subject_arrays[0].dtype)
-        tolerance = resolve_tolerance(ref_dtype, options.rtol, options.atol, options.channel_rtol)
+        noise = outputs[drift].get(name) if drift is not None and drift in outputs else None
+        tolerance = resolve_tolerance(ref_dtype, options.rtol, options.atol, options.channel_rtol,
+                                      options.noise_factor)
+        if noise is None or subject.model == "original":  # not measured; the noise floor itself has none
+            tolerance = replace(tolerance, noise_factor=0.0)
         problems = []
         if ref_dtype != sub_dtype:
             problems.append(f"element type {sub_dtype} differs from the reference's {ref_dtype}")
@@ -394,7 +409,7 @@ def _compare_runs(
                                options.channel_axes.get(name, options.channel_axes.get("*", inferred)))
         difference = top = None
         if not problems:
-            difference = compare_arrays(reference_arrays, subject_arrays, tolerance, axis)
+            difference = compare_arrays(reference_arrays, subject_arrays, tolerance, axis, noise)
             if "top1" in options.metrics and axis is not None and reference_arrays[0].dtype.kind in "fV":
                 top = top1(reference_arrays, subject_arrays, axis, tolerance)
         comparisons.append(
