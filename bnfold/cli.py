@@ -192,7 +192,8 @@ VERIFY_SHAPES = typer.Option(
 VERIFY_SEED = typer.Option(None, "--seed", help="Seed of the random inputs (default 0).")
 VERIFY_RTOL = typer.Option(None, "--rtol", help="Relative tolerance for all outputs (default by dtype).")
 VERIFY_ATOL = typer.Option(
-    None, "--atol", help="Absolute tolerance for all outputs (default by dtype, times max(1, max |output|)).")
+    None, "--atol", help="Absolute tolerance for all outputs, used as given (default by dtype, times "
+    "max(1, max |output channel|) for each channel).")
 VERIFY_ALLOW_TF32 = typer.Option(False, "--allow-tf32", help="Let CUDA use TF32 (off: it changes fp32 results).")
 VERIFY_INPUT_RANGE = typer.Option(
     None, "--input-range", help="NAME=LO,HI (inclusive) for an input's random values, or LO,HI for all (repeatable).")
@@ -578,7 +579,7 @@ def train(
     """Train the model zoo on scikit-learn's digits and export it to ONNX (needs the train extra: torch)."""
     from bnfold.train import build_zoo, require_torch
 
-    require_torch()  # one-line error naming pip install 'bnfold[train]', exit 2
+    require_torch()  # one-line error naming the install command (train.INSTALL_HINT), exit 2
     from bnfold.runtime import require_onnxruntime
 
     require_onnxruntime("bnfold train")  # the zoo is checked in onnxruntime as it is exported

@@ -288,3 +288,17 @@ def test_train_prints_one_plain_line_per_model_off_a_terminal():
     table = io.StringIO()
     render_zoo(entries, "models", Console(file=table, width=80, force_terminal=True))
     assert "━" in table.getvalue() or "─" in table.getvalue()
+
+
+def test_atol_help_says_what_the_code_does():
+    """A given --atol is used as is; the default is scaled by each channel's own largest value."""
+    from bnfold.cli import VERIFY_ATOL
+    from bnfold.verification import resolve_tolerance
+
+    help_text = VERIFY_ATOL.help
+    assert "as given" in help_text and "channel" in help_text and "max |output|)" not in help_text
+    assert not resolve_tolerance("float32", None, 1e-3, None).atol_scaled  # as given
+    assert resolve_tolerance("float32", None, None, None).atol_scaled  # the default: per channel
+    scaled = compare_arrays([np.array([[100.0, 0.01]]).T], [np.array([[100.0 + 5e-4, 0.01 + 5e-4]]).T],
+                            resolve_tolerance("float64", None, None, None), 0)
+    assert scaled.atol_applied == [1e-9, 100 * 1e-9]  # each channel's own scale, at least 1
