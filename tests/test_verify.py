@@ -367,9 +367,8 @@ def test_cuda_runs_the_matrix_and_measures_the_noise_floor(conv_pair, tmp_path, 
     assert {(run[1], run[2]) for run in runs_of(report)} == {
         (provider, level) for provider in (CPU, CUDA) for level in (OPTIMIZATION_DISABLED, OPTIMIZATION_DEFAULT)
     }
-    # each provider's own drift (ORIGINAL default against disabled), then CUDA against CPU
-    assert [(c.reference.provider, c.subject.provider, c.subject.optimization) for c in report.noise_floor] == [
-        (CPU, CPU, OPTIMIZATION_DEFAULT), (CUDA, CUDA, OPTIMIZATION_DEFAULT), (CPU, CUDA, OPTIMIZATION_DISABLED)]
+    # every comparison passed on its own, so ORIGINAL's drift was not needed: only CUDA against CPU
+    assert [(c.reference.provider, c.subject.provider) for c in report.noise_floor] == [(CPU, CUDA)]
     assert {c.subject.provider for c in bad.failures()} == {CPU, CUDA}
 
 

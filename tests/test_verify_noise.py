@@ -151,3 +151,18 @@ def test_the_allowance_is_per_channel_never_a_blanket():
     assert not compare_arrays([reference], [beyond], tolerance, 1, [rerun]).passed
     exact = compare_arrays([np.arange(4)], [np.arange(4) + 1], default_tolerance("int64"), None, [np.arange(4) + 1])
     assert exact.elements_failing == 4 and exact.noise_max is None  # integers stay exact
+
+
+def test_the_noise_floor_runs_only_where_a_comparison_needs_it(tmp_path):
+    """A pass on the tolerances alone passes with any allowance: ORIGINAL's second session
+    (one more model in memory) is spent only where a float comparison fails without it."""
+    from _models import ConvBnParams, conv_bn_model, save
+
+    params = ConvBnParams.random(np.random.default_rng(0), 4, 3, (3, 3))
+    original = save(conv_bn_model(params), tmp_path / "o.onnx")
+    folded = save(conv_bn_model(params, folded=True), tmp_path / "f.onnx")
+
+    report = verify(original, folded, providers="cpu")
+
+    assert report.passed and report.noise_floor == []
+    assert all(c.tolerance.noise_factor == 4.0 and c.difference.noise_max is None for c in report.comparisons)
