@@ -81,3 +81,18 @@ def test_a_model_that_did_not_run_on_cuda_is_an_error(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert code == check.EXIT_ERROR and summary["models"][0]["status"] == "ERROR"
     assert CUDA in summary["models"][0]["detail"]
+
+
+def test_a_passing_report_without_cuda_among_its_providers_is_an_error(tmp_path):
+    """Belt and braces beside --providers cuda: a report is read for what actually ran. Here
+    bnfold is asked for the CPU (the helper rewrites the provider), and the report, though
+    it passed, does not show CUDA."""
+    check = gpu_check()
+    real = check.bnfold
+    check.bnfold = lambda *args, **kwargs: real(*["cpu" if arg == "cuda" else arg for arg in args], **kwargs)
+
+    outcome = check.check_model("cnn_ts13", ROOT / "models" / "cnn_ts13.onnx", tmp_path, CUDA)
+
+    report = json.loads((tmp_path / "cnn_ts13.verify.json").read_text())
+    assert report["verdict"] == "PASS" and report["providers"] == [CPU]
+    assert outcome.status == "ERROR" and "not CUDAExecutionProvider" in outcome.detail
