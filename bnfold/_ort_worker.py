@@ -232,7 +232,8 @@ def _report_progress(what: str) -> None:
 def _unavailable_message(provider: str, available: list[str]) -> str:
     message = f"{provider} is not available in this onnxruntime (it offers {', '.join(available)})"
     if provider == CUDA:
-        message += "; install the GPU build, onnxruntime-gpu: pip uninstall -y onnxruntime && pip install 'bnfold[gpu]'"
+        message += ("; install the GPU build, onnxruntime-gpu: pip uninstall -y onnxruntime && pip install '.[gpu]' "
+                    "(from a clone of bnfold)")
     return message
 
 

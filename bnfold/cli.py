@@ -192,12 +192,16 @@ VERIFY_SHAPES = typer.Option(
 VERIFY_SEED = typer.Option(None, "--seed", help="Seed of the random inputs (default 0).")
 VERIFY_RTOL = typer.Option(None, "--rtol", help="Relative tolerance for all outputs (default by dtype).")
 VERIFY_ATOL = typer.Option(
-    None, "--atol", help="Absolute tolerance for all outputs (default by dtype, times max(1, max |output|)).")
+    None, "--atol", help="Absolute tolerance for all outputs, used as given (default by dtype, times "
+    "max(1, max |output channel|) for each channel).")
 VERIFY_ALLOW_TF32 = typer.Option(False, "--allow-tf32", help="Let CUDA use TF32 (off: it changes fp32 results).")
 VERIFY_INPUT_RANGE = typer.Option(
     None, "--input-range", help="NAME=LO,HI (inclusive) for an input's random values, or LO,HI for all (repeatable).")
 VERIFY_CHANNEL_RTOL = typer.Option(
     None, "--channel-rtol", help="Bound of each channel's ||diff||/||ref|| (default by dtype: 1e-3 for float32).")
+VERIFY_NOISE_FACTOR = typer.Option(
+    None, "--noise-factor", help="Times ORIGINAL's own drift (default vs disabled optimisations, per channel) "
+    "a float output may differ on top of the tolerances (default 4; 0: none).")
 VERIFY_CHANNEL_AXIS = typer.Option(
     None, "--channel-axis", help="OUTPUT=AXIS (or AXIS for all outputs): where channels lie (default: read from the graph, else 1).")
 VERIFY_METRIC = typer.Option(None, "--metric", help="Extra per-output view: top1 (argmax agreement); repeatable.")
@@ -260,6 +264,7 @@ def fold(
     allow_tf32: bool = VERIFY_ALLOW_TF32,
     input_range: Optional[list[str]] = VERIFY_INPUT_RANGE,
     channel_rtol: Optional[float] = VERIFY_CHANNEL_RTOL,
+    noise_factor: Optional[float] = VERIFY_NOISE_FACTOR,
     channel_axis: Optional[list[str]] = VERIFY_CHANNEL_AXIS,
     metric: Optional[list[str]] = VERIFY_METRIC,
     reference_outputs: Optional[Path] = VERIFY_REFERENCE_OUTPUTS,
@@ -311,10 +316,12 @@ def fold(
                                    seed=seed, rtol=rtol, atol=atol, allow_tf32=allow_tf32, input_range=input_range,
                                    channel_rtol=channel_rtol, channel_axis=channel_axis, metric=metric,
                                    reference_outputs=reference_outputs, save_outputs=save_outputs,
-                                   save_inputs=save_inputs, reference_inference=to_inference)
-    elif any(v for v in (input_range, channel_rtol, channel_axis, metric, reference_outputs, save_outputs, save_inputs)):
-        raise InputError("--input-range, --channel-rtol, --channel-axis, --metric, --reference-outputs, "
-                         "--save-outputs and --save-inputs apply only with --verify")
+                                   save_inputs=save_inputs, reference_inference=to_inference,
+                                   noise_factor=noise_factor)
+    elif any(v is not None and v != [] for v in (input_range, channel_rtol, channel_axis, metric, reference_outputs,
+                                                 save_outputs, save_inputs, noise_factor)):
+        raise InputError("--input-range, --channel-rtol, --noise-factor, --channel-axis, --metric, "
+                         "--reference-outputs, --save-outputs and --save-inputs apply only with --verify")
     from bnfold.load import has_external_data, load_source, weight_bytes
     from bnfold.progress import THRESHOLD_BYTES, Steps, save_callback
 
@@ -511,6 +518,7 @@ def verify(
     allow_tf32: bool = VERIFY_ALLOW_TF32,
     input_range: Optional[list[str]] = VERIFY_INPUT_RANGE,
     channel_rtol: Optional[float] = VERIFY_CHANNEL_RTOL,
+    noise_factor: Optional[float] = VERIFY_NOISE_FACTOR,
     channel_axis: Optional[list[str]] = VERIFY_CHANNEL_AXIS,
     metric: Optional[list[str]] = VERIFY_METRIC,
     reference_outputs: Optional[Path] = VERIFY_REFERENCE_OUTPUTS,
@@ -529,7 +537,8 @@ def verify(
     options = verify_options(providers=providers, inputs=inputs, samples=samples, batch=batch, shape=shape, seed=seed,
                              rtol=rtol, atol=atol, allow_tf32=allow_tf32, input_range=input_range,
                              channel_rtol=channel_rtol, channel_axis=channel_axis, metric=metric,
-                             reference_outputs=reference_outputs, save_outputs=save_outputs, save_inputs=save_inputs)
+                             reference_outputs=reference_outputs, save_outputs=save_outputs, save_inputs=save_inputs,
+                             noise_factor=noise_factor)
     if reference_outputs is not None and candidate is None:
         original, candidate = None, original  # `bnfold verify CANDIDATE --reference-outputs REF.npz`
     elif candidate is None:
@@ -573,7 +582,7 @@ def train(
     """Train the model zoo on scikit-learn's digits and export it to ONNX (needs the train extra: torch)."""
     from bnfold.train import build_zoo, require_torch
 
-    require_torch()  # one-line error naming pip install 'bnfold[train]', exit 2
+    require_torch()  # one-line error naming the install command (train.INSTALL_HINT), exit 2
     from bnfold.runtime import require_onnxruntime
 
     require_onnxruntime("bnfold train")  # the zoo is checked in onnxruntime as it is exported
@@ -596,18 +605,10 @@ def train(
                 progress.update(task, advance=1, description=f"exported {ev.entry['file']}")
 
         entries = build_zoo(out, only=only or None, epochs=epochs, progress=report)
-    if quiet:
-        return
-    from rich.table import Table
+    if not quiet:
+        from bnfold.render import render_zoo
 
-    table = Table(title=f"bnfold train: {len(entries)} model(s) -> {out}")
-    for column in ("file", "exporter", "opset", "BN", "test accuracy", "health", "KiB"):
-        table.add_column(column, no_wrap=column == "file")
-    for e in entries:
-        metric = f"{e['test_accuracy']:.4f}" if e["test_accuracy"] is not None else f"mse {e['test_mse']:.5f}"
-        table.add_row(e["file"], e["exporter"], str(e["opset"]), str(e["bn_count"]), metric, e["health"],
-                      f"{e['size_bytes'] / 1024:.0f}", style=None if e["health"] == "healthy" else "yellow")
-    console().print(table)
+        render_zoo(entries, out, console())
 
 
 

@@ -19,6 +19,8 @@ class Case:
     failure: str | None = None  # the message of a failure
     skipped: str | None = None
     text: str = ""
+    #: What the case measured, shown by CI servers as its output whatever the outcome.
+    output: str = ""
 
 
 def document(suite: str, cases: list[Case]) -> str:
@@ -39,6 +41,8 @@ def documents(suites: list[tuple[str, list[Case]]]) -> str:
                 failure.text = case.text
             elif case.skipped is not None:
                 ET.SubElement(node, "skipped", message=case.skipped)
+            if case.output:
+                ET.SubElement(node, "system-out").text = case.output
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
@@ -71,11 +75,14 @@ def inspect_cases(findings) -> list[Case]:
 def verify_cases(report) -> list[Case]:
     cases = [Case("bnfold.verify.signature", "inputs and outputs", "signature mismatch", None, problem)
              for problem in report.signature_mismatches]
+    from bnfold.verification.report import difference_lines
+
     for c in report.comparisons:
         subject = f"{c.subject.model} {c.subject.provider} {c.subject.optimization}".strip()
         text = "; ".join(c.problems)
         if c.difference is not None:
             text = "; ".join(filter(None, [text, f"max|diff| {c.difference.max_abs_diff:.3g}, "
                                                  f"max rel {c.difference.max_rel_diff:.3g}"]))
-        cases.append(Case(f"bnfold.verify.{c.output}", subject, None if c.passed else "mismatch", None, text))
+        cases.append(Case(f"bnfold.verify.{c.output}", subject, None if c.passed else "mismatch", None, text,
+                          output="\n".join(c.problems + difference_lines(c))))  # with the noise floor
     return cases

@@ -83,6 +83,10 @@ class LedgerEntry:
     reason: str | None = None
     detail: str = ""
     channels: int | None = None
+    #: Folded or decomposed: the axis of the site's input along which its channels lie,
+    #: the axis the fold scaled (negative: from the end, the rank being unknown; None for a
+    #: one-channel map that needed no axis).
+    channel_axis: int | None = None
     max_rel_weight_change: float | None = None
     weight_cloned: bool = False
     converted_from_training: bool = False

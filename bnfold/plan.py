@@ -153,6 +153,9 @@ class Fold:
     route: str = ""
     convert: bool = False
     detail: str = ""
+    #: The axis of the site's data input along which ``scale`` runs (negative: from the end,
+    #: the rank unknown); None for a one-channel (scalar) map whose axis was not followed.
+    channel_axis: int | None = None
 
 
 @dataclass(frozen=True)
@@ -343,7 +346,8 @@ def _plan_elementwise(site: Site, ctx: Context) -> Plan | None:
         root = trace_upstream(site.node.inputs[site.data_index], ctx.consts, site.scope.opset, uniform=uniform)
         vector = constant.astype(np.float64).reshape(1) if uniform else channel_vector(constant, root.channel)
         scale, shift = scale_shift(site.elementwise, vector)
-        return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale)
+        return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale,
+                           root.channel)
     except NoMatch as after:
         try:
             return _plan_elementwise_before(site, ctx)
@@ -400,7 +404,8 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
         root = trace_upstream(site.node.inputs[0], ctx.consts, site.scope.opset, uniform=uniform)
         if not uniform:
             _require_bn_channels(site, root.channel, stats.channels)
-        return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale, convert)
+        return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale,
+                           root.channel, convert)
     except NoMatch as after:
         try:
             return _plan_before(site, stats, scale, shift, ctx, convert)
@@ -445,13 +450,18 @@ def _require_no_broadcast(data: ir.Value, shape: tuple[int, ...], node: ir.Node)
                                                   f"{data.name!r} to a larger shape")
 
 
-def _plan_after(site: Site, route: Route, scale: np.ndarray, convert: bool = False) -> Fold:
+def _plan_after(site: Site, route: Route, scale: np.ndarray, channel: Channel | None, convert: bool = False) -> Fold:
     """``W' = s (.)_out W``, ``b' = s * (beta * b) + t`` for each producer, on its share of
     the map; every result checked before anything changes."""
     parts = tuple(_after_part(leg.match, leg.scale, leg.shift) for leg in route.legs)
     channels = scale.size if scale.size > 1 else max(leg.scale.size for leg in route.legs)
     return Fold(site, "after", route.pattern, channels, scale, into=route.into, parts=parts, route=route.text,
-                convert=convert)
+                convert=convert, channel_axis=_axis(channel))
+
+
+def _axis(channel: Channel | None) -> int | None:
+    """The axis a map runs along at the site, for the ledger (None: a uniform map)."""
+    return None if channel is None else (channel.normalized() or channel).axis
 
 
 def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray) -> Part:
@@ -498,7 +508,7 @@ def _fold_down(site: Site, root, scale: np.ndarray, shift: np.ndarray, ctx: Cont
         if all(leg.match.exact_shift for leg in route.legs) or not np.any(shift != 0):
             parts = tuple(_before_part(leg, leg.match.exact_shift) for leg in route.legs)
             return Fold(site, "before", route.pattern, scale.size, scale, into=route.into, parts=parts,
-                        route=route.text, convert=convert)
+                        route=route.text, convert=convert, channel_axis=_axis(root.channel))
         padded = next(leg.match.node for leg in route.legs if not leg.match.exact_shift)
     except NoMatch as no:
         if no.reason not in ("shift-not-crossing", "pad-value"):
@@ -525,7 +535,7 @@ def _fold_down(site: Site, root, scale: np.ndarray, shift: np.ndarray, ctx: Cont
     detail = f"shift kept as an Add before the route ({where})" if padded is None else \
         "shift kept as an Add before the padded conv"
     return Fold(site, "before", route.pattern, scale.size, scale, into=route.into, parts=parts, addend=addend,
-                route=route.text, convert=convert, detail=detail)
+                route=route.text, convert=convert, detail=detail, channel_axis=_axis(root.channel))
 
 
 def _before_part(leg: Leg, with_shift: bool) -> Part:
@@ -565,7 +575,7 @@ def _plan_decompose(site: Site, stats: BNStats, scale: np.ndarray, shift: np.nda
     scale_cast = _cast(scale.reshape(shape), dtype, "decomposed scale", bn)
     shift_cast = _cast(shift.reshape(shape), dtype, "decomposed shift", bn)
     return Fold(site, "decompose", "bn-mul-add", stats.channels, scale, decomposed=(scale_cast, shift_cast),
-                convert=convert, detail=reason_detail)
+                convert=convert, detail=reason_detail, channel_axis=1)
 
 
 def _param_dtype(bn: ir.Node, consts: Constants) -> ir.DataType | None:

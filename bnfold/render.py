@@ -1,6 +1,7 @@
-"""How fold and inspect results look: rich tables on a terminal, one plain line per site
-everywhere else (pipes, CI logs), never wrapped or cut, so ``grep training-mode`` finds
-every BN it should.
+"""How fold, inspect and train results look: rich tables on a terminal, one plain line per
+site (or model) everywhere else (pipes, CI logs), never wrapped or cut, so ``grep
+training-mode`` finds every BN it should. verify's report follows the same rule
+(``bnfold.verification.report``) and prints its plain lines with ``print_plain``.
 
 Model- and user-derived text (node names, paths, details) is printed literally: escaped
 in rich markup, and with ASCII stand-ins where the output encoding (say cp1252) cannot
@@ -25,6 +26,12 @@ def can_encode(console, text: str) -> bool:
 def _print_lines(console, lines: list[str]) -> None:
     for line in lines:
         console.print(line, markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+
+def print_plain(console, lines: list[str]) -> None:
+    """Lines as they are, one per line: no markup, no wrapping, ASCII stand-ins where the
+    output encoding cannot hold a character (what every command prints off a terminal)."""
+    _print_lines(console, [_ascii_safe(console, line) for line in lines])
 
 
 def _ascii_safe(console, text: str) -> str:
@@ -157,4 +164,33 @@ def render_findings(findings, console, model: Path | None = None) -> None:
         problems = "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))
         cells = [f.bn, f.graph, "yes" if f.ok else "NO", problems, f.plan]
         table.add_row(*(escape(_ascii_safe(console, c)) for c in cells), style=None if f.ok else "red")
+    console.print(table)
+
+
+def zoo_lines(entries, out) -> list[str]:
+    """``bnfold train``'s manifest entries, one line per model."""
+    lines = [f"bnfold train: {len(entries)} model(s) -> {out}"]
+    for e in entries:
+        metric = f"test accuracy {e['test_accuracy']:.4f}" if e["test_accuracy"] is not None \
+            else f"test mse {e['test_mse']:.5f}"
+        lines.append("  ".join([e["file"], e["exporter"], f"opset {e['opset']}", f"BN {e['bn_count']}", metric,
+                                e["health"], f"{e['size_bytes'] / 1024:.0f} KiB"]))
+    return lines
+
+
+def render_zoo(entries, out, console) -> None:
+    """The trained zoo: a table on a terminal, plain lines otherwise."""
+    if not console.is_terminal:
+        print_plain(console, zoo_lines(entries, out))
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(f"bnfold train: {len(entries)} model(s) -> {out}"))
+    for column in ("file", "exporter", "opset", "BN", "test accuracy", "health", "KiB"):
+        table.add_column(column, no_wrap=column == "file")
+    for e in entries:
+        metric = f"{e['test_accuracy']:.4f}" if e["test_accuracy"] is not None else f"mse {e['test_mse']:.5f}"
+        table.add_row(e["file"], e["exporter"], str(e["opset"]), str(e["bn_count"]), metric, e["health"],
+                      f"{e['size_bytes'] / 1024:.0f}", style=None if e["health"] == "healthy" else "yellow")
     console.print(table)

@@ -171,7 +171,7 @@ class Editor:
                       into_op=", ".join(dict.fromkeys(n.op_type for n in plan.into)), route=plan.route,
                       weight_cloned=cloned,
                       detail="; ".join(d for d in details if d), channels=plan.channels,
-                      max_rel_weight_change=affine.max_relative_change(plan.scale))
+                      channel_axis=plan.channel_axis, max_rel_weight_change=affine.max_relative_change(plan.scale))
 
     def _bypass(self, site: ir.Node, data: ir.Value) -> None:
         """The site's output is replaced by its data input (same graph), or by an Identity of it
@@ -255,7 +255,7 @@ class Editor:
         self.replace_value(bn.outputs[0], add.outputs[0])
         self.remove_node(bn)
         return _entry(plan, STATUS_DECOMPOSED, pattern=plan.pattern, reason="no-linear-producer",
-                      detail=plan.detail, channels=plan.channels)
+                      detail=plan.detail, channels=plan.channels, channel_axis=plan.channel_axis)
 
     def convert_to_inference(self, bn: ir.Node, opset: int) -> None:
         """Make a training-mode BN an inference BN (planning checked its extra outputs are unused)."""

@@ -14,7 +14,8 @@ import importlib.util
 
 from bnfold.errors import BnfoldError
 
-INSTALL_HINT = "pip install 'bnfold[cpu]', or 'bnfold[gpu]' for onnxruntime-gpu and CUDA"
+#: As the README installs bnfold: from a clone, with an extra.
+INSTALL_HINT = "pip install '.[cpu]', or '.[gpu]' for onnxruntime-gpu and CUDA (from a clone of bnfold)"
 #: The distributions that provide the module ``onnxruntime`` for the providers bnfold runs.
 BUILDS = ("onnxruntime", "onnxruntime-gpu")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import site
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_without_onnxruntime_fold_works_and_verify_names_both_builds(tmp_path, m
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-        assert "not installed" in lines[0] and "bnfold[cpu]" in lines[0] and "onnxruntime-gpu" in lines[0]
+        assert "not installed" in lines[0] and "pip install '.[cpu]'" in lines[0] and "onnxruntime-gpu" in lines[0]
     assert not (tmp_path / "again.onnx").exists() and not (tmp_path / "r.onnx").exists()
 
 
@@ -77,3 +78,21 @@ def test_both_builds_installed_is_a_note_in_the_report(tmp_path, model):
 
     alone = _bnfold(_environment(tmp_path / "alone", without=()), "verify", model, model, "--json", "-", "-q")
     assert not any("both" in note for note in json.loads(alone.stdout)["notes"])
+
+
+def test_install_hints_are_the_readme_install_commands():
+    """Every extra a hint tells the user to install is spelled as the README installs it,
+    from a clone (``pip install '.[gpu]'``): bnfold is not installed from an index."""
+    from bnfold._ort_worker import CPU, CUDA, _unavailable_message
+    from bnfold.runtime import INSTALL_HINT
+    from bnfold.train import INSTALL_HINT as TRAIN_HINT
+
+    readme = (ROOT / "README.md").read_text()
+    hints = {"onnxruntime missing": INSTALL_HINT, "CUDA missing": _unavailable_message(CUDA, [CPU]),
+             "torch missing": TRAIN_HINT}
+    for what, hint in hints.items():
+        extras = re.findall(r"'(\S*)\[(\w+)\]'", hint)
+        assert extras, (what, hint)
+        for prefix, extra in extras:
+            assert prefix == ".", (what, hint)  # not 'bnfold[gpu]'
+            assert re.search(rf"pip install (-e )?'\.\[([\w,]*,)?{extra}(,[\w,]*)?\]'", readme), (what, extra)

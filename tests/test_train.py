@@ -168,6 +168,9 @@ def test_cli_train_only_updates_the_manifest(tmp_path):
     result = runner.invoke(app, ["train", "--out", str(tmp_path), "--only", "seq1d_ts13", "--epochs", "1"])
     assert result.exit_code == 0, result.output
     assert "seq1d" in result.output and "accuracy" in result.output
+    # off a terminal (CliRunner), one plain line per model, no table
+    assert any(line.startswith("seq1d_ts13.onnx  torchscript  opset 13") for line in result.output.splitlines())
+    assert not any(character in result.output for character in "─━┃│┏"), result.output
     result = runner.invoke(app, ["train", "--out", str(tmp_path), "--only", "mlp_ts13", "--epochs", "1", "-q"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "MANIFEST.json").read_text())

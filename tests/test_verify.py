@@ -253,9 +253,12 @@ def test_tolerance_overrides_apply(conv_pair):
     original, candidate = conv_pair
     report = verify(original, candidate, providers="cpu", rtol=0.5, atol=0.25)
 
-    # a given atol is absolute; the channel bound loosens with the given tolerances
+    # a given atol is absolute; the channel bound loosens with the given tolerances; the
+    # noise allowance is the default (4x ORIGINAL's own drift), or as given
     assert {c.tolerance for c in report.comparisons} == {
-        Tolerance(rtol=0.5, atol=0.25, atol_scaled=False, channel_rtol=0.5, channel_atol=0.25)}
+        Tolerance(rtol=0.5, atol=0.25, atol_scaled=False, channel_rtol=0.5, channel_atol=0.25, noise_factor=4.0)}
+    quiet = verify(original, candidate, providers="cpu", noise_factor=0)
+    assert {c.tolerance.noise_factor for c in quiet.comparisons} == {0.0}
 
 
 # --- inputs from npz ----------------------------------------------------------------------
@@ -364,6 +367,7 @@ def test_cuda_runs_the_matrix_and_measures_the_noise_floor(conv_pair, tmp_path, 
     assert {(run[1], run[2]) for run in runs_of(report)} == {
         (provider, level) for provider in (CPU, CUDA) for level in (OPTIMIZATION_DISABLED, OPTIMIZATION_DEFAULT)
     }
+    # every comparison passed on its own, so ORIGINAL's drift was not needed: only CUDA against CPU
     assert [(c.reference.provider, c.subject.provider) for c in report.noise_floor] == [(CPU, CUDA)]
     assert {c.subject.provider for c in bad.failures()} == {CPU, CUDA}
 
@@ -505,8 +509,8 @@ def test_fold_verify_keeps_a_verified_output(tmp_path, params):
 
 def test_fold_verify_failure_removes_the_output_unless_kept(tmp_path, params):
     original = save(conv_bn_model(params), tmp_path / "original.onnx")
-    # Folding changes rounding, so zero tolerance fails.
-    strict = ["--verify", "--providers", "cpu", "--rtol", "0", "--atol", "0"]
+    # Folding changes rounding, so zero tolerance (and no noise allowance) fails.
+    strict = ["--verify", "--providers", "cpu", "--rtol", "0", "--atol", "0", "--noise-factor", "0"]
 
     removed = invoke("fold", original, "-o", tmp_path / "out.onnx", *strict)
     kept = invoke("fold", original, "-o", tmp_path / "kept.onnx", *strict, "--keep-on-failure")
@@ -532,7 +536,7 @@ def test_fold_verify_failure_removes_external_data_but_not_the_originals(tmp_pat
     original_files = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
 
     result = invoke("fold", tmp_path / "original.onnx", "-o", tmp_path / "out.onnx",
-                    "--verify", "--providers", "cpu", "--rtol", "0", "--atol", "0")
+                    "--verify", "--providers", "cpu", "--rtol", "0", "--atol", "0", "--noise-factor", "0")
 
     assert result.exit_code == EXIT_CHECK_FAILED
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == original_files

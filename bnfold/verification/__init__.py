@@ -27,6 +27,7 @@ from bnfold.verification.api import (
 )
 from bnfold.verification.compare import (
     DEFAULT_CHANNEL_TOLERANCES,
+    DEFAULT_NOISE_FACTOR,
     DEFAULT_TOLERANCES,
     EXACT,
     Difference,
@@ -64,6 +65,7 @@ __all__ = [
     "CUDA",
     "DEFAULT_BATCH",
     "DEFAULT_CHANNEL_TOLERANCES",
+    "DEFAULT_NOISE_FACTOR",
     "DEFAULT_SAMPLES",
     "DEFAULT_SEED",
     "DEFAULT_TOLERANCES",

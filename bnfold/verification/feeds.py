@@ -3,6 +3,7 @@ seeded random inputs valid for the model, and inputs or outputs read from / writ
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -67,18 +68,35 @@ class InputData:
     range_source: str | None = None
 
 
-def model_signature(model: ir.Model, path: str | os.PathLike) -> ModelSignature:
-    """Read the feedable inputs and the outputs of ``model``, refusing non-numeric tensors."""
+def model_signature(model: ir.Model, path: str | os.PathLike, declared=None) -> ModelSignature:
+    """Read the feedable inputs and the outputs of ``model``, refusing non-numeric tensors.
+
+    ``declared`` (the file's own ``onnx.GraphProto``) gives the shapes as the file declares
+    them where ``model`` carries shapes onnx's inference filled in: the interface compared
+    between two models is the declared one."""
     graph = model.graph
-    inputs = tuple(
-        _tensor_signature(value, path, "input") for value in graph.inputs if value.name not in graph.initializers
-    )
-    outputs = tuple(_tensor_signature(value, path, "output") for value in graph.outputs)
+    shapes = _declared_shapes(declared) if declared is not None else {}
+    inputs = tuple(_tensor_signature(value, path, "input", shapes)
+                   for value in graph.inputs if value.name not in graph.initializers)
+    outputs = tuple(_tensor_signature(value, path, "output", shapes) for value in graph.outputs)
     return ModelSignature(inputs, outputs, index_limits(model, {t.name for t in inputs if _is_integer(t.dtype)}),
                           output_channel_axes(model))
 
 
-def _tensor_signature(value: ir.Value, path: str | os.PathLike, role: str) -> TensorSignature:
+def _declared_shapes(graph) -> dict[str, tuple | None]:
+    """name -> the shape a graph input or output declares (as ``_tensor_signature`` reads it)."""
+    shapes = {}
+    for info in [*graph.input, *graph.output]:
+        tensor = info.type.tensor_type
+        if not tensor.HasField("shape"):
+            shapes[info.name] = None
+            continue
+        shapes[info.name] = tuple(dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+                                  for dim in tensor.shape.dim)
+    return shapes
+
+
+def _tensor_signature(value: ir.Value, path: str | os.PathLike, role: str, declared=None) -> TensorSignature:
     if not isinstance(value.type, ir.TensorType):
         raise InputError(f"{path}: {role} {value.name!r} is {value.type or 'untyped'}; bnfold verify compares tensors")
     if value.dtype not in _SUPPORTED_DTYPES:
@@ -86,7 +104,9 @@ def _tensor_signature(value: ir.Value, path: str | os.PathLike, role: str) -> Te
             f"{path}: {role} {value.name!r} has element type {value.dtype.name}, which verify cannot compare"
         )
     shape = None
-    if value.shape is not None:
+    if declared and value.name in declared:
+        shape = declared[value.name]
+    elif value.shape is not None:
         shape = tuple(dim if isinstance(dim, int) else dim.value for dim in value.shape.dims)
     return TensorSignature(value.name, value.dtype.numpy().name, shape)
 
@@ -125,71 +145,26 @@ def index_limits(model: ir.Model, integer_inputs: set[str]) -> dict[str, int]:
     return limits
 
 
-#: Ops whose output channels lie along axis 1 (NCHW), and along the last axis.
-_CHANNELS_FIRST = {"Conv", "ConvTranspose", "ConvInteger", "QLinearConv", "BatchNormalization",
-                   "InstanceNormalization", "Gemm", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
-                   "GlobalMaxPool", "GlobalLpPool"}
-_CHANNELS_LAST = {"MatMul", "MatMulInteger", "QLinearMatMul"}
-#: Ops that keep their (first non-constant) input's layout.
-_LAYOUT_KEEPING = {"Add", "Sub", "Mul", "Div", "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish",
-                   "Tanh", "Elu", "Selu", "Celu", "Gelu", "Softplus", "Softsign", "Mish", "Clip", "Identity",
-                   "Dropout", "Cast", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Reciprocal", "Pow"}
-#: How far back from an output the walk looks before it gives up (axis 1 then).
-_CHANNEL_WALK_LIMIT = 64
-
-
 def output_channel_axes(model: ir.Model) -> dict[str, int]:
     """The channel axis of each graph output where the graph shows it is not 1.
 
     A wrong fold is wrong per channel of the op it went into, so verify judges each channel
-    of that op's output: walking back from the output through layout-keeping ops and
-    Transposes to the op that made the channels (Conv, BN, Gemm: axis 1; MatMul: the last
-    axis). Outputs the walk cannot place keep the default, axis 1."""
+    of that op's output: ``patterns.channels.channel_of`` walks back from the output with
+    fold's own matchers and layout proofs, so the axis is the one a fold of any pattern
+    scaled. Outputs the walk cannot place keep the default, axis 1."""
+    from bnfold.constant_eval import Constants
+    from bnfold.patterns.channels import channel_of
+
+    consts = Constants(model.ir_version, graphs=[model.graph])
     axes = {}
     for value in model.graph.outputs:
-        axis = _channel_axis(value)
-        if axis is not None and axis != 1:
-            axes[value.name] = axis
+        channel = channel_of(value, consts)
+        if channel is None or channel.axis is None:
+            continue
+        known = channel.normalized() or channel
+        if known.axis != 1:
+            axes[value.name] = known.axis
     return axes
-
-
-def _channel_axis(value: ir.Value) -> int | None:
-    """The channel axis of ``value`` (negative: from the end), or None if unknown."""
-    transposes = []
-    for _ in range(_CHANNEL_WALK_LIMIT):
-        node = value.producer()
-        if node is None:
-            return None
-        if node.op_type in _CHANNELS_FIRST or node.op_type in _CHANNELS_LAST:
-            axis = 1 if node.op_type in _CHANNELS_FIRST else -1
-            break
-        if node.op_type == "Transpose":
-            perm = node.attributes.get_ints("perm", None)
-            if perm is None or node.inputs[0] is None:
-                return None
-            transposes.append(list(perm))
-            value = node.inputs[0]
-        elif node.op_type in _LAYOUT_KEEPING:
-            data = [v for v in node.inputs if v is not None and not _is_constant(v)]
-            if not data:
-                return None
-            value = data[0]
-        else:
-            return None
-    else:
-        return None
-    for perm in reversed(transposes):  # innermost first: follow the axis out through each
-        axis = axis % len(perm)
-        if axis not in perm:
-            return None
-        axis = perm.index(axis)
-    return axis
-
-
-def _is_constant(value: ir.Value) -> bool:
-    producer = value.producer()
-    return value.const_value is not None or value.is_initializer() or (
-        producer is not None and producer.op_type == "Constant")
 
 
 def _is_integer(dtype: str) -> bool:
@@ -257,7 +232,8 @@ ALL_INPUTS = "*"
 
 
 def parse_input_range(spec: str) -> tuple[str, tuple[float, float]]:
-    """``NAME=LO,HI`` (or ``NAME:[LO,HI]``), or ``LO,HI`` for every input: [LO, HI], inclusive."""
+    """``NAME=LO,HI`` (or ``NAME:[LO,HI]``), or ``LO,HI`` for every input: [LO, HI], inclusive.
+    Integer literals stay exact ints (a uint64 bound needs all 64 bits)."""
     name, sep, values = spec.rpartition("=")
     if not sep:
         match = re.fullmatch(r"(.+):\[?\s*([^,\[\]:]+)\s*,\s*([^,\[\]]+?)\s*\]?", spec)
@@ -267,12 +243,17 @@ def parse_input_range(spec: str) -> tuple[str, tuple[float, float]]:
             name, values = ALL_INPUTS, spec
     values = values.strip().removeprefix("[").removesuffix("]")
     try:
-        low, high = (float(v) for v in values.split(","))
+        low, high = (_number(v) for v in values.split(","))
     except ValueError:
         raise InputError(f"--input-range {spec!r}: expected NAME=LO,HI (e.g. ids=0,999) or LO,HI for all inputs") from None
     if not (np.isfinite(low) and np.isfinite(high)) or low > high:
         raise InputError(f"--input-range {spec!r}: LO and HI must be finite with LO <= HI")
     return name or ALL_INPUTS, (low, high)
+
+
+def _number(text: str) -> float | int:
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
 
 
 def parse_input_ranges(specs: Sequence[str]) -> dict[str, tuple[float, float]]:
@@ -377,8 +358,10 @@ def input_ranges(
     for tensor in inputs:
         if tensor.name in given:
             ranges[tensor.name] = (given[tensor.name], "--input-range")
+            _check_range(tensor, given[tensor.name], f"--input-range {tensor.name}=")
         elif ALL_INPUTS in given:
             ranges[tensor.name] = (given[ALL_INPUTS], "--input-range (all inputs)")
+            _check_range(tensor, given[ALL_INPUTS], "--input-range ")
         elif _is_integer(tensor.dtype) and tensor.name in limits:
             ranges[tensor.name] = ((0, limits[tensor.name] - 1), f"indexes a dimension of size {limits[tensor.name]}")
         elif _is_integer(tensor.dtype):
@@ -388,6 +371,27 @@ def input_ranges(
         else:
             ranges[tensor.name] = (None, "standard normal")
     return ranges
+
+
+def _check_range(tensor: TensorSignature, bounds: tuple[float, float], option: str) -> None:
+    """Refuse a range that holds no value of the input's type, or reaches beyond the type."""
+    low, high = bounds
+    given = f"{option}{_plain(low)},{_plain(high)}: input {tensor.name!r} is {tensor.dtype}"
+    if tensor.dtype == "bool":
+        if not any(low <= value <= high for value in (0, 1)):
+            raise InputError(f"{given}, whose only values are 0 (False) and 1 (True), and "
+                             f"[{_plain(low)}, {_plain(high)}] holds neither")
+        return
+    if _is_integer(tensor.dtype):
+        info = np.iinfo(numpy_dtype(tensor.dtype))
+        if math.ceil(low) > math.floor(high):
+            raise InputError(f"{given}, and [{_plain(low)}, {_plain(high)}] holds no integer")
+        if math.ceil(low) < info.min or math.floor(high) > info.max:
+            raise InputError(f"{given}, whose values lie in [{info.min}, {info.max}]")
+        return
+    largest = float(np.finfo(numpy_dtype(tensor.dtype)).max)
+    if max(abs(low), abs(high)) > largest:
+        raise InputError(f"{given}, whose finite values lie in [-{largest:g}, {largest:g}]")
 
 
 def random_feeds(
@@ -411,24 +415,21 @@ def random_feeds(
     return feeds, data
 
 
-def _plain(value: float) -> float | int:
+def _plain(value: float | int) -> float | int:
+    if isinstance(value, int):
+        return value
     return int(value) if float(value).is_integer() else float(value)
 
 
 def random_array(rng: np.random.Generator, dtype: str, shape: tuple[int, ...], bounds) -> np.ndarray:
+    """Seeded values of ``dtype``: uniform in ``bounds`` (checked by ``input_ranges``: they
+    hold a value of the type), standard normal for floats without bounds."""
     numpy_type = numpy_dtype(dtype)
-    kind = numpy_type.kind
-    if kind == "b":
-        low, high = (0, 1) if bounds is None else (int(np.ceil(bounds[0])), int(np.floor(bounds[1])))
-        if low > 1 or high < 0:
-            raise InputError(f"a range for a bool input must include 0 or 1, got [{bounds[0]}, {bounds[1]}]")
-        return rng.integers(max(low, 0), min(high, 1) + 1, size=shape).astype(bool)
-    if kind in "iu":
-        info = np.iinfo(numpy_type)
-        low, high = int(np.ceil(bounds[0])), int(np.floor(bounds[1]))
-        if low > high or low < info.min or high > info.max:
-            raise InputError(f"range [{bounds[0]}, {bounds[1]}] holds no {dtype} value")
-        return rng.integers(low, high, size=shape, endpoint=True).astype(numpy_type)
+    if numpy_type.kind in "biu":
+        low, high = (0, 1) if bounds is None else (math.ceil(bounds[0]), math.floor(bounds[1]))
+        if numpy_type.kind == "b":
+            low, high = max(low, 0), min(high, 1)
+        return rng.integers(low, high, size=shape, endpoint=True, dtype=numpy_type)
     if bounds is None:
         return rng.standard_normal(shape).astype(numpy_type)
     return rng.uniform(bounds[0], bounds[1], size=shape).astype(numpy_type)

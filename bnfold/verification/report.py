@@ -106,11 +106,12 @@ class VerifyReport:
         return [comparison for comparison in self.comparisons if not comparison.passed]
 
     def summary(self) -> str:
-        """One line for logs: the verdict and, on failure, what failed where."""
+        """One line for logs: the verdict and, on failure, what failed where; and how many
+        elements and channels passed only within ORIGINAL's own noise (the noise floor)."""
         if self.passed:
             outputs = sorted({comparison.output for comparison in self.comparisons})
             against = " against the stored outputs" if self.reference == STORED else ""
-            return f"PASS: {len(outputs)} output(s) match{against} on {', '.join(self.providers)}"
+            return f"PASS: {len(outputs)} output(s) match{against} on {', '.join(self.providers)}{self._within_noise()}"
         reasons = list(self.signature_mismatches)
         for comparison in self.failures():
             reason = f"output {comparison.output!r}: {comparison.subject.describe()} differs"
@@ -120,7 +121,14 @@ class VerifyReport:
             reasons.append(reason)
         if not reasons:
             reasons.append("nothing was compared")
-        return "FAIL: " + "; ".join(reasons)
+        return "FAIL: " + "; ".join(reasons) + self._within_noise()
+
+    def _within_noise(self) -> str:
+        within = [c for c in self.comparisons if c.difference is not None and
+                  (c.difference.elements_within_noise or c.difference.channels_within_noise)]
+        if not within:
+            return ""
+        return f" ({within_noise_text(within)})"
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -138,6 +146,16 @@ class VerifyReport:
         return _json_safe(data)
 
 
+def within_noise_text(comparisons: Sequence[OutputComparison]) -> str:
+    """"N element(s) and M channel(s) within Kx ORIGINAL's own noise" over ``comparisons``."""
+    elements = sum(c.difference.elements_within_noise for c in comparisons if c.difference is not None)
+    channels = sum(c.difference.channels_within_noise for c in comparisons if c.difference is not None)
+    factors = sorted({f"{c.tolerance.noise_factor:g}" for c in comparisons})
+    counts = " and ".join(filter(None, [f"{elements} element(s)" if elements else "",
+                                        f"{channels} channel(s)" if channels else ""]))
+    return f"{counts} within {'/'.join(factors)}x ORIGINAL's own noise"
+
+
 def _json_safe(value):
     """JSON has no inf/nan: write them as the strings "inf", "-inf", "nan"."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -153,29 +171,27 @@ def _json_safe(value):
 
 
 def render_report(report: VerifyReport, console) -> None:
-    """Print the report as rich tables on ``console``, verdict last.
+    """Print the report, verdict last: rich tables on a terminal, and one plain line per
+    output and run everywhere else (pipes, CI logs), never wrapped or cut, as fold and
+    inspect print (``bnfold.render``).
 
-    Every model-derived text (paths, names, shapes, onnxruntime messages) is escaped: rich
-    would take ``[batch, 1, 8, 8]`` for a markup tag and swallow it.
+    Every model-derived text (paths, names, shapes, onnxruntime messages) is printed
+    literally: escaped in rich markup, where rich would take ``[batch, 1, 8, 8]`` for a tag.
     """
+    if not console.is_terminal:
+        from bnfold.render import print_plain
+
+        print_plain(console, report_lines(report))
+        return
     from rich.markup import escape
 
     def say(text: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)
 
-    inputs = ", ".join(_describe_input(data) for data in report.inputs)
-    source = f"random, seed {report.seed}" if report.seed is not None else f"from {report.input_source}"
-    if report.reference == STORED:
-        against = f"the stored outputs {report.reference_outputs}"
-    elif report.reference == "original-inference":
-        against = f"ORIGINAL {report.original} with its training-mode BatchNormalization in inference mode"
-    else:
-        against = f"ORIGINAL {report.original}"
-    say(f"[bold]bnfold verify[/bold]: CANDIDATE {escape(report.candidate)} against {escape(against)}")
-    say(escape(f"onnxruntime {report.onnxruntime_version or '-'}; ran on {', '.join(report.providers) or 'nothing'} "
-               f"(offered: {', '.join(report.available_providers) or '-'}); "
-               f"TF32 {'allowed' if report.allow_tf32 else 'off'}"))
-    say(escape(f"inputs ({source}, {report.runs} run(s)): {inputs}"))
+    header = _header_lines(report)
+    say(f"[bold]bnfold verify[/bold]{escape(header[0].removeprefix('bnfold verify'))}")
+    for line in header[1:]:
+        say(escape(line))
     for note in report.notes:
         say(f"[yellow]note:[/yellow] {escape(note)}")
     for problem in report.signature_mismatches:
@@ -185,10 +201,58 @@ def render_report(report: VerifyReport, console) -> None:
                  else "CANDIDATE against ORIGINAL (unoptimised) on the same provider")
         console.print(_comparison_table(title, report.comparisons))
     if report.noise_floor:
-        title = "not part of the verdict: ORIGINAL against its reference (device noise, or the stored outputs)"
-        console.print(_comparison_table(title, report.noise_floor))
+        console.print(_comparison_table(NOISE_FLOOR_TITLE, report.noise_floor))
     colour = "green" if report.passed else "red"
     say(f"[bold {colour}]{escape(report.summary())}[/bold {colour}]")
+
+
+NOISE_FLOOR_TITLE = ("noise floor, not judged: ORIGINAL's own drift (default against disabled optimisations: "
+                     "the allowance), device noise, or ORIGINAL against the stored outputs")
+
+
+def report_lines(report: VerifyReport) -> list[str]:
+    """The report as plain lines: header, notes, one line per output and run (then the noise
+    floor's, prefixed ``noise floor:``), the summary."""
+    lines = _header_lines(report)
+    lines += [f"note: {note}" for note in report.notes]
+    lines += [f"mismatch: {problem}" for problem in report.signature_mismatches]
+    lines += [comparison_line(comparison) for comparison in report.comparisons]
+    lines += [f"noise floor: {comparison_line(comparison, judged=False)}" for comparison in report.noise_floor]
+    lines.append(report.summary())
+    return lines
+
+
+def comparison_line(comparison: OutputComparison, judged: bool = True) -> str:
+    """``OUTPUT  MODEL PROVIDER LEVEL  PASS|FAIL (what failed)  numbers; ...`` on one line;
+    a noise-floor comparison (``judged`` False) says "not judged" and what is beyond tolerance."""
+    run = comparison.subject
+    where = " ".join(filter(None, [run.model, run.provider.removesuffix("ExecutionProvider"), run.optimization]))
+    difference = comparison.difference
+    failed = []
+    if difference is not None and difference.elements_failing:
+        failed.append(f"{difference.elements_failing} of {difference.elements} elements")
+    if difference is not None and difference.channels_failing and difference.channel_axis is not None:
+        failed.append(f"{difference.channels_failing} of {difference.channels} channels")
+    if judged:
+        result = ("PASS" if comparison.passed else "FAIL") + (f" ({', '.join(failed)})" if failed else "")
+    else:
+        result = "not judged" + (f" ({', '.join(failed)} beyond the tolerance)" if failed else "")
+    return "  ".join([comparison.output, where, result, "; ".join(comparison.problems + difference_lines(comparison))])
+
+
+def _header_lines(report: VerifyReport) -> list[str]:
+    inputs = ", ".join(_describe_input(data) for data in report.inputs)
+    source = f"random, seed {report.seed}" if report.seed is not None else f"from {report.input_source}"
+    if report.reference == STORED:
+        against = f"the stored outputs {report.reference_outputs}"
+    elif report.reference == "original-inference":
+        against = f"ORIGINAL {report.original} with its training-mode BatchNormalization in inference mode"
+    else:
+        against = f"ORIGINAL {report.original}"
+    return [f"bnfold verify: CANDIDATE {report.candidate} against {against}",
+            f"onnxruntime {report.onnxruntime_version or '-'}; ran on {', '.join(report.providers) or 'nothing'} "
+            f"(offered: {', '.join(report.available_providers) or '-'}); TF32 {'allowed' if report.allow_tf32 else 'off'}",
+            f"inputs ({source}, {report.runs} run(s)): {inputs}"]
 
 
 def _describe_input(data: InputData) -> str:
@@ -259,6 +323,15 @@ def difference_lines(comparison: OutputComparison) -> list[str]:
         f"tolerance rtol {tolerance.rtol:g} {atol}; would pass with "
         f"atol {difference.min_passing_atol:.3g} or rtol {difference.min_passing_rtol:.3g}",
     ]
+    if difference.noise_max is not None:
+        noise = f"noise floor: ORIGINAL's own drift max {difference.noise_max:.3g}"
+        if tolerance.noise_factor and difference.noise_allowance:
+            low, high = difference.noise_allowance
+            noise += f", allowance {tolerance.noise_factor:g}x per channel ({low:.3g}" + (
+                f"..{high:.3g})" if high != low else ")")
+        if difference.elements_within_noise or difference.channels_within_noise:
+            noise += f": {within_noise_text([comparison])}"
+        lines.append(noise)
     if comparison.top1 is not None:
         top = comparison.top1
         lines.append(f"top-1 agreement {top.agreement:.4%} ({top.agreeing} of {top.predictions}"

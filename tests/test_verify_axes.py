@@ -1,0 +1,147 @@
+"""verify judges each output along the axis the fold scaled, for every producer pattern.
+
+For each pattern fold knows (tests/builders.py graphs: Conv, ConvTranspose, Gemm with
+transB 0 and 1, MatMul, MatMul + bias, the constant-first ``W @ x``, Concat, and chains
+through Transpose, Squeeze, Unsqueeze, Reshape and Flatten), a model whose output is the
+site's, with channels of very different sizes, is folded; then
+
+- the axis verify judges the output along is the ledger's ``channel_axis``;
+- the correct fold passes;
+- a fold whose scale is 1% off on one small channel (the same model with that one
+  channel's scale off, folded) fails, in that channel.
+
+A walk that judged along another axis lets that 1% (and 20%, the issue's case) pass, since
+each slice along another axis holds large channels too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import bnfold
+from builders import GraphBuilder
+from bnfold.verification import verify
+
+SMALL_CHANNEL = 1
+WRONG = 1.01
+
+
+def scales(count: int, wrong_channel: int | None = None) -> np.ndarray:
+    """Channel scales alternating 300 and 0.01; ``wrong_channel`` off by 1%."""
+    values = np.where(np.arange(count) % 2 == 0, 300.0, 0.01)
+    if wrong_channel is not None:
+        values[wrong_channel] *= WRONG
+    return values.astype(np.float32)
+
+
+def bn(b: GraphBuilder, x: str, s: np.ndarray) -> str:
+    """A BN whose scale is ``s`` (mean 0, beta 0: no shift to blur the scale)."""
+    var = b.const(np.full(s.shape, 4.0, np.float32), "var")
+    gamma = b.const((s * np.sqrt(np.float32(4.0 + 1e-5))).astype(np.float32), "gamma")
+    zeros = b.const(np.zeros(s.shape, np.float32), "zeros")
+    return b.node("BatchNormalization", [x, gamma, zeros, zeros, var], epsilon=1e-5)
+
+
+def mul(shape):
+    """A Mul site whose per-channel constant has ``shape`` (the channel count where -1 is)."""
+    def site(b: GraphBuilder, x: str, s: np.ndarray) -> str:
+        return b.node("Mul", [x, b.const(s.reshape([len(s) if d == -1 else d for d in shape]))])
+    return site
+
+
+C = 6  # channels of every producer (a Concat has two producers of C // 2)
+
+
+def conv(b, x, c=C):
+    return b.node("Conv", [x, b.random([c, 3, 3, 3])], pads=[1, 1, 1, 1])
+
+
+def matmul(b, x, c=C, k=5):
+    return b.node("MatMul", [x, b.random([k, c])])
+
+
+def constmatmul(b, x, c=C, k=5):
+    return b.node("MatMul", [b.random([c, k]), x])
+
+
+IMAGE, SEQUENCE = [2, 3, 6, 6], [2, 7, 5]
+
+#: (pattern the ledger names, input shape, producer chain, site)
+CASES = [
+    ("conv-bn", IMAGE, lambda b, x: conv(b, x), bn),
+    ("conv-mul", IMAGE, lambda b, x: conv(b, x), mul([1, -1, 1, 1])),
+    ("convtranspose-bn", [2, 4, 5, 5],
+     lambda b, x: b.node("ConvTranspose", [x, b.random([4, C // 2, 3, 3]), b.random([C])], group=2), bn),
+    ("gemm-bn", [6, 5], lambda b, x: b.node("Gemm", [x, b.random([5, C]), b.random([C])]), bn),
+    ("gemm-bn", [6, 5], lambda b, x: b.node("Gemm", [x, b.random([C, 5]), b.random([C])], transB=1), bn),
+    ("gemm-mul", [6, 5], lambda b, x: b.node("Gemm", [x, b.random([C, 5])], transB=1, alpha=0.5), mul([-1])),
+    ("matmul-bn", [6, 5], lambda b, x: matmul(b, x), bn),
+    ("matmul-mul", SEQUENCE, lambda b, x: matmul(b, x), mul([-1])),
+    ("matmul-add-mul", SEQUENCE, lambda b, x: b.node("Add", [matmul(b, x), b.random([C])]), mul([-1])),
+    ("constmatmul-mul", [5, 7], lambda b, x: constmatmul(b, x), mul([-1, 1])),
+    ("constmatmul-mul", [2, 5, 7], lambda b, x: constmatmul(b, x), mul([-1, 1])),
+    ("constmatmul-mul", [2, 3, 5, 7], lambda b, x: constmatmul(b, x), mul([-1, 1])),
+    ("constmatmul-bn", [2, 5, 7], lambda b, x: constmatmul(b, x), bn),
+    ("concat(conv+conv)-bn", IMAGE,
+     lambda b, x: b.node("Concat", [conv(b, x, C // 2), conv(b, x, C // 2)], axis=1), bn),
+    ("concat(matmul+matmul)-mul", SEQUENCE,
+     lambda b, x: b.node("Concat", [matmul(b, x, C // 2), matmul(b, x, C // 2)], axis=-1), mul([-1])),
+    ("conv-transpose-transpose-bn", IMAGE,
+     lambda b, x: b.node("Transpose", [b.node("Transpose", [conv(b, x)], perm=[0, 2, 3, 1])], perm=[0, 3, 1, 2]), bn),
+    ("conv-transpose-mul", IMAGE, lambda b, x: b.node("Transpose", [conv(b, x)], perm=[0, 2, 3, 1]), mul([-1])),
+    ("matmul-transpose-bn", SEQUENCE, lambda b, x: b.node("Transpose", [matmul(b, x)], perm=[0, 2, 1]), bn),
+    ("constmatmul-transpose-mul", [2, 5, 7],
+     lambda b, x: b.node("Transpose", [constmatmul(b, x)], perm=[0, 2, 1]), mul([-1])),
+    ("conv-squeeze-mul", [2, 3, 9],
+     lambda b, x: b.node("Squeeze", [b.node("Conv", [b.node("Unsqueeze", [x, b.const(np.array([2], np.int64))]),
+                                                    b.random([C, 3, 1, 3])]), b.const(np.array([2], np.int64))]),
+     mul([1, -1, 1])),
+    ("conv-unsqueeze-mul", IMAGE,
+     lambda b, x: b.node("Unsqueeze", [conv(b, x), b.const(np.array([0], np.int64))]), mul([-1, 1, 1])),
+    ("conv-reshape-mul", IMAGE,
+     lambda b, x: b.node("Reshape", [conv(b, x), b.const(np.array([2, 1, C, 36], np.int64))]), mul([-1, 1])),
+    ("matmul-flatten-mul", SEQUENCE, lambda b, x: b.node("Flatten", [matmul(b, x)], axis=2), mul([-1])),
+    ("convtranspose-reshape-bn", [2, 4, 5, 5],
+     lambda b, x: b.node("Reshape", [b.node("ConvTranspose", [x, b.random([4, C, 2, 2])], strides=[2, 2]),
+                                     b.const(np.array([2, C, 100], np.int64))]), bn),
+]
+
+
+def build(input_shape, producer, site, wrong_channel=None, relu=False):
+    b = GraphBuilder(seed=3)
+    x = b.input(input_shape)
+    y = site(b, producer(b, x), scales(C, wrong_channel))
+    if relu:  # layout-keeping ops after the site keep its axis
+        y = b.node("Relu", [y])
+    b.output(y)
+    return b.model()
+
+
+@pytest.mark.parametrize(("pattern", "input_shape", "producer", "site"), CASES,
+                         ids=[f"{case[0]}-{len(case[1])}d-{index}" for index, case in enumerate(CASES)])
+def test_verify_judges_along_the_axis_the_fold_scaled(tmp_path, pattern, input_shape, producer, site):
+    relu = pattern.endswith("-mul")
+    original = tmp_path / "original.onnx"
+    onnx.save(build(input_shape, producer, site, relu=relu), original)
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(build(input_shape, producer, site, SMALL_CHANNEL, relu=relu), wrong)
+    result = bnfold.fold(original)
+    (entry,) = result.ledger
+    assert entry.folded and entry.pattern == pattern, (entry.pattern, entry.reason, entry.detail)
+    result.save(tmp_path / "folded.onnx")
+    bnfold.fold(wrong).save(tmp_path / "wrong.folded.onnx")
+
+    report = verify(original, tmp_path / "folded.onnx", providers="cpu")
+    failing = verify(original, tmp_path / "wrong.folded.onnx", providers="cpu")
+
+    rank = len(report.comparisons[0].reference_shape)
+    assert entry.channel_axis is not None
+    assert {c.difference.channel_axis for c in report.comparisons} == {entry.channel_axis % rank}
+    assert report.passed, report.summary()
+    assert not failing.passed, f"1% on channel {SMALL_CHANNEL} passed: {failing.summary()}"
+    for comparison in failing.comparisons:
+        difference = comparison.difference
+        assert difference.max_channel_rel_diff_channel == SMALL_CHANNEL
+        assert difference.max_channel_rel_diff == pytest.approx(WRONG - 1, rel=0.05)
