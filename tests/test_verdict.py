@@ -247,3 +247,18 @@ def test_the_corpus_in_batch_mode_agrees(corpus, tmp_path):
         except C.ExportError:
             continue
     check_batch(models, tmp_path, options_sets=[("-q",), ("--strict", "--to-inference")])
+
+
+def test_every_report_command_writes_json_to_stdout(tmp_path):
+    """README: fold, inspect, verify and recalibrate take `--json -` (the human output goes to stderr)."""
+    model = ROOT / "models" / "cnn_ts13.onnx"
+    assert invoke("fold", model, "-o", tmp_path / "f.onnx", "-q").exit_code == 0
+    runs = {"fold": ["fold", model, "-o", tmp_path / "o.onnx"], "inspect": ["inspect", model],
+            "verify": ["verify", model, tmp_path / "f.onnx", "--providers", "cpu"],
+            "recalibrate": ["recalibrate", model, "--data", ROOT / "models" / "cnn_ts13.npz", "-o", tmp_path / "r.onnx",
+                            "--samples", "8"]}
+    for command, args in runs.items():
+        result = invoke(*args, "--json", "-")
+        assert result.exit_code == 0, (command, result.output)
+        data = json.loads(result.stdout)
+        assert (data["verdict"], data["exit_code"], data["failures"]) == ("PASS", 0, []), command
