@@ -367,7 +367,7 @@ def fold(
         except BnfoldError as exc:  # the reports still say what the fold did, and what stopped it
             verdict = fold_verdict(result.ledger, str(model), strict=strict)
             verdict.error, verdict.error_code = str(exc), exc.exit_code
-            write_reports(verdict, json_path, junit, result.ledger.to_dict(**context, **verdict.to_dict()))
+            write_reports([verdict], json_path, junit, result.ledger.to_dict(**context, **verdict.to_dict()))
             raise
         if verify_json:
             write_json(verify_json, report.to_dict())
@@ -376,29 +376,34 @@ def fold(
 
             render_report(report, human)
     verdict = fold_verdict(result.ledger, str(model), strict=strict, verification=report)
-    write_reports(verdict, json_path, junit, result.ledger.to_dict(**context, **verdict.to_dict()))
+    write_reports([verdict], json_path, junit, result.ledger.to_dict(**context, **verdict.to_dict()))
     conclude(verdict, quiet, human, f" ({out} was written)" if out.exists() else
              f" ({out} was removed; --keep-on-failure keeps it)")
 
 
-def write_reports(verdict, json_path: Optional[Path], junit: Optional[Path], payload: dict) -> None:
-    """The JSON report (``payload``, which carries the verdict's fields) and the JUnit report of one verdict."""
+def write_reports(verdicts: list, json_path: Optional[Path], junit: Optional[Path], payload: dict) -> None:
+    """The JSON report (``payload``, which carries the verdicts' fields) and the JUnit report of the verdicts."""
     if json_path:
         write_json(json_path, payload)
     if junit:
         from bnfold import junit as junit_xml
 
-        write_report(junit, junit_xml.document(verdict if isinstance(verdict, list) else [verdict]), "JUnit report")
+        write_report(junit, junit_xml.document(verdicts), "JUnit report")
+
+
+def say_failure(verdict, quiet: bool, human, note: str = "") -> None:
+    """A failed verdict's one line, ``bnfold: FAIL: ...``: last in the output, or on stderr with -q."""
+    if verdict.failures:
+        line = f"{verdict.summary()}{note}"
+        if quiet:
+            summary_on_stderr(line)
+        else:
+            human.print(f"bnfold: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 def conclude(verdict, quiet: bool, human, note: str = "") -> None:
-    """A failed verdict says so in one line (on stderr with -q) and sets the exit code."""
-    if verdict.failures:
-        line = f"bnfold: {verdict.summary()}{note}"
-        if quiet:
-            summary_on_stderr(line.removeprefix("bnfold: "))
-        else:
-            human.print(line, markup=False, highlight=False, soft_wrap=True)
+    """Say a failed verdict in one line and exit with the verdict's exit code."""
+    say_failure(verdict, quiet, human, note)
     if verdict.exit_code:
         raise typer.Exit(verdict.exit_code)
 
@@ -427,11 +432,7 @@ def fold_many(roots: list[Path], out_dir: Path, options, *, embed: bool, jobs: i
             render_ledger(done.ledger, done.output, console_, sizes=done.sizes)
         if verdict.failures:
             failed.append(done)
-            line = f"bnfold: {verdict.summary()} in {done.model}"
-            if quiet:
-                summary_on_stderr(line.removeprefix("bnfold: "))
-            else:
-                console_.print(line, markup=False, highlight=False, soft_wrap=True)
+        say_failure(verdict, quiet, console_, f" in {done.model}")
     if not quiet:
         folded = sum(r.ledger.summary()["folded"] for r in results if r.ledger)
         total = sum(r.ledger.summary()["bn_total"] for r in results if r.ledger)
@@ -500,13 +501,7 @@ def inspect(
             from bnfold.render import render_findings
 
             render_findings(findings, human, model if several else None)
-        if verdict.failures:
-            where = f" in {model}" if several else ""
-            line = f"bnfold: {verdict.summary()}{where}"
-            if quiet:
-                summary_on_stderr(line.removeprefix("bnfold: "))
-            else:
-                human.print(line, markup=False, highlight=False, soft_wrap=True)
+        say_failure(verdict, quiet, human, f" in {model}" if several else "")
     verdicts = [v for _, _, v in audited]
     code = exit_code(verdicts)
     reports = [findings_to_dict(f, input=str(m), **v.to_dict()) if f is not None else {"input": str(m), **v.to_dict()}
@@ -598,11 +593,11 @@ def finish_verification(report, json_path: Optional[Path], quiet: bool, junit: O
     from bnfold.verification import render_report
 
     verdict = verify_verdict(report, report.candidate)
-    write_reports(verdict, json_path, junit, {**report.to_dict(), **verdict.to_dict()})
-    if not quiet:
-        render_report(report, human_console(json_path))
-    if verdict.failures and quiet:
-        summary_on_stderr(verdict.summary())
+    write_reports([verdict], json_path, junit, {**report.to_dict(), **verdict.to_dict()})
+    if quiet:
+        say_failure(verdict, quiet, None)
+    else:
+        render_report(report, human_console(json_path))  # its last line is the verdict's summary
     if verdict.exit_code:
         raise typer.Exit(verdict.exit_code)
 
@@ -703,7 +698,7 @@ def recalibrate(
     from bnfold.verdict import recalibrate_verdict
 
     verdict = recalibrate_verdict(result, str(model))
-    write_reports(verdict, json_path, junit, result.to_dict(input=str(model), data=str(data), output=str(out),
+    write_reports([verdict], json_path, junit, result.to_dict(input=str(model), data=str(data), output=str(out),
                                                             **verdict.to_dict()))
     if not quiet:
         render_report(result, human_console(json_path), out)
