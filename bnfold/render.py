@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bnfold.verdict import site_detail
+
 
 def can_encode(console, text: str) -> bool:
     encoding = getattr(console.file, "encoding", None) or "utf-8"
@@ -33,21 +35,12 @@ def _ascii_safe(console, text: str) -> str:
     return text.encode(encoding, errors="backslashreplace").decode(encoding)
 
 
-def entry_detail(entry) -> str:
-    """The detail of a site and the readiness problems its output still has, without
-    repeating a problem that is also the reason it was kept."""
-    from bnfold.verdict import outstanding_problems
-
-    problems = [f"{p}: {d}" for p, d in outstanding_problems(entry) if (p, d) != (entry.reason, entry.detail)]
-    return "; ".join(filter(None, [entry.detail, *problems]))
-
-
 def ledger_lines(ledger) -> list[str]:
     """One line per site: label, status, pattern or reason, detail (tab-free, two spaces)."""
     lines = []
     for e in ledger:
         what = f"{e.pattern} into {e.into}" if e.folded else (e.reason or "")
-        lines.append("  ".join(filter(None, [e.label or e.node, e.op, e.graph, e.status, what, entry_detail(e)])))
+        lines.append("  ".join(filter(None, [e.label or e.node, e.op, e.graph, e.status, what, site_detail(e)])))
     return lines
 
 
@@ -163,7 +156,7 @@ def _ledger_table(ledger, console) -> None:
         what = f"into {e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
         what = "  ".join(filter(None, [None if e.is_bn else e.op, what, None if e.graph == "main" else f"in {e.graph}"]))
         change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
-        rows.append((e.label or e.node, what or "", [e.status, entry_detail(e), change],
+        rows.append((e.label or e.node, what or "", [e.status, site_detail(e), change],
                      "red" if e.problems else (None if e.folded else "yellow")))
     delta = "Δw" if can_encode(console, "Δ") else "dw"
     _two_line_table(console, ledger_title(ledger), ["site: what became of it", "status", "detail", delta], rows, 14)

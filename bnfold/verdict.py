@@ -100,6 +100,13 @@ def outstanding_problems(entry: LedgerEntry) -> list[tuple[str, str]]:
             if not (code == "training-mode" and entry.converted_from_training)]
 
 
+def site_detail(entry: LedgerEntry) -> str:
+    """A site's detail and the problems its output still has, without repeating a problem
+    that is also the reason it was kept (a kept training-mode BN says so once)."""
+    problems = [f"{p}: {d}" for p, d in outstanding_problems(entry) if (p, d) != (entry.reason, entry.detail)]
+    return "; ".join(filter(None, [entry.detail, *problems]))
+
+
 def fold_verdict(ledger, subject: str, *, strict: bool, verification=None) -> Verdict:
     """``fold``: with ``strict``, a BN that is kept or still not inference-ready fails;
     with ``verification`` (a VerifyReport), a mismatch fails. Otherwise a kept site is
@@ -107,26 +114,24 @@ def fold_verdict(ledger, subject: str, *, strict: bool, verification=None) -> Ve
     cases, kept, troubled = [], [], []
     for e in ledger:
         problems = outstanding_problems(e)
-        detail = "; ".join(filter(None, [e.detail, *(f"{p}: {d}" for p, d in problems)]))
         failing = []
         if strict and e.is_bn:
             if e.status == STATUS_KEPT:
                 failing.append(f"kept: {e.reason}")
                 kept.append(e)
             codes = [p for p, _ in problems if not (e.status == STATUS_KEPT and p == e.reason)]
-            if codes:
+            if codes:  # a problem that is the reason a BN was kept is said once, as that reason
                 failing.append(", ".join(codes))
-            if problems:
-                troubled.append(e)
+                troubled.append((e, codes))
         skipped = f"kept: {e.reason} ({e.detail})" if e.status == STATUS_KEPT else None
         cases.append(Case(f"bnfold.fold.{e.graph}", e.label or e.node or e.op, "; ".join(failing) or None,
-                          skipped, detail))
+                          skipped, site_detail(e)))
     reasons, parts = [], []
     bn_total = len(ledger.batch_norms)
     if kept:
         parts.append(f"{len(kept)} of {bn_total} BatchNormalization kept ({', '.join(sorted({e.reason for e in kept}))})")
     if troubled:
-        codes = sorted({p for e in troubled for p, _ in outstanding_problems(e)})
+        codes = sorted({p for _, problems in troubled for p in problems})
         parts.append(f"{len(troubled)}{'' if kept else f' of {bn_total} BatchNormalization'} not inference-ready "
                      f"({', '.join(codes)})")
     if parts:

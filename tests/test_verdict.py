@@ -166,6 +166,13 @@ def test_training_mode_bns_that_to_inference_converted_do_not_count(tmp_path):
     assert result.exit_code == 0 and "not inference-ready" in result.stdout
     root = ET.parse(junit).getroot()
     assert (root.get("failures"), root.get("skipped")) == ("0", "5")
+    # with --strict it fails, and says why once: kept for training mode (not also "not ready" for it)
+    result = invoke("fold", model, "-o", tmp_path / "o.onnx", "--strict", "-q", "--junit", junit)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"bnfold: FAIL: --strict: 5 of 5 BatchNormalization kept (training-mode) "
+                                          f"({tmp_path / 'o.onnx'} was written)"]
+    messages = {f.get("message") for f in ET.parse(junit).getroot().iter("failure")}
+    assert messages == {"kept: training-mode"}
 
 
 def test_a_verify_mismatch_is_a_junit_failure(tmp_path):
