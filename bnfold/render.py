@@ -62,8 +62,7 @@ def readiness_lines(ledger) -> list[str]:
     lines = []
     converted = [e for e in ledger.batch_norms if e.converted_from_training]
     if converted:
-        lines.append(f"note: {len(converted)} training-mode BatchNormalization converted to inference form "
-                     "(--to-inference), with their running statistics")
+        lines.append(f"note: {len(converted)} training-mode BatchNormalization converted to inference form")
     troubled = [e for e in ledger.batch_norms if outstanding_problems(e)]
     if troubled:
         codes = sorted({p for e in troubled for p, _ in outstanding_problems(e)})
