@@ -29,6 +29,8 @@ class Folded:
     ledger: object | None = None
     error: str | None = None
     exit_code: int = 0
+    #: Bytes on disk of the model and of its output, each with its external data.
+    sizes: tuple[int | None, int | None] | None = None
 
 
 def plan_outputs(roots: list[Path], models: list[Path], out_dir: Path) -> list[tuple[Path, Path]]:
@@ -37,7 +39,7 @@ def plan_outputs(roots: list[Path], models: list[Path], out_dir: Path) -> list[t
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: --out-dir is not a folder")
     tasks, taken = [], {}
-    inputs = {m.resolve() for m in models}
+    inputs = {m.resolve(): m for m in models}
     for model in models:
         root = next((r for r in roots if r.is_dir() and r.resolve() in model.resolve().parents), None)
         relative = model.resolve().relative_to(root.resolve()) if root is not None else Path(model.name)
@@ -46,7 +48,8 @@ def plan_outputs(roots: list[Path], models: list[Path], out_dir: Path) -> list[t
         if key in taken:
             raise InputError(f"{output}: both {taken[key]} and {model} would be folded into it")
         if key in inputs:
-            raise InputError(f"{output}: --out-dir would overwrite the input model {model}")
+            raise InputError(f"{output}: --out-dir would overwrite this input model with the fold of {model}"
+                             if inputs[key] != model else f"{output}: --out-dir would overwrite this input model")
         taken[key] = model
         tasks.append((model, output))
     return tasks
@@ -65,7 +68,7 @@ def fold_files(tasks: list[tuple[Path, Path]], options, *, embed: bool, jobs: in
 def fold_file(task: tuple[Path, Path, object, bool]) -> Folded:
     """Load, fold and save one model; errors become the result, never an exception."""
     from bnfold.engine import fold
-    from bnfold.load import external_data_files, has_external_data, load_source
+    from bnfold.load import disk_size, external_data_files, has_external_data, load_source
 
     model, output, options, embed = task
     try:
@@ -74,9 +77,12 @@ def fold_file(task: tuple[Path, Path, object, bool]) -> Folded:
             raise InputError(f"{output}: would overwrite the input model {model} or its external data")
         output.parent.mkdir(parents=True, exist_ok=True)
         external = None if embed or not has_external_data(source) else f"{output.name}.data"
+        size_before = disk_size([model, *external_data_files(source)])  # the fold edits source
         result = fold(source, options)
         result.save(output, external_data=False if embed else external)
-        return Folded(model, output, ledger=result.ledger)
+        written = [output, *(output.parent / name for name in [external] if name)]
+        sizes = (size_before, disk_size(written))
+        return Folded(model, output, ledger=result.ledger, sizes=sizes)
     except BnfoldError as exc:
         text = str(exc)
         return Folded(model, output, error=text if text.startswith(f"{model}:") else f"{model}: {text}",

@@ -274,7 +274,12 @@ def fold(
     keep_on_failure: bool = typer.Option(
         False, "--keep-on-failure", help="With --verify: keep OUT when verification fails (it is removed otherwise)."),
 ) -> None:
-    """Fold every foldable BatchNormalization of MODEL into its neighbour and write OUT."""
+    """Fold every foldable BatchNormalization of MODEL into its neighbour and write OUT.
+
+    Exit 0 when OUT was written (with --strict: every BN folded and inference-ready; with
+    --verify: OUT verified), 1 when one of those checks failed, 2 on bad input (with
+    several models: the worst of them).
+    """
     from bnfold.engine import FoldOptions, fold as fold_model
 
     options = FoldOptions(fold_overridable=fold_overridable, decompose_standalone=decompose_standalone,
@@ -322,7 +327,7 @@ def fold(
                                                  save_outputs, save_inputs, noise_factor)):
         raise InputError("--input-range, --channel-rtol, --noise-factor, --channel-axis, --metric, "
                          "--reference-outputs, --save-outputs and --save-inputs apply only with --verify")
-    from bnfold.load import has_external_data, load_source, weight_bytes
+    from bnfold.load import disk_size, external_data_files, has_external_data, load_source, weight_bytes
     from bnfold.progress import THRESHOLD_BYTES, Steps, save_callback
 
     big_file = model.is_file() and model.stat().st_size >= THRESHOLD_BYTES
@@ -333,10 +338,11 @@ def fold(
 
         preflight(source.model, model, verifying)
     steps = Steps(not quiet and weight_bytes(source.model) >= THRESHOLD_BYTES, err_console)
+    size_before = disk_size([model, *external_data_files(source)])  # before the fold edits source
     data_name = None if embed else (external_data or (f"{out.name}.data" if has_external_data(source) else None))
     writes = [("output", out)] + [("weights file", out.parent / n) for n in [data_name] if n]
-    refuse_overwriting_input(model, source, writes + [("JSON report", p) for p in [json_path, verify_json] if p],
-                             in_place and out.resolve() == model.resolve())
+    reports = [("JSON report", p) for p in [json_path, verify_json] if p] + [("JUnit report", p) for p in [junit] if p]
+    refuse_overwriting_input(model, source, writes + reports, in_place and out.resolve() == model.resolve())
     recalibration = None
     if recalibrate_data:
         from bnfold.recalibration import recalibrate as recalibrate_model
@@ -347,34 +353,69 @@ def fold(
         result = naming_input(model, lambda: fold_model(source, options))
     with steps.step(f"save {out.name}") as advance:
         result.save(out, external_data=False if embed else (external_data or None), callback=save_callback(advance))
-    if json_path:
-        context = {"recalibration": recalibration.to_dict(data=str(recalibrate_data))} if recalibration else {}
-        write_json(json_path, result.ledger.to_dict(input=str(model), output=str(out), **context))
-    if junit:
-        from bnfold import junit as junit_xml
-
-        write_report(junit, junit_xml.document(f"bnfold fold {model}", junit_xml.fold_cases(result.ledger, strict)),
-                     "JUnit report")
+    human = human_console(json_path)
     if not quiet:
         from bnfold.render import render_ledger
 
         if recalibration is not None:
             from bnfold.recalibration import render_report as render_recalibration
 
-            render_recalibration(recalibration, human_console(json_path))
-        render_ledger(result.ledger, out, human_console(json_path), source=model, op_changes=result.op_changes)
+            render_recalibration(recalibration, human)
+        sizes = (size_before, disk_size([out, *(out.parent / n for n in [data_name] if n)]))
+        render_ledger(result.ledger, out, human, sizes=sizes, op_changes=result.op_changes)
+    from bnfold.verdict import fold_verdict
+
+    context = {"input": str(model), "output": str(out)}
+    if recalibration is not None:
+        context["recalibration"] = recalibration.to_dict(data=str(recalibrate_data))
+    report = None
     if verify_output:
         from bnfold.verification import verify_or_discard
 
-        report = verify_or_discard(model, out, verifying, keep_on_failure=keep_on_failure)
-        finish_verification(report, verify_json, quiet)
-    kept = [e for e in result.ledger.batch_norms if e.status == "kept"]
-    troubled = [e for e in result.ledger.batch_norms if e.problems]
-    if strict and (kept or troubled):
+        try:
+            report = verify_or_discard(model, out, verifying, keep_on_failure=keep_on_failure)
+        except BnfoldError as exc:  # the reports still say what the fold did, and what stopped it
+            verdict = fold_verdict(result.ledger, str(model), strict=strict)
+            verdict.error, verdict.error_code = str(exc), exc.exit_code
+            write_reports([verdict], json_path, junit, result.ledger.to_dict(**context, **verdict.to_dict()))
+            raise
+        if verify_json:
+            write_json(verify_json, report.to_dict())
+        if not quiet:
+            from bnfold.verification import render_report
+
+            render_report(report, human)
+    verdict = fold_verdict(result.ledger, str(model), strict=strict, verification=report)
+    write_reports([verdict], json_path, junit, result.ledger.to_dict(**context, **verdict.to_dict()))
+    conclude(verdict, quiet, human, f" ({out} was written)" if out.exists() else
+             f" ({out} was removed; --keep-on-failure keeps it)")
+
+
+def write_reports(verdicts: list, json_path: Optional[Path], junit: Optional[Path], payload: dict) -> None:
+    """The JSON report (``payload``, which carries the verdicts' fields) and the JUnit report of the verdicts."""
+    if json_path:
+        write_json(json_path, payload)
+    if junit:
+        from bnfold import junit as junit_xml
+
+        write_report(junit, junit_xml.document(verdicts), "JUnit report")
+
+
+def say_failure(verdict, quiet: bool, human, note: str = "") -> None:
+    """A failed verdict's one line, ``bnfold: FAIL: ...``: last in the output, or on stderr with -q."""
+    if verdict.failures:
+        line = f"{verdict.summary()}{note}"
         if quiet:
-            summary_on_stderr(f"--strict: {len(kept)} BatchNormalization kept, {len(troubled)} not inference-ready "
-                              f"(OUT {out} was written)")
-        raise typer.Exit(EXIT_CHECK_FAILED)
+            summary_on_stderr(line)
+        else:
+            human.print(f"bnfold: {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+def conclude(verdict, quiet: bool, human, note: str = "") -> None:
+    """Say a failed verdict in one line and exit with the verdict's exit code."""
+    say_failure(verdict, quiet, human, note)
+    if verdict.exit_code:
+        raise typer.Exit(verdict.exit_code)
 
 
 def fold_many(roots: list[Path], out_dir: Path, options, *, embed: bool, jobs: int, strict: bool, quiet: bool,
@@ -382,45 +423,48 @@ def fold_many(roots: list[Path], out_dir: Path, options, *, embed: bool, jobs: i
     """Fold every model under ``roots`` into ``out_dir`` (relative paths kept), ``jobs`` at a
     time; one report, exit code the worst of all models."""
     from bnfold.batch import fold_files, plan_outputs
+    from bnfold.verdict import error_verdict, exit_code, fold_verdict
 
-    tasks = plan_outputs(roots, model_paths(roots), out_dir)
+    tasks = plan_outputs(roots, model_paths(roots, exclude=out_dir), out_dir)
     console_ = human_console(json_path)
-    results, code = [], 0
+    results, verdicts, failed = [], [], []
     for done in fold_files(tasks, options, embed=embed, jobs=jobs):
         results.append(done)
         if done.error is not None:
             err_console().print(f"bnfold: error: {done.error}", markup=False, highlight=False, soft_wrap=True)
-            code = max(code, done.exit_code)
+            verdicts.append(error_verdict("fold", str(done.model), done.error, done.exit_code))
             continue
+        verdict = fold_verdict(done.ledger, str(done.model), strict=strict)
+        verdicts.append(verdict)
         if not quiet:
             from bnfold.render import render_ledger
 
-            render_ledger(done.ledger, done.output, console_, source=done.model)
-        kept = [e for e in done.ledger.batch_norms if e.status == "kept" or e.problems]
-        if strict and kept:
-            code = max(code, EXIT_CHECK_FAILED)
-            if quiet:
-                summary_on_stderr(f"{done.model}: --strict: {len(kept)} BatchNormalization kept or not inference-ready")
+            render_ledger(done.ledger, done.output, console_, sizes=done.sizes)
+        if verdict.failures:
+            failed.append(done)
+        say_failure(verdict, quiet, console_, f" in {done.model}")
     if not quiet:
         folded = sum(r.ledger.summary()["folded"] for r in results if r.ledger)
         total = sum(r.ledger.summary()["bn_total"] for r in results if r.ledger)
         errors = sum(r.error is not None for r in results)
         console_.print(f"bnfold: {len(results)} model(s) -> {out_dir}: {folded} of {total} BatchNormalization folded"
+                       + (f", {len(failed)} model(s) failed --strict" if failed else "")
                        + (f", {errors} model(s) not folded (errors above)" if errors else ""),
                        markup=False, highlight=False, soft_wrap=True)
-    if json_path:
-        write_json(json_path, {"schema": "bnfold.ledger.batch", "schema_version": 1, "models": [
-            r.ledger.to_dict(input=str(r.model), output=str(r.output)) if r.ledger is not None
-            else {"input": str(r.model), "error": r.error} for r in results]})
-    if junit:
-        from bnfold import junit as junit_xml
-
-        write_report(junit, junit_xml.documents([
-            (f"bnfold fold {r.model}", junit_xml.fold_cases(r.ledger, strict) if r.ledger is not None
-             else [junit_xml.Case("bnfold.fold", str(r.model), "error", None, r.error)]) for r in results]),
-            "JUnit report")
+    code = exit_code(verdicts)
+    write_reports(verdicts, json_path, junit, {
+        "schema": "bnfold.ledger.batch", "schema_version": 1, "verdict": batch_label(code), "exit_code": code,
+        "models": [r.ledger.to_dict(input=str(r.model), output=str(r.output), **v.to_dict()) if r.ledger is not None
+                   else {"input": str(r.model), **v.to_dict()} for r, v in zip(results, verdicts)]})
     if code:
         raise typer.Exit(code)
+
+
+def batch_label(code: int) -> str:
+    """The verdict of several models from their worst exit code."""
+    from bnfold.verdict import ERROR, FAIL, PASS
+
+    return PASS if code == 0 else FAIL if code == EXIT_CHECK_FAILED else ERROR
 
 
 @app.command()
@@ -444,60 +488,64 @@ def inspect(
     for what, report in (("JSON report", json_path), ("JUnit report", junit)):
         if report and str(report) != "-":
             output_target(report, what)
+    from bnfold.verdict import error_verdict, exit_code, inspect_verdict
+
     paths = model_paths(models)
-    audited, code = [], 0
+    several = len(paths) > 1
+    human = human_console(json_path)
+    audited = []
     for model in paths:
         try:
             source = naming_input(model, lambda: load_source(model))
             refuse_overwriting_input(model, source, [("JSON report", p) for p in [json_path, junit] if p])
             findings = naming_input(model, lambda: inspect_model(source))
         except BnfoldError as exc:
-            if len(paths) == 1:
+            if not several:
                 raise
             err_console().print(f"bnfold: error: {exc}", markup=False, highlight=False, soft_wrap=True)
-            code = max(code, exc.exit_code)
-            audited.append((model, None, str(exc)))
+            audited.append((model, None, error_verdict("inspect", str(model), str(exc), exc.exit_code)))
             continue
-        audited.append((model, findings, None))
+        verdict = inspect_verdict(findings, str(model))
+        audited.append((model, findings, verdict))
         if not quiet:
             from bnfold.render import render_findings
 
-            render_findings(findings, human_console(json_path), model if len(paths) > 1 else None)
-        not_ready = [f for f in findings if not f.ok]
-        if not_ready:
-            code = max(code, EXIT_CHECK_FAILED)
-            if quiet:
-                codes = sorted({p for f in not_ready for p in f.problems})
-                where = f"{model}: " if len(paths) > 1 else ""
-                summary_on_stderr(f"{where}{len(not_ready)} of {len(findings)} BatchNormalization not "
-                                  f"inference-ready ({', '.join(codes)})")
-    if json_path:
-        reports = [findings_to_dict(f, input=str(m)) if f is not None else {"input": str(m), "error": e}
-                   for m, f, e in audited]
-        write_json(json_path, reports[0] if len(paths) == 1 else
-                   {"schema": "bnfold.inspect.batch", "schema_version": 1, "models": reports})
-    if junit:
-        from bnfold import junit as junit_xml
-
-        suites = [(f"bnfold inspect {m}", junit_xml.inspect_cases(f) if f is not None else
-                   [junit_xml.Case("bnfold.inspect", str(m), "error", None, e)]) for m, f, e in audited]
-        write_report(junit, junit_xml.documents(suites), "JUnit report")
+            render_findings(findings, human, model if several else None)
+        say_failure(verdict, quiet, human, f" in {model}" if several else "")
+    verdicts = [v for _, _, v in audited]
+    code = exit_code(verdicts)
+    reports = [findings_to_dict(f, input=str(m), **v.to_dict()) if f is not None else {"input": str(m), **v.to_dict()}
+               for m, f, v in audited]
+    write_reports(verdicts, json_path, junit, reports[0] if not several else {
+        "schema": "bnfold.inspect.batch", "schema_version": 1, "verdict": batch_label(code), "exit_code": code,
+        "models": reports})
     if code:
         raise typer.Exit(code)
 
 
-def model_paths(paths: list[Path]) -> list[Path]:
-    """The models named, folders expanded to the *.onnx files under them (sorted)."""
+def model_paths(paths: list[Path], exclude: Optional[Path] = None) -> list[Path]:
+    """The models named, folders expanded to the *.onnx files under them (sorted); a
+    folder's files under ``exclude`` (fold's --out-dir: its own earlier outputs) are not
+    picked up."""
+    skip = exclude.resolve() if exclude is not None else None
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
             models = sorted(p for p in path.rglob("*.onnx") if p.is_file())
             if not models:
                 raise InputError(f"{path}: a directory with no *.onnx file in it")
-            found.extend(models)
+            kept = [p for p in models if skip is None or not _under(p, skip)]
+            if not kept:
+                raise InputError(f"{path}: no *.onnx file in it outside the output folder {exclude}")
+            found.extend(kept)
         else:
             found.append(path)
     return found
+
+
+def _under(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (resolved), judged by where it is, not where a link points."""
+    return folder in (path.parent.resolve() / path.name).parents
 
 
 @app.command()
@@ -553,21 +601,17 @@ def verify(
 
 def finish_verification(report, json_path: Optional[Path], quiet: bool, junit: Optional[Path] = None) -> None:
     """Write and print a verification report; exit 1 unless it passed (with -q, one line says so)."""
+    from bnfold.verdict import verify_verdict
     from bnfold.verification import render_report
 
-    if json_path:
-        write_json(json_path, report.to_dict())
-    if junit:
-        from bnfold import junit as junit_xml
-
-        write_report(junit, junit_xml.document(f"bnfold verify {report.candidate}", junit_xml.verify_cases(report)),
-                     "JUnit report")
-    if not quiet:
-        render_report(report, human_console(json_path))
-    if not report.passed:
-        if quiet:
-            summary_on_stderr(report.summary())
-        raise typer.Exit(report.exit_code)
+    verdict = verify_verdict(report, report.candidate)
+    write_reports([verdict], json_path, junit, {**report.to_dict(), **verdict.to_dict()})
+    if quiet:
+        say_failure(verdict, quiet, None)
+    else:
+        render_report(report, human_console(json_path))  # its last line is the verdict's summary
+    if verdict.exit_code:
+        raise typer.Exit(verdict.exit_code)
 
 
 @app.command()
@@ -628,11 +672,13 @@ def recalibrate(
     only: Optional[list[str]] = typer.Option(
         None, "--only", metavar="BN", help="Recalibrate only this BN (node name); repeatable."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file."),
+    junit: Optional[Path] = JUNIT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ) -> None:
     """Recompute every BatchNormalization's running mean and variance from data and write OUT.
 
     Training-mode BNs become inference BNs with the new statistics. See docs/recalibrate.md.
+    Exit 0 when OUT was written, 2 on bad input (a BN it cannot recalibrate is reported, not an error).
     """
     from bnfold.load import has_external_data, load_source
     from bnfold.recalibration import recalibrate as recalibrate_model, render_report
@@ -641,19 +687,26 @@ def recalibrate(
     out = output or model.with_name(f"{stem}.recalibrated.onnx")
     if out.resolve() == model.resolve():
         raise InputError(f"{out}: output is the input; choose another path")
-    if json_path and (not json_path.parent.is_dir() or json_path.is_dir()):  # fail before OUT is written
-        raise InputError(f"{json_path}: cannot write a JSON report there (no such folder, or a folder)")
+    from bnfold.save import output_target
+
+    for what, report in (("JSON report", json_path), ("JUnit report", junit)):  # fail before OUT is written
+        if report and str(report) != "-":
+            output_target(report, what)
     source = naming_input(model, lambda: load_source(model))
     data_name = f"{out.name}.data" if has_external_data(source) else None
     writes = [("output", out)] + [("weights file", out.parent / n) for n in [data_name] if n]
-    refuse_overwriting_input(model, source, writes + [("JSON report", p) for p in [json_path] if p])
+    refuse_overwriting_input(model, source, writes + [("JSON report", p) for p in [json_path, junit] if p])
     result = naming_input(model, lambda: recalibrate_model(source, data, samples=samples, batch=batch, seed=seed,
                                                            only=only or None))
     result.save(out)
-    if json_path:
-        write_json(json_path, result.to_dict(input=str(model), data=str(data), output=str(out)))
+    from bnfold.verdict import recalibrate_verdict
+
+    verdict = recalibrate_verdict(result, str(model))
+    write_reports([verdict], json_path, junit, result.to_dict(input=str(model), data=str(data), output=str(out),
+                                                            **verdict.to_dict()))
     if not quiet:
         render_report(result, human_console(json_path), out)
+    conclude(verdict, quiet, human_console(json_path))
 
 def _terminate(signum, frame):
     # Raising lets the atomic writers' cleanup run; the default action would not.

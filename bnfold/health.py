@@ -33,6 +33,20 @@ PROBLEMS: dict[str, str] = {
 }
 
 
+#: What to do about a problem, printed once below a report that shows it (each line
+#: fits 80 columns).
+HINTS: dict[str, str] = {
+    "training-mode": "training-mode BNs with unused running-stat outputs: `fold --to-inference`",
+    "untrained-stats": "untrained statistics: `bnfold recalibrate MODEL --data DATA.npz`",
+}
+
+
+def hints(codes) -> list[str]:
+    """The hint lines for these problem codes, in ``HINTS`` order."""
+    present = set(codes)
+    return [f"hint: {text}" for code, text in HINTS.items() if code in present]
+
+
 def bn_problems(bn: ir.Node, opset: int, consts: Constants) -> list[tuple[str, str]]:
     """Every readiness problem of ``bn`` as (code, detail)."""
     problems: list[tuple[str, str]] = []

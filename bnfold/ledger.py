@@ -7,6 +7,7 @@ match on these codes, so they are part of the public interface (see docs/ledger.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 LEDGER_SCHEMA_VERSION = 2
@@ -107,10 +108,14 @@ class LedgerEntry:
 
 
 @dataclass
-class Ledger:
-    """All entries of one fold run, in graph order."""
+class Ledger(Sequence):
+    """All entries of one fold run, in graph order: a sequence of ``LedgerEntry``
+    (``ledger[0]``, ``ledger[-1]``, slices give lists)."""
 
     entries: list[LedgerEntry] = field(default_factory=list)
+
+    def __getitem__(self, index):
+        return self.entries[index]
 
     def __iter__(self):
         return iter(self.entries)

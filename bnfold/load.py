@@ -234,6 +234,14 @@ def external_data_files(model: ir.Model | Source) -> set[Path]:
     }
 
 
+def disk_size(paths) -> int | None:
+    """Bytes on disk of a model's files (the model and its external data); None if one is unreadable."""
+    try:
+        return sum(os.path.getsize(path) for path in paths)
+    except OSError:
+        return None
+
+
 def has_external_data(model: ir.Model | Source) -> bool:
     """Whether any tensor is stored outside the model file."""
     return bool(external_data_files(model))

@@ -1,7 +1,8 @@
 """Progress bars for the slow steps of big models (load, fold, save), on stderr.
 
 Small models finish before a bar would be readable, so bars appear only above
-``THRESHOLD_BYTES`` and never with ``--quiet``.
+``THRESHOLD_BYTES``, never with ``--quiet``, and only on a terminal: a redirected stderr
+(a CI log, a file) gets no bar and no residue of one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ class Steps:
     """One bar per step; ``step`` yields a function that advances it (tensors written).
 
     ``console`` makes the rich Console to draw on, called only when bars are enabled, so
-    a quiet or small run never imports rich.
+    a quiet or small run never imports rich; a console that is not a terminal gets none.
     """
 
     def __init__(self, enabled: bool, console: Callable):
@@ -25,7 +26,7 @@ class Steps:
 
     @contextmanager
     def step(self, description: str) -> Iterator[Callable[[int], None] | None]:
-        if not self.enabled:
+        if not self.enabled or not self.console().is_terminal:
             yield None
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

@@ -10,8 +10,9 @@ hold the table's characters.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from bnfold.verdict import site_detail
 
 
 def can_encode(console, text: str) -> bool:
@@ -41,19 +42,12 @@ def _ascii_safe(console, text: str) -> str:
     return text.encode(encoding, errors="backslashreplace").decode(encoding)
 
 
-def entry_detail(e) -> str:
-    """A site's route, detail and readiness problems, in one text."""
-    problems = (f"{p}: {d}" for p, d in zip(e.problems, e.problem_details))
-    return "; ".join(filter(None, [e.route, e.detail, *problems]))
-
-
 def ledger_lines(ledger) -> list[str]:
     """One line per site: label, status, pattern or reason, detail (tab-free, two spaces)."""
     lines = []
     for e in ledger:
         what = f"{e.pattern} into {e.into}" if e.folded else (e.reason or "")
-        detail = entry_detail(e)
-        lines.append("  ".join(filter(None, [e.label or e.node, e.op, e.graph, e.status, what, detail])))
+        lines.append("  ".join(filter(None, [e.label or e.node, e.op, e.graph, e.status, what, site_detail(e)])))
     return lines
 
 
@@ -68,70 +62,112 @@ def ledger_title(ledger) -> str:
 
 
 def readiness_lines(ledger) -> list[str]:
-    """One line on the BNs that are not inference-ready, and how to act on training mode."""
-    troubled = [e for e in ledger.batch_norms if e.problems]
-    if not troubled:
-        return []
-    codes = sorted({p for e in troubled for p in e.problems})
-    lines = [f"warning: {len(troubled)} BatchNormalization not inference-ready ({', '.join(codes)}); "
-             "see `bnfold inspect`"]
-    if any(e.reason == "training-mode" and e.status == "kept" for e in troubled):
-        lines.append("hint: --to-inference converts training-mode BNs whose running-stat outputs are unused")
+    """One line on the BNs the output still has readiness problems with, and what to do."""
+    from bnfold.health import hints
+    from bnfold.verdict import outstanding_problems
+
+    lines = []
+    converted = [e for e in ledger.batch_norms if e.converted_from_training]
+    if converted:
+        lines.append(f"note: {len(converted)} training-mode BatchNormalization converted to inference form")
+    troubled = [e for e in ledger.batch_norms if outstanding_problems(e)]
+    if troubled:
+        codes = sorted({p for e in troubled for p, _ in outstanding_problems(e)})
+        lines.append(f"warning: {len(troubled)} BatchNormalization not inference-ready ({', '.join(codes)}); "
+                     "see `bnfold inspect`")
+        lines += hints(codes)
     return lines
 
 
-def size_line(before: Path, after: Path, ledger, op_changes: dict | None = None) -> str:
+def size_line(ledger, sizes: tuple[int | None, int | None] | None, op_changes: dict | None = None) -> str:
     """Before/after in one line, as onnxsim and OnnxSlim print it: the op counts that
-    changed (else the BN count), and the file size."""
+    changed (else the BN count), and the size on disk (model file and external data)."""
     summary = ledger.summary()
     if op_changes:
         ops = ", ".join(f"{op} {a} -> {b}" for op, (a, b) in op_changes.items())
     else:
         left = summary["bn_total"] - summary["folded"] - summary["decomposed"]
         ops = f"BatchNormalization {summary['bn_total']} -> {left}"
-    sizes = ""
-    try:
-        sizes = f"; {_mib(os.path.getsize(before))} -> {_mib(os.path.getsize(after))}"
-    except OSError:
-        pass
-    return f"ops: {ops}{sizes}"
+    known = sizes is not None and None not in sizes
+    return f"ops: {ops}" + (f"; {_mib(sizes[0])} -> {_mib(sizes[1])}" if known else "")
 
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB"
 
 
-def render_ledger(ledger, out: Path, console, source: Path | None = None, op_changes: dict | None = None) -> None:
-    """The fold ledger: a table on a terminal, plain lines otherwise; then the summary."""
+def render_ledger(ledger, out: Path, console, sizes: tuple[int | None, int | None] | None = None,
+                  op_changes: dict | None = None) -> None:
+    """The fold ledger: a table on a terminal, plain lines otherwise; then the summary.
+    ``sizes``: bytes on disk of the input and of OUT, each with its external data."""
     if console.is_terminal:
         _ledger_table(ledger, console)
     else:
         _print_lines(console, [ledger_title(ledger), *(_ascii_safe(console, line) for line in ledger_lines(ledger))])
     tail = readiness_lines(ledger)
-    if source is not None:
-        tail.append(size_line(source, out, ledger, op_changes))
+    tail.append(size_line(ledger, sizes, op_changes))
     tail.append(f"wrote {out}")
     _print_lines(console, [_ascii_safe(console, line) for line in tail])
 
 
-def _ledger_table(ledger, console) -> None:
+def middle_ellipsis(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters by replacing its middle with an ellipsis: long
+    exporter names differ at both ends (``node__native_batch_norm_legit_no_training_3__0``)."""
+    if len(text) <= width:
+        return text
+    tail = (width - 1) // 2
+    return text[: width - 1 - tail] + "…" + text[len(text) - tail:]
+
+
+def _two_line_table(console, title: str, headers: list[str], rows: list[tuple[str, str, list[str], str | None]],
+                    free_min: int) -> None:
+    """A table whose rows are two lines at any console width: the first column holds a
+    name and, below it, what became of it; then short fixed columns, of which the third
+    (``headers[2]``) is free text that wraps. Widths are set here (rich would crop the table
+    rather than wrap it at 80 columns): the fixed columns as wide as their content, the
+    free text down to ``free_min``, the name column the rest. A name wider than that
+    loses its middle to an ellipsis (the plain output and ``--json`` keep it whole).
+
+    ``rows``: (name, below the name, the other cells, style)."""
     from rich import box
     from rich.markup import escape
     from rich.table import Table
 
-    fancy = can_encode(console, "┃━Δ")
-    table = Table(title=ledger_title(ledger), box=box.HEAVY_HEAD if fancy else box.ASCII)
-    for column in ("node", "op", "graph", "status", "into / reason", "detail",
-                   "max rel Δw" if fancy else "max rel dw"):
-        table.add_column(column, overflow="fold")
-    for e in ledger:
-        target = f"{e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
-        change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
-        detail = entry_detail(e)
-        cells = [e.label or e.node, "BN" if e.is_bn else e.op, e.graph, e.status, target or "", detail, change]
-        table.add_row(*(escape(_ascii_safe(console, c)) for c in cells),
-                      style="red" if e.problems else (None if e.folded else "yellow"))
+    fancy = can_encode(console, "┃━…" + "".join(headers))
+    table = Table(title=escape(_ascii_safe(console, title)), box=box.HEAVY_HEAD if fancy else box.ASCII)
+    cells = [[_ascii_safe(console, c) for c in other] for _, _, other, _ in rows]
+    natural = [max([len(header), *(len(line) for row in cells for line in row[i].splitlines())])
+               for i, header in enumerate(headers[1:])]
+    free = 1  # headers[2], among the cells after the name
+    fixed = sum(width for i, width in enumerate(natural) if i != free)
+    room = console.width - (3 * len(headers) + 1) - fixed
+    first = max([len(headers[0]), *(max(len(name), 2 + len(below)) for name, below, _, _ in rows)])
+    first = min(first, max(20, room - min(natural[free], free_min)))
+    natural[free] = max(6, min(natural[free], room - first))
+    table.add_column(headers[0], overflow="fold", width=first)
+    for i, header in enumerate(headers[1:]):
+        table.add_column(header, overflow="fold", no_wrap=i != free, width=natural[i])
+    for (name, below, _, style), other in zip(rows, cells):
+        name = _ascii_safe(console, name)
+        head = middle_ellipsis(name, first) if fancy else name
+        table.add_row(escape(f"{head}\n  {_ascii_safe(console, below)}"), *(escape(c) for c in other), style=style)
     console.print(table)
+
+
+def _ledger_table(ledger, console) -> None:
+    """One row per site, two lines each: the site's name, then what became of it
+    (``into CONV (conv-bn)``, or the reason it stays)."""
+    rows = []
+    for e in ledger:
+        what = f"into {e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
+        what = "  ".join(filter(None, [None if e.is_bn else e.op, what, None if e.graph == "main" else f"in {e.graph}"]))
+        change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
+        rows.append((e.label or e.node, what or "", [e.status, site_detail(e), change],
+                     "red" if e.problems else (None if e.folded else "yellow")))
+    delta = "Δw" if can_encode(console, "Δ") else "dw"
+    _two_line_table(console, ledger_title(ledger), ["site: what became of it", "status", "detail", delta], rows, 14)
+    if ledger.folded:
+        _print_lines(console, [f"{delta}: largest relative change of a folded weight (max |s - 1|)"])
 
 
 def findings_lines(findings) -> list[str]:
@@ -148,23 +184,21 @@ def findings_title(findings) -> str:
 
 
 def render_findings(findings, console, model: Path | None = None) -> None:
-    """The inspect findings; ``model`` names the file when several are audited."""
-    title = findings_title(findings) + (f" in {model}" if model is not None else "")
-    if not console.is_terminal:
-        _print_lines(console, [_ascii_safe(console, title), *(_ascii_safe(console, x) for x in findings_lines(findings))])
-        return
-    from rich import box
-    from rich.markup import escape
-    from rich.table import Table
+    """The inspect findings; ``model`` names the file when several are audited; then a
+    hint for each kind of problem found."""
+    from bnfold.health import hints
 
-    table = Table(title=escape(_ascii_safe(console, title)), box=box.HEAVY_HEAD if can_encode(console, "┃━") else box.ASCII)
-    for column in ("BN", "graph", "ready", "problems", "fold plan"):
-        table.add_column(column, overflow="fold")
-    for f in findings:
-        problems = "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))
-        cells = [f.bn, f.graph, "yes" if f.ok else "NO", problems, f.plan]
-        table.add_row(*(escape(_ascii_safe(console, c)) for c in cells), style=None if f.ok else "red")
-    console.print(table)
+    title = findings_title(findings) + (f" in {model}" if model is not None else "")
+    advice = hints(p for f in findings for p in f.problems)
+    if not console.is_terminal:
+        _print_lines(console, [_ascii_safe(console, title), *(_ascii_safe(console, x) for x in findings_lines(findings)),
+                               *advice])
+        return
+    rows = [(f.bn, "  ".join(filter(None, [f.plan, None if f.graph == "main" else f"in {f.graph}"])),
+             ["yes" if f.ok else "NO", "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))],
+             None if f.ok else "red") for f in findings]
+    _two_line_table(console, title, ["BN: fold plan", "ready", "problems"], rows, 20)
+    _print_lines(console, advice)
 
 
 def zoo_lines(entries, out) -> list[str]:

@@ -148,9 +148,9 @@ class Editor:
         if plan.direction == "decompose":
             return self._decompose(plan)
         site = plan.site.node
-        cloned = False
+        old_weights = []
         for part in plan.parts:
-            cloned |= self._fold_weight(part.weight)
+            old_weights.append(self._fold_weight(part.weight))
             if part.bias is not None:
                 self._set_bias(part.bias, site.name or "site")
         if plan.addend is not None:  # padded Conv after the BN: x + t/s stays
@@ -165,6 +165,9 @@ class Editor:
         else:  # the consumer reads the BN's input, which keeps its name and its other readers
             self.replace_value(site.outputs[0], site.inputs[plan.site.data_index], rename=False)
         self.remove_node(site)
+        # Judged once the fold is complete: a reader of the old weight that the fold itself
+        # removed (a Shape in the old bias's constant subgraph, as dynamo exports) shares nothing.
+        cloned = any(old.uses() or self.consts.is_output(old) for old in old_weights)
         details = [plan.detail, "converted from training mode" if plan.convert else "",
                    "shared weight cloned" if cloned else ""]
         return _entry(plan, STATUS_FOLDED, pattern=plan.pattern, into=", ".join(n.name for n in plan.into),
@@ -184,13 +187,13 @@ class Editor:
         site.graph.insert_before(site, identity)
         self.replace_value(site.outputs[0], identity.outputs[0])
 
-    def _fold_weight(self, edit: WeightEdit) -> bool:
+    def _fold_weight(self, edit: WeightEdit) -> ir.Value:
+        """Point the node at a folded copy of its weight; the old weight goes once nothing reads it."""
         old = edit.node.inputs[edit.index]
         folded = FoldedTensor(edit.source, edit.factor, name="", read=weight_array, release=release_pages)
         edit.node.replace_input_with(edit.index, self.constant(edit.node, f"{old.name}_bnfold", folded))
-        cloned = bool(old.uses()) or self.consts.is_output(old)
         self.drop_unused([old])
-        return cloned
+        return old
 
     def _set_bias(self, bias: BiasEdit, base: str) -> None:
         if bias.node is None:

@@ -138,7 +138,7 @@ def output_target(path: Path, what: str) -> tuple[Path, bool]:
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
-        problem = "is not a folder" if folder.exists() else "does not exist"
+        problem = "is not a folder" if folder.exists() else "does not exist (bnfold creates no folder but --out-dir)"
         raise InputError(f"{path}: the {what}'s folder {folder} {problem}")
     if not os.access(folder, os.W_OK):
         raise InputError(f"{path}: cannot write the {what} to {folder} (permission denied)")

@@ -7,6 +7,7 @@ equivalence suite) take it from the profile: ``ci`` runs 1,000 random graphs per
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -18,3 +19,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # The composed fuzzer runs in a child process (tests/test_fuzz_isolated.py), so that an
 # onnxruntime crash cannot end the whole run; set BNFOLD_FUZZ_IN_PROCESS=1 to collect it here.
 collect_ignore = [] if os.environ.get("BNFOLD_FUZZ_IN_PROCESS") else ["test_fuzz.py"]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The exporter corpus (tests/corpus.py), each model exported once per session and
+    shared by the test files that use it (exporting it all takes about a minute)."""
+    import corpus as C
+
+    return C.Corpus(tmp_path_factory.mktemp("corpus"))

@@ -143,7 +143,8 @@ def test_quiet_when_a_half_precision_fold_would_overflow(tmp_path):
     assert json.loads((tmp_path / "l.json").read_text())["entries"][0]["reason"] == "dtype-overflow"
     result = invoke("inspect", path, "-q")  # mean 0 / var 1: not ready; -q says so in one line
     assert result.exit_code == 1 and result.stdout == "" and result.noise == []
-    assert result.stderr.splitlines() == ["bnfold: 1 of 1 BatchNormalization not inference-ready (untrained-stats)"]
+    assert result.stderr.splitlines() == [
+        "bnfold: FAIL: 1 of 1 BatchNormalization not inference-ready (untrained-stats)"]
 
 
 def test_quiet_still_reports_errors(tmp_path):
@@ -254,7 +255,9 @@ def test_the_command_exits_with_each_status_and_delivers_all_its_output(keeps_on
     out = tmp_path / "out.onnx"
     kept = command("fold", keeps_one, "-o", out, "--strict", "--json", tmp_path / "ledger.json")
     assert kept.returncode == 1, kept.stderr
-    assert "bn_b" in kept.stdout and kept.stdout.rstrip().endswith(f"wrote {out}")
+    assert "bn_b" in kept.stdout and f"wrote {out}" in kept.stdout.splitlines()
+    assert kept.stdout.splitlines()[-1] == (f"bnfold: FAIL: --strict: 1 of 2 BatchNormalization kept "
+                                            f"(no-linear-producer) ({out} was written)")
     assert json.loads((tmp_path / "ledger.json").read_text())["summary"]["folded"] == 1
     assert count_ops(onnx.load(out), "BatchNormalization") == 1
     run(onnx.load(out), FEEDS)  # a complete model, not a file cut short by the exit

@@ -179,7 +179,7 @@ def test_quiet_strict_failure_prints_one_summary_line(tmp_path):
     model = model_with_names(tmp_path)
     result = bnfold("fold", model, "-o", tmp_path / "o.onnx", "--strict", "-q")
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "--strict: 1 BatchNormalization kept" in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("bnfold: FAIL: --strict: 1 of 2 BatchNormalization kept")
 
 
 def test_quiet_inspect_failure_prints_one_summary_line(tmp_path):
@@ -283,6 +283,32 @@ def test_fold_many_models_into_a_folder(tmp_path):
     want = ort.InferenceSession(str(first)).run(None, feeds)[0]
     got = ort.InferenceSession(str(tmp_path / "out" / "nested" / "ext.onnx")).run(None, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_into_a_folder_inside_the_input_folder_twice(tmp_path):
+    """`bnfold fold models --out-dir models/folded`, run again, folds the same models: its
+    own earlier outputs under the output folder are not inputs. A model named explicitly
+    whose output would replace another input is refused, naming the file replaced."""
+    models = tmp_path / "models"
+    models.mkdir()
+    model_with_names(models)
+    (models / "sub").mkdir()
+    model_with_names(models / "sub", trained=False)
+    report = tmp_path / "r.json"
+    for _ in range(2):
+        result = invoke("fold", models, "--out-dir", models / "folded", "-q", "--json", report)
+        assert result.exit_code == 0, result.output
+        data = json.loads(report.read_text())
+        assert [Path(m["input"]).relative_to(models).as_posix() for m in data["models"]] == ["m[x].onnx",
+                                                                                             "sub/m[x].onnx"]
+    assert sorted(p.relative_to(models).as_posix() for p in models.rglob("*.onnx")) == [
+        "folded/m[x].onnx", "folded/sub/m[x].onnx", "m[x].onnx", "sub/m[x].onnx"]
+    named = invoke("fold", models / "m[x].onnx", models / "folded" / "m[x].onnx", "--out-dir", models / "folded")
+    assert named.exit_code == 2
+    assert named.stderr.startswith(f"bnfold: error: {models / 'folded' / 'm[x].onnx'}: --out-dir would overwrite this "
+                                   f"input model with the fold of {models / 'm[x].onnx'}"), named.stderr
+    only = invoke("fold", models / "folded", "--out-dir", models / "folded")
+    assert only.exit_code == 2 and "no *.onnx file in it outside the output folder" in only.stderr
 
 
 def test_several_models_need_an_output_folder(tmp_path):

@@ -126,11 +126,6 @@ class Folded:
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> C.Corpus:
-    return C.Corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="session")
 def cache() -> dict:
     return {"folded": {}, "reference": {}}
 

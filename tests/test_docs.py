@@ -49,3 +49,35 @@ def test_python_examples_run(tmp_path, doc, index, code):
     np.savez(tmp_path / "torch.npz", **dict(zip(names, session.run(None, feeds))))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{doc.name} block {index}:\n{code}\n{result.stderr[-2000:]}"
+
+
+# --- the README's command synopsis is what the commands take ------------------------------------------
+
+
+def readme_synopsis() -> dict[str, set[str]]:
+    """Each command of the README's Commands block and the options its lines name."""
+    text = (ROOT / "README.md").read_text().split("## Commands\n", 1)[1]
+    (block,) = re.findall(r"```text\n(.*?)```", text.split("\n## ", 1)[0], re.S)
+    commands: dict[str, set[str]] = {}
+    current = None
+    for line in block.splitlines():
+        words = line.split()
+        if line.startswith("bnfold "):
+            current = None if words[1].startswith("-") else words[1]
+            line = " ".join(words[2:])
+        if current is not None:
+            commands.setdefault(current, set()).update(re.findall(r"(?<![\w-])(--[a-z0-9-]+|-[a-z])\b", line))
+    return commands
+
+
+def test_the_readme_synopsis_names_only_options_the_commands_take():
+    from cli_runner import invoke
+
+    synopsis = readme_synopsis()
+    assert set(synopsis) == {"fold", "inspect", "verify", "recalibrate", "train"}
+    for command, options in synopsis.items():
+        help_text = invoke(command, "--help").stdout
+        missing = [o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}\b", help_text)]
+        assert not missing, (command, missing)
+    for command in ("fold", "inspect", "verify", "recalibrate"):  # README: these take --json FILE|- and --junit
+        assert {"--json", "--junit"} <= synopsis[command], command

@@ -226,6 +226,38 @@ def test_shared_weight_is_cloned_not_modified(tmp_path):
     assert weight in {init.name for init in folded.graph.initializer}
 
 
+def test_a_reader_the_fold_removes_shares_no_weight():
+    """torch.export (dynamo) builds a Conv's zero bias from Shape(weight): that Shape reads
+    the weight, but the fold replaces the bias and the Shape goes with it, so nothing in
+    the output shares the old weight and nothing was cloned."""
+    from pathlib import Path
+
+    model = Path(__file__).resolve().parent.parent / "models" / "resnet_dynamo18.onnx"
+    assert any(n.op_type == "Shape" for n in onnx.load(model).graph.node)
+    result = bnfold.fold(model)
+    assert result.ledger.summary()["folded"] == 6
+    assert [e.weight_cloned for e in result.ledger] == [False] * 6
+    assert not any("cloned" in e.detail for e in result.ledger)
+    folded = result.to_proto()
+    used = {name for node in folded.graph.node for name in node.input}
+    assert not [t.name for t in folded.graph.initializer if t.name not in used]
+
+
+def test_the_ledger_is_a_sequence():
+    result = bnfold.fold(conv_bn_model())
+    ledger = result.ledger
+    assert ledger[0] is ledger.entries[0] and ledger[-1] is ledger.entries[-1]
+    assert ledger[0:1] == ledger.entries[0:1] and ledger[0] in ledger and list(reversed(ledger)) == ledger.entries[::-1]
+    with pytest.raises(IndexError):
+        ledger[len(ledger)]
+
+
+def conv_bn_model():
+    b = GraphBuilder(seed=13)
+    b.output(b.bn(b.node("Conv", [b.input([1, 3, 6, 6]), b.random([4, 3, 3, 3])]), 4))
+    return b.model()
+
+
 def test_bn_output_that_is_a_graph_output_keeps_its_name(tmp_path):
     b = GraphBuilder(seed=12)
     x = b.input([2, 3])

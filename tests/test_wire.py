@@ -165,6 +165,29 @@ def test_large_weights_stay_in_the_file_until_written(tmp_path):
     assert not (tmp_path / "out.onnx.data").exists()
 
 
+def test_the_output_is_protobufs_serialization_of_the_output_model(tmp_path):
+    """docs/io.md: the embedded output is byte-identical to ``result.to_proto()``
+    serialized by protobuf, weights streamed from the input file or not, also where the
+    input holds what onnx_ir would drop (unknown fields), so that rebuilding the model
+    with ``onnx_ir.serde.serialize_model`` gives other bytes."""
+    from richgen import add_unknown
+
+    model = onnx.load(conv_stack(tmp_path))
+    add_unknown(model, 1)
+    add_unknown(model.graph, 2)
+    add_unknown(model.graph.node[0], 3)
+    path = tmp_path / "unknown.onnx"
+    path.write_bytes(model.SerializeToString())
+    with cut_at(EVERYTHING_CUT):
+        result = bnfold.fold(path)
+        result.save(tmp_path / "out.onnx")
+        expected = bnfold.fold(path).to_proto().SerializeToString()
+    written = (tmp_path / "out.onnx").read_bytes()
+    assert written == expected
+    assert written != ir.serde.serialize_model(bnfold.fold(path).model).SerializeToString()
+    assert b"bnfold-unknown-2" in written
+
+
 def test_a_hard_linked_model_file_folds(tmp_path):
     path = conv_stack(tmp_path)
     os.link(path, tmp_path / "link.onnx")  # onnx_ir refuses hard-linked *external data* files
