@@ -376,25 +376,23 @@ def _plan_elementwise_before(site: Site, ctx: Context) -> Fold:
 
 def _constant_channel(constant: np.ndarray, data: ir.Value, node: ir.Node) -> Channel | None:
     """The axis a Mul/Add/... constant runs along, aligned to its data from the right (None:
-    one value for every element); NoMatch if it varies along more than one axis."""
-    varying = [i for i, size in enumerate(constant.shape) if size != 1]
+    one value for every element); NoMatch if it varies along more than one axis or would
+    raise the data's rank (removing the site must leave its output's shape)."""
+    rank = rank_of(data)
+    shape = list(constant.shape)
+    if (rank is None and constant.ndim > 1) or (rank is not None and constant.ndim > rank):
+        raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {shape} may broadcast "
+                                              f"{data.name!r} to a higher rank")
+    varying = [i for i, size in enumerate(shape) if size != 1]
     if not varying:
         return None
     if len(varying) > 1:
-        raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {list(constant.shape)} varies "
-                                              "along more than one axis")
-    count = constant.shape[varying[0]]
-    from_end = varying[0] - constant.ndim
-    rank = rank_of(data)
-    if rank is None:
-        if from_end != -1:
-            raise NoMatch("unknown-rank", f"the rank of {data.name!r}, which the {node.op_type} constant of shape "
-                                          f"{list(constant.shape)} runs along, cannot be proven")
+        raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {shape} varies along more "
+                                              "than one axis")
+    count = shape[varying[0]]
+    if rank is None:  # a 1-D constant runs along the last axis, whatever the rank
         return Channel(None, -1, count)
-    if -from_end > rank:
-        raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {list(constant.shape)} "
-                                              f"broadcasts {data.name!r} to a higher rank")
-    return Channel(rank, rank + from_end, count)
+    return Channel(rank, rank - constant.ndim + varying[0], count)
 
 
 def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:

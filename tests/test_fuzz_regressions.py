@@ -75,3 +75,17 @@ def test_matching_nans_need_no_excuse(tmp_path):
 
 
 RECIPE_NAN_STATS_THEN_DIV = {'ir': 9, 'opset': 17, 'dtype': 'float32', 'seed': 0, 'input': [2, 1, 1, 5], 'dynamic_batch': False, 'steps': [{'op': 'reshape', 'to': [0, 1, 5], 'tap': None}, {'op': 'convT', 'dims': 1, 'cout': 1, 'group': 1, 'k': [1], 'stride': 1, 'pads': [0, 0], 'out_pad': 0, 'bias': False, 'w_bad': None, 'twin': False, 'ref': [], 'tap': None}, {'op': 'bn', 'stats': 'normal', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'unsqueeze', 'axes': [3], 'tap': None}, {'op': 'conv', 'dims': 2, 'cout': 1, 'group': 1, 'k': [1, 1], 'stride': 1, 'dilation': 1, 'pads': [0, 0, 0, 0], 'auto_pad': 'NOTSET', 'explicit_pads': False, 'bias': False, 'w_bad': None, 'twin': False, 'ref': [], 'tap': None}, {'op': 'bn', 'stats': 'normal', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'conv', 'dims': 2, 'cout': 1, 'group': 1, 'k': [1, 1], 'stride': 1, 'dilation': 1, 'pads': [0, 0, 0, 0], 'auto_pad': 'NOTSET', 'explicit_pads': False, 'bias': False, 'w_bad': None, 'twin': False, 'ref': [], 'tap': None}, {'op': 'bn', 'stats': 'normal', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'bn', 'stats': 'nan', 'eps': 1e-05, 'ref': [], 'tap': None}, {'op': 'Div', 'form': 'chan', 'first': False, 'bad': None, 'tap': None}], 'params': 'const', 'value_info': 'full', 'output_shapes': False, 'overridable': False, 'share': False, 'names': 'unique', 'encoding': 'canonical', 'cond': False, 'flags': {}}
+
+
+def test_rank_raising_constant_before_a_matmul(tmp_path):
+    """``Mul(x[2, 3], c[1, 1, 3]) -> MatMul -> BN``: the Mul's constant raises the data's
+    rank, so removing it (folding it into the MatMul) would change the output's shape. Found
+    when the downstream route took the constant's axis from its shape alone: a valid model
+    was refused as invalid, or its fold broke shape inference; kept now."""
+    check_recipe({
+        "ir": 9, "opset": 17, "dtype": "float32", "seed": 0, "input": [2, 3], "dynamic_batch": False,
+        "steps": [{"op": "Mul", "form": "expand_rank", "first": False, "bad": None, "tap": None},
+                  {"op": "matmul", "n": 3, "bias": None, "w_bad": None, "b": "2d", "twin": False, "tap": None},
+                  {"op": "bn", "stats": "normal", "eps": 1e-05, "ref": [], "tap": None}],
+        "params": "init", "value_info": "full", "output_shapes": False, "overridable": False, "share": False,
+        "names": "unique", "encoding": "canonical", "cond": False, "flags": {}}, tmp_path)
