@@ -120,10 +120,27 @@ def test_verify_uses_the_worker_started_ahead(folded, monkeypatch):
     assert started[0]._process.returncode == 0  # it ran the sessions and ended on its own
 
 
-def test_a_verify_that_fails_early_leaves_no_worker_behind(tmp_path):
-    """The worker is started before the arguments are read; an error then ends it and removes
-    its folder (one line, exit 2, as ever)."""
+def test_a_verify_that_fails_early_leaves_no_worker_behind(tmp_path, monkeypatch):
+    """The worker is started before the models are read; an error then ends it and removes
+    its folder, in the library and in the CLI (one line, exit 2, as ever)."""
     pytest.importorskip("onnxruntime", reason="verify needs onnxruntime (the [cpu] extra)")
+    from bnfold.errors import InputError
+    from bnfold.verification import verify
+
+    started = []
+    original_init = runner.Worker.__init__
+
+    def spying_init(self):
+        started.append(self)
+        original_init(self)
+
+    monkeypatch.setattr(runner.Worker, "__init__", spying_init)
+    with pytest.raises(InputError, match="missing.onnx"):
+        verify(MODEL, tmp_path / "missing.onnx", providers="cpu")
+    assert len(started) == 1
+    assert started[0]._process.returncode is not None
+    assert not Path(started[0]._folder.name).exists()
+
     private = tmp_path / "tmp"
     private.mkdir()
     done = subprocess.run([PYTHON, "-m", "bnfold", "verify", str(MODEL), str(tmp_path / "missing.onnx")],
@@ -131,8 +148,3 @@ def test_a_verify_that_fails_early_leaves_no_worker_behind(tmp_path):
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "missing.onnx" in done.stderr
     assert list(private.glob("bnfold-*")) == []
-
-    worker = runner.Worker()
-    process = worker._process
-    worker.close()
-    assert process.returncode is not None
