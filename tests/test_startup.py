@@ -148,3 +148,33 @@ def test_a_verify_that_fails_early_leaves_no_worker_behind(tmp_path, monkeypatch
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "missing.onnx" in done.stderr
     assert list(private.glob("bnfold-*")) == []
+
+
+def test_help_is_plain_text_off_a_terminal_and_rich_on_one():
+    """--help in a pipe or a log needs none of rich's renderers (0.05 s of imports); at a
+    terminal it keeps rich's panels."""
+    result = _imports(["--help"], ("rich", "onnx", "numpy") + NEVER)
+    assert result == {"code": 0, "imported": []}
+    piped = subprocess.run([PYTHON, "-m", "bnfold", "--help"], capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and "Commands:" in piped.stdout and "╭" not in piped.stdout
+
+    import pty
+
+    main_fd, terminal_fd = pty.openpty()
+    try:
+        done = subprocess.run([PYTHON, "-m", "bnfold", "--help"], stdout=terminal_fd, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, timeout=60, env={**os.environ, "COLUMNS": "100"})
+        os.close(terminal_fd)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(main_fd)
+    assert done.returncode == 0, done.stderr
+    assert "╭" in shown.decode(errors="replace") and "fold" in shown.decode(errors="replace")
