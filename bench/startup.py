@@ -10,7 +10,8 @@ order rotates every round; one warm-up round is not counted):
   (``SessionOptions.optimized_model_filepath`` at ``ORT_ENABLE_BASIC``: bench/tools.py
   ``ORT_OFFLINE``), and a bare script creating and running the three onnxruntime
   sessions ``bnfold verify`` runs (``BARE_VERIFY``);
-- ``bnfold --version``, ``--help``, ``fold -q``, ``fold`` (the ledger printed to a pipe),
+- ``bnfold --version``, ``--help`` (piped, and on a pseudo-terminal, where it draws rich's
+  panels), ``fold -q``, ``fold`` (the ledger printed to a pipe),
   ``inspect``, ``verify --providers cpu -q`` and ``recalibrate -q`` (on models/cnn_ts13.npz).
 
 Ratios are medians of per-round ratios, so a slow spell of a shared machine hits both
@@ -25,10 +26,12 @@ import argparse
 import datetime as dt
 import json
 import os
+import pty
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from run import (  # noqa: E402
     REPO,
     TOOLS_PY,
     Bnfold,
+    Run,
     child_json,
     last_line,
     machine_info,
@@ -62,7 +66,8 @@ TARGETS = (
     ("bnfold fold -q", "onnxruntime offline pass", 1.0, "bnfold fold <= 1.0x onnxruntime's offline pass"),
     ("bnfold verify -q", "bare 3-session onnxruntime script", 1.1,
      "bnfold verify <= 1.1x a bare three-session onnxruntime script"),
-    ("bnfold --help", None, 0.15, "bnfold --help <= 0.15 s"),
+    ("bnfold --help", None, 0.15, "bnfold --help <= 0.15 s (piped)"),
+    ("bnfold --help, on a terminal", None, 0.15, "bnfold --help <= 0.15 s (on a terminal)"),
 )
 
 
@@ -86,6 +91,7 @@ def commands(bnfold: Bnfold, work: Path) -> dict[str, tuple[list[str], dict]]:
         "bare 3-session onnxruntime script": ([PYTHON, "-c", BARE_VERIFY, model, str(folded), VERIFY_SHAPE], plain),
         "bnfold --version": ([*bnfold.cmd, "--version"], bnfold.env),
         "bnfold --help": ([*bnfold.cmd, "--help"], bnfold.env),
+        "bnfold --help, on a terminal": ([*bnfold.cmd, "--help"], bnfold.env),
         "bnfold fold -q": ([*bnfold.cmd, "fold", model, "-o", str(out), "-q"], bnfold.env),
         "bnfold fold": ([*bnfold.cmd, "fold", model, "-o", str(out)], bnfold.env),
         "bnfold inspect": ([*bnfold.cmd, "inspect", model], bnfold.env),
@@ -93,6 +99,34 @@ def commands(bnfold: Bnfold, work: Path) -> dict[str, tuple[list[str], dict]]:
         "bnfold recalibrate -q": ([*bnfold.cmd, "recalibrate", model, "--data", str(DATA), "-o", str(out), "-q"],
                                   bnfold.env),
     }
+
+
+def run_on_terminal(argv: list[str], env: dict, cwd: Path) -> Run:
+    """``run_child`` with stdout on a pseudo-terminal (drained as it is written)."""
+    main_fd, terminal_fd = pty.openpty()
+
+    def drain():
+        while True:
+            try:
+                if not os.read(main_fd, 65536):
+                    return
+            except OSError:  # the other end is closed and everything was read
+                return
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=terminal_fd, stderr=subprocess.PIPE,
+                                   env={**env, "COLUMNS": "100"}, cwd=cwd)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        stderr = process.stderr.read().decode(errors="replace")[-4000:]
+    finally:
+        os.close(terminal_fd)
+        reader.join(timeout=10)
+        os.close(main_fd)
+    return Run(wall, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status), stderr)
 
 
 def importtime(argv: list[str], env: dict, cwd: Path) -> str:
@@ -167,7 +201,7 @@ def measure(bnfold: Bnfold, work: Path, reps: int, log) -> dict:
     for round_ in range(reps + 1):  # round 0 warms the page cache and the .pyc files
         for name in rotated(cmds, round_):
             argv, env = cmds[name]
-            run = run_child(argv, env=env, cwd=work)
+            run = run_on_terminal(argv, env, work) if "terminal" in name else run_child(argv, env=env, cwd=work)
             if not run.ok:
                 errors[name] = f"exit {run.code}: {last_line(run.stderr)}"
             if round_ > 0:

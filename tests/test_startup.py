@@ -150,6 +150,36 @@ def test_a_verify_that_fails_early_leaves_no_worker_behind(tmp_path, monkeypatch
     assert list(private.glob("bnfold-*")) == []
 
 
+def _on_a_terminal(argv: list[str]) -> tuple[subprocess.CompletedProcess, str]:
+    """Run ``argv`` with its stdout on a pseudo-terminal; return it and what it showed."""
+    import pty
+    import threading
+
+    main_fd, terminal_fd = pty.openpty()
+    shown: list[bytes] = []
+
+    def drain():  # concurrently: a full terminal buffer would block the command
+        while True:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # the other end is closed and everything was read
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        done = subprocess.run(argv, stdout=terminal_fd, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              timeout=60, env={**os.environ, "COLUMNS": "100"})
+    finally:
+        os.close(terminal_fd)
+        reader.join(timeout=10)
+        os.close(main_fd)
+    return done, b"".join(shown).decode(errors="replace")
+
+
 def test_help_is_plain_text_off_a_terminal_and_rich_on_one():
     """--help in a pipe or a log needs none of rich's renderers (0.05 s of imports); at a
     terminal it keeps rich's panels."""
@@ -158,23 +188,6 @@ def test_help_is_plain_text_off_a_terminal_and_rich_on_one():
     piped = subprocess.run([PYTHON, "-m", "bnfold", "--help"], capture_output=True, text=True, timeout=60)
     assert piped.returncode == 0 and "Commands:" in piped.stdout and "╭" not in piped.stdout
 
-    import pty
-
-    main_fd, terminal_fd = pty.openpty()
-    try:
-        done = subprocess.run([PYTHON, "-m", "bnfold", "--help"], stdout=terminal_fd, stderr=subprocess.PIPE,
-                              stdin=subprocess.DEVNULL, timeout=60, env={**os.environ, "COLUMNS": "100"})
-        os.close(terminal_fd)
-        shown = b""
-        while True:
-            try:
-                chunk = os.read(main_fd, 65536)
-            except OSError:  # the terminal's other end is closed and drained
-                break
-            if not chunk:
-                break
-            shown += chunk
-    finally:
-        os.close(main_fd)
+    done, shown = _on_a_terminal([PYTHON, "-m", "bnfold", "--help"])
     assert done.returncode == 0, done.stderr
-    assert "╭" in shown.decode(errors="replace") and "fold" in shown.decode(errors="replace")
+    assert "╭" in shown and "fold" in shown
