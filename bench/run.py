@@ -354,8 +354,8 @@ def targets(results: dict) -> list[dict]:
             continue
         if not model["external"]:
             ratio = (timing.get("onnx-floor") or {}).get("bnfold_over_this")
-            rows.append({"model": key, "target": "wall <= 1.1x onnx.load+onnx.save", "value": ratio,
-                         "ok": ratio is not None and ratio <= 1.1})
+            rows.append({"model": key, "target": "wall <= 0.35x onnx.load+onnx.save", "value": ratio,
+                         "ok": ratio is not None and ratio <= 0.35})
         else:
             ratio = (timing.get("ir-floor") or {}).get("bnfold_over_this")
             rows.append({"model": key, "target": "wall <= 1.1x onnx_ir load+save", "value": ratio,

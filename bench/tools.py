@@ -109,6 +109,41 @@ TOOLS = {
     "ort": ort_tool,
 }
 
+#: ``python -c BARE_VERIFY ORIGINAL CANDIDATE SHAPE [MAPPED]``: what ``bnfold verify`` does, as a bare
+#: script: the same three onnxruntime sessions, in the same order, on one random input. Without
+#: a 4th argument the sessions get the paths; with one (a pickle of what
+#: ``mapped_model`` gives for each path), what verify's worker gets.
+BARE_VERIFY = r"""
+import gc, pickle, sys, numpy as np, onnxruntime as ort
+original, candidate, shape = sys.argv[1], sys.argv[2], [int(d) for d in sys.argv[3].split("x")]
+mapped = pickle.loads(open(sys.argv[4], "rb").read()) if len(sys.argv) > 4 else {}
+x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+kept = []
+for path, optimize in ((original, False), (candidate, False), (candidate, True)):
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    model = path
+    if mapped.get(path) is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", mapped[path]["folder"])
+        model = mapped[path]["model"]
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    kept.append(session.run(None, {session.get_inputs()[0].name: x}))
+    del session
+    gc.collect()
+"""
+
+#: ``python -c ORT_OFFLINE IN OUT``: onnxruntime's offline optimisation (``ort_tool``) as the
+#: shortest script a user would write: bench/startup.py's baseline, where this file's own
+#: imports (pathlib, json) would be part of the time.
+ORT_OFFLINE = r"""
+import sys, onnxruntime as ort
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+options.optimized_model_filepath = sys.argv[2]
+ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+"""
+
 HEAVY_MODULES = ("onnxruntime", "torch", "onnxscript", "onnx", "onnx_ir", "numpy", "google.protobuf", "typer", "rich")
 
 
@@ -155,8 +190,8 @@ def versions(report: str) -> None:
     """Versions of everything measured, for the results header."""
     import importlib.metadata as md
 
-    names = ["bnfold", "onnx", "onnx-ir", "onnxruntime", "numpy", "protobuf", "onnxoptimizer", "onnxscript",
-             "onnxsim", "onnxslim"]
+    names = ["bnfold", "onnx", "onnx-ir", "onnxruntime", "numpy", "protobuf", "ml_dtypes", "typer", "rich",
+             "onnxoptimizer", "onnxscript", "onnxsim", "onnxslim"]
     found = {}
     for name in names:
         try:

@@ -43,27 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bnfold.verification.runner import child_environment  # noqa: E402
 
-#: Without a 4th argument the sessions get the paths; with one (a pickle of what
-#: ``mapped_model`` gives for each path), what verify's worker gets.
-BARE = r"""
-import gc, pickle, sys, numpy as np, onnxruntime as ort
-original, candidate, shape = sys.argv[1], sys.argv[2], [int(d) for d in sys.argv[3].split("x")]
-mapped = pickle.loads(open(sys.argv[4], "rb").read()) if len(sys.argv) > 4 else {}
-x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-kept = []
-for path, optimize in ((original, False), (candidate, False), (candidate, True)):
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    model = path
-    if mapped.get(path) is not None:
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", mapped[path]["folder"])
-        model = mapped[path]["model"]
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    kept.append(session.run(None, {session.get_inputs()[0].name: x}))
-    del session
-    gc.collect()
-"""
+from tools import BARE_VERIFY as BARE  # noqa: E402
 
 
 def _tree_rss(root: int) -> int:

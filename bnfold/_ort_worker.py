@@ -2,9 +2,9 @@
 
 Kept apart from ``bnfold.verification`` so the child imports only numpy and onnxruntime (not
 onnx or onnx_ir): it starts once per verification, and its start-up is pure overhead.
-The parent runs this file by path and pickles a request to stdin; the child pickles the
-outputs (or an error) to the file named on its command line and, before each session,
-names it on stderr so that a crash can be attributed.
+The parent starts this file by path ahead of time and pickles a request to its stdin; the
+child pickles the outputs (or an error) to the file named on its command line and, before
+each session, names it on stderr so that a crash can be attributed.
 """
 
 from __future__ import annotations
@@ -31,8 +31,18 @@ _ONNX_BFLOAT16 = 16
 
 
 def main(result_path: str) -> int:
-    """Entry point: run every requested session, pickle the outputs or the error."""
-    request = pickle.load(sys.stdin.buffer)
+    """Entry point: run every requested session, pickle the outputs or the error.
+
+    onnxruntime is imported before the request is read: the parent starts this process
+    ahead of its request (``bnfold.verification.runner.worker_ahead``). A parent that ends
+    without sending one closes the pipe (or kills this process): exit quietly then.
+    """
+    import onnxruntime  # noqa: F401
+
+    try:
+        request = pickle.load(sys.stdin.buffer)
+    except EOFError:
+        return 0
     result = run_sessions(request)
     Path(result_path).write_bytes(pickle.dumps(result))
     return 0

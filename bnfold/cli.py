@@ -7,6 +7,7 @@ Every command turns a ``BnfoldError`` into one line on stderr and its exit code
 # No ``from __future__ import annotations`` here: typer would eval every parameter's
 # annotation string at each start (~4 ms).
 import functools
+import gc
 import json
 import os
 import signal
@@ -580,23 +581,26 @@ def verify(
 
     Exit 0 when every output matches on every provider, 1 on a mismatch, 2 on bad input.
     """
-    from bnfold.verification import model_files, verify as verify_models
+    from bnfold.verification.runner import worker_ahead
 
-    options = verify_options(providers=providers, inputs=inputs, samples=samples, batch=batch, shape=shape, seed=seed,
-                             rtol=rtol, atol=atol, allow_tf32=allow_tf32, input_range=input_range,
-                             channel_rtol=channel_rtol, channel_axis=channel_axis, metric=metric,
-                             reference_outputs=reference_outputs, save_outputs=save_outputs, save_inputs=save_inputs,
-                             noise_factor=noise_factor)
-    if reference_outputs is not None and candidate is None:
-        original, candidate = None, original  # `bnfold verify CANDIDATE --reference-outputs REF.npz`
-    elif candidate is None:
-        raise InputError("give ORIGINAL and CANDIDATE, or CANDIDATE with --reference-outputs REF.npz")
-    models = model_files(candidate) | (model_files(original) if original is not None else set())
-    for what, path in (("JSON report", json_path), ("--save-outputs file", save_outputs),
-                       ("--save-inputs file", save_inputs)):
-        if path and path.resolve() in models:
-            raise InputError(f"{path}: the {what} would overwrite a model being verified; choose another path")
-    finish_verification(verify_models(original, candidate, options), json_path, quiet, junit)
+    with worker_ahead():  # onnxruntime's process starts now, while this one imports onnx and reads the models
+        from bnfold.verification import model_files, verify as verify_models
+
+        options = verify_options(providers=providers, inputs=inputs, samples=samples, batch=batch, shape=shape,
+                                 seed=seed, rtol=rtol, atol=atol, allow_tf32=allow_tf32, input_range=input_range,
+                                 channel_rtol=channel_rtol, channel_axis=channel_axis, metric=metric,
+                                 reference_outputs=reference_outputs, save_outputs=save_outputs,
+                                 save_inputs=save_inputs, noise_factor=noise_factor)
+        if reference_outputs is not None and candidate is None:
+            original, candidate = None, original  # `bnfold verify CANDIDATE --reference-outputs REF.npz`
+        elif candidate is None:
+            raise InputError("give ORIGINAL and CANDIDATE, or CANDIDATE with --reference-outputs REF.npz")
+        models = model_files(candidate) | (model_files(original) if original is not None else set())
+        for what, path in (("JSON report", json_path), ("--save-outputs file", save_outputs),
+                           ("--save-inputs file", save_inputs)):
+            if path and path.resolve() in models:
+                raise InputError(f"{path}: the {what} would overwrite a model being verified; choose another path")
+        finish_verification(verify_models(original, candidate, options), json_path, quiet, junit)
 
 
 def finish_verification(report, json_path: Optional[Path], quiet: bool, junit: Optional[Path] = None) -> None:
@@ -720,6 +724,10 @@ def main() -> None:
     the run quietly with 141, as a process killed by SIGPIPE would, never as a failed check.
     """
     signal.signal(signal.SIGTERM, _terminate)
+    if not _on_terminal(sys.stdout):
+        # --help off a terminal (a pipe, a log): click's plain text, not rich's panels, whose
+        # renderers (markdown, syntax highlighting) cost 0.05 s to import (bench/startup.py).
+        app.rich_markup_mode = None
     try:
         code = app(standalone_mode=False)
     except BrokenPipeError:
@@ -741,6 +749,13 @@ def main() -> None:
     raise SystemExit(code if isinstance(code, int) else 0)
 
 
+def _on_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
+
+
 def _quiet_stdout() -> None:
     """After a closed pipe, point stdout at /dev/null so the final flush cannot fail again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -750,6 +765,31 @@ def _quiet_stdout() -> None:
         pass
     finally:
         os.close(devnull)
+
+
+#: The variables OpenBLAS reads for its thread count; one the user set is left alone.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
+#: Allocations between two young-generation collections in the bnfold process (Python: 700).
+GC_THRESHOLD = 20_000
+
+
+def lean_process() -> None:
+    """Start-up settings of the ``bnfold`` process (not of the library API), both measured
+    by bench/startup.py on 2 cores:
+
+    - numpy's OpenBLAS starts one thread per core when numpy is imported, and they spin
+      waiting for work while the imports go on: 0.04-0.05 s of a 0.2 s fold on a busy
+      2-core machine. bnfold does no BLAS work (its arithmetic is elementwise, its checks
+      reductions), so its processes, the verify worker included, ask for one thread
+      (``bnfold train`` excepted: torch may use that BLAS).
+    - Importing onnx, onnx_ir, numpy and typer allocates ~60,000 objects that live until
+      the end, and Python's default threshold (700) collects them ~100 times on the way:
+      ~0.01 s. A higher threshold keeps collecting, ~30x less often.
+    """
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command != "train" and not any(os.environ.get(name) for name in BLAS_THREAD_VARIABLES):
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def console_script() -> NoReturn:
@@ -762,6 +802,7 @@ def console_script() -> NoReturn:
     standard streams and leave; where that flush fails (a closed pipe), or SystemExit
     carries a message to print, Python's own exit runs as usual.
     """
+    lean_process()
     try:
         main()
     except SystemExit as exc:

@@ -47,7 +47,7 @@ from bnfold.verification.report import (
     RunId,
     VerifyReport,
 )
-from bnfold.verification.runner import run_in_child
+from bnfold.verification.runner import run_in_child, worker_ahead
 
 DEFAULT_BATCH = 2
 DEFAULT_SAMPLES = 1
@@ -222,6 +222,13 @@ def _verify(
     if original is None and not stored:
         raise InputError("give an ORIGINAL model to compare with, or --reference-outputs REF.npz")
     providers = parse_providers(options.providers)
+    with worker_ahead():  # onnxruntime's process starts while the models are read
+        return _run_and_compare(original, candidate, options, providers)
+
+
+def _run_and_compare(original, candidate, options: VerifyOptions, providers: dict[str, bool]) -> VerifyReport:
+    """``_verify`` once its arguments are checked: read both models, run them, compare."""
+    stored = options.reference_outputs is not None
     candidate_signature, candidate_mapped = _signature(candidate)
     original_signature, original_mapped = _signature(original) if original is not None else (None, None)
     fed_signature = original_signature or candidate_signature
