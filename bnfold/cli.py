@@ -354,7 +354,7 @@ def fold(
         result = naming_input(model, lambda: fold_model(source, options))
     with steps.step(f"save {out.name}") as advance:
         result.save(out, external_data=False if embed else (external_data or None), callback=save_callback(advance))
-    human = human_console(json_path)
+    human = None if quiet else human_console(json_path)  # -q never imports rich for output
     if not quiet:
         from bnfold.render import render_ledger
 
@@ -427,7 +427,7 @@ def fold_many(roots: list[Path], out_dir: Path, options, *, embed: bool, jobs: i
     from bnfold.verdict import error_verdict, exit_code, fold_verdict
 
     tasks = plan_outputs(roots, model_paths(roots, exclude=out_dir), out_dir)
-    console_ = human_console(json_path)
+    console_ = None if quiet else human_console(json_path)
     results, verdicts, failed = [], [], []
     for done in fold_files(tasks, options, embed=embed, jobs=jobs):
         results.append(done)
@@ -493,7 +493,7 @@ def inspect(
 
     paths = model_paths(models)
     several = len(paths) > 1
-    human = human_console(json_path)
+    human = None if quiet else human_console(json_path)
     audited = []
     for model in paths:
         try:
@@ -710,7 +710,8 @@ def recalibrate(
                                                             **verdict.to_dict()))
     if not quiet:
         render_report(result, human_console(json_path), out)
-    conclude(verdict, quiet, human_console(json_path))
+    conclude(verdict, quiet, None if quiet else human_console(json_path))
+
 
 def _terminate(signum, frame):
     # Raising lets the atomic writers' cleanup run; the default action would not.
