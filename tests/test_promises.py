@@ -299,3 +299,52 @@ def test_channel_is_followed_through_transposes_before_a_conv(tmp_path, perms):
     result, _ = fold_and_compare(b.model(), {"x": rand(b, [SIDE] * 4)}, tmp_path)
     entry = only_entry(result)
     assert entry.folded == (channel_after(perms, 4, 1) == 1), entry
+
+
+# --- training mode, on its own ---------------------------------------------------------
+
+#: BN attributes that put it in training mode by themselves: one output, nothing else amiss.
+TRAINING = {"training_mode=1 (opset 14)": (14, {"training_mode": 1}),
+            "training_mode=1 (opset 15)": (15, {"training_mode": 1}),
+            "is_test=0 (opset 6)": (6, {"is_test": 0}),
+            "is_test unset (opset 6)": (6, {})}
+
+
+def lone_training_bn(opset: int, attrs: dict, where: str) -> GraphBuilder:
+    """A one-output BN whose only problem is its mode, after a Conv, before one, or alone."""
+    b = GraphBuilder(seed=95)
+    x = b.input([2, 3, 4, 4])
+    if where == "after":
+        x = b.node("Conv", [x, b.random([4, 3, 1, 1])])
+    y = b.bn(x, 4 if where == "after" else 3, name="the_bn", **attrs)
+    if where == "before":
+        y = b.node("Conv", [y, b.random([2, 3, 1, 1])])
+    b.output(y)
+    return b
+
+
+@pytest.mark.parametrize("where", ["after", "before", "alone"])
+@pytest.mark.parametrize("mode", list(TRAINING))
+def test_a_training_mode_bn_with_one_output_is_kept_not_folded(tmp_path, mode, where):
+    """The 3-output training form is refused for its outputs; this BN has one output and
+    healthy statistics, so only the mode check stands between it and a fold."""
+    opset, attrs = TRAINING[mode]
+    model = lone_training_bn(opset, attrs, where).model(opset=opset)
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    for flags in ({}, {"decompose_standalone": True}):
+        result = bnfold.fold(src, **flags)
+        entry = only_entry(result)
+        assert entry.status == "kept" and entry.reason == "training-mode", (flags, entry)
+        assert entry.problems == ["training-mode"]
+        folded = result.to_proto()
+        (bn,) = [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+        assert bn == next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    (finding,) = bnfold.inspect(src)
+    assert not finding.ok and finding.problems == ["training-mode"] and finding.fold_reason == "training-mode"
+    assert invoke("inspect", src, "--quiet").exit_code == 1
+    strict = invoke("fold", src, "-o", tmp_path / "out.onnx", "--strict", "--quiet")
+    assert strict.exit_code == 1, strict.output
+    # what --to-inference is for: the same BN, converted on request, folds
+    if where != "alone":
+        assert only_entry(bnfold.fold(src, to_inference=True)).folded
