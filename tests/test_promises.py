@@ -20,6 +20,7 @@ import itertools
 import shutil
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -348,3 +349,25 @@ def test_a_training_mode_bn_with_one_output_is_kept_not_folded(tmp_path, mode, w
     # what --to-inference is for: the same BN, converted on request, folds
     if where != "alone":
         assert only_entry(bnfold.fold(src, to_inference=True)).folded
+
+
+# --- Shape and Size read no elements ----------------------------------------------------
+
+
+@pytest.mark.parametrize("reader", ["Shape", "Size"])
+def test_shape_and_size_readers_are_no_fan_out(tmp_path, reader):
+    """README: "Shape/Size readers are no fan-out". Conv -> BN with the Conv's output also
+    read by Shape (or Size), and BN -> Gemm with the BN's output also read so: both fold,
+    and the Shape/Size outputs are what they were."""
+    b = GraphBuilder(seed=97)
+    y = b.node("Conv", [b.input([2, 3, 4, 4]), b.random([4, 3, 1, 1])])
+    sizes = [b.node(reader, [y])]
+    y = b.node("Flatten", [b.bn(y, 4, name="after")], axis=1)
+    z = b.bn(y, 64, name="before")
+    sizes.append(b.node(reader, [z]))
+    b.outputs += [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None) for name in sizes]
+    b.output(b.node("Gemm", [z, b.random([64, 5])]))
+    result, folded = fold_and_compare(b.model(), {"x": rand(b, (2, 3, 4, 4))}, tmp_path)
+    patterns = {e.node: e.pattern for e in result.ledger}
+    assert patterns == {"after": "conv-bn", "before": "bn-gemm"}, list(result.ledger)
+    assert count_ops(folded, "BatchNormalization") == 0

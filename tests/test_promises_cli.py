@@ -6,7 +6,9 @@
 - an internal error is exit 3 with one line, and with ``BNFOLD_DEBUG=1`` the traceback,
   still exit 3 (README, "Exit codes");
 - at most 32 MiB of folded weights, or two tensors, are in flight ahead of the writer
-  (docs/io.md).
+  (docs/io.md);
+- ``--fold-overridable``, ``--channel-axis`` and ``--allow-tf32`` do on the command line
+  what the README and docs/verify.md say.
 
 The large models are external-data models whose data file is sparse (``truncate``), so
 they cost no disk and little time: bnfold decides from sizes before it reads a byte.
@@ -14,6 +16,7 @@ they cost no disk and little time: bnfold decides from sizes before it reads a b
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import re
@@ -29,6 +32,7 @@ import pytest
 
 import bnfold
 from bnfold.errors import InputError
+from builders import run
 from cli_runner import invoke
 
 MiB = 2**20
@@ -234,3 +238,56 @@ def test_at_most_32_mib_of_folded_weights_are_in_flight_while_writing(tmp_path):
     assert written == list(range(1, LAYERS + 1))
     bound = max(32 * MiB, 2 * tensor) + tensor + 4 * MiB
     assert peak <= bound, f"peak {peak / MiB:.1f} MiB > {bound / MiB:.1f} MiB while writing {LAYERS * tensor / MiB:.0f} MiB"
+
+
+# --- options the README and docs/verify.md name ------------------------------------------
+
+
+def overridable_conv_bn(path):
+    """x -> Conv -> BN whose four statistics are initializers also listed as graph inputs (IR 8)."""
+    from _models import ConvBnParams, conv_bn_model
+
+    model = conv_bn_model(ConvBnParams.random(np.random.default_rng(3), 4, 3, (3, 3)))
+    for name in ("c_scale", "c_beta", "c_mean", "c_var"):
+        model.graph.input.append(oh.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [4]))
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_fold_overridable_on_the_command_line_folds_and_drops_the_inputs(tmp_path):
+    """README: --fold-overridable folds initializers that are also graph inputs (IR >= 4),
+    dropping those inputs; without it such a BN is kept as overridable-params."""
+    src = overridable_conv_bn(tmp_path / "m.onnx")
+    plain = invoke("fold", src, "-o", tmp_path / "plain.onnx", "--json", tmp_path / "plain.json", "--quiet")
+    folded = invoke("fold", src, "-o", tmp_path / "out.onnx", "--fold-overridable", "--json", tmp_path / "out.json",
+                    "--quiet")
+
+    assert plain.exit_code == folded.exit_code == 0, plain.output + folded.output
+    (kept,) = json.loads((tmp_path / "plain.json").read_text())["entries"]
+    (done,) = json.loads((tmp_path / "out.json").read_text())["entries"]
+    assert (kept["status"], kept["reason"]) == ("kept", "overridable-params")
+    assert (done["status"], done["pattern"]) == ("folded", "conv-bn")
+    out = onnx.load(tmp_path / "out.onnx")
+    assert [i.name for i in out.graph.input] == ["x"]
+    x = {"x": np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", x)[0], run(src, x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_verify_records_channel_axis_and_allow_tf32_from_the_command_line(tmp_path):
+    """docs/verify.md: --channel-axis OUTPUT=AXIS says where an output's channels lie (the
+    report's channel_axis and channel count follow it); --allow-tf32 is recorded."""
+    from _models import ConvBnParams, conv_bn_model, save
+
+    params = ConvBnParams.random(np.random.default_rng(5), 4, 3, (3, 3))
+    original = save(conv_bn_model(params), tmp_path / "original.onnx")
+    candidate = save(conv_bn_model(params, folded=True), tmp_path / "candidate.onnx")
+    reports = {}
+    for name, extra in (("default", []), ("axis", ["--channel-axis", "y=3", "--allow-tf32"])):
+        result = invoke("verify", original, candidate, "--providers", "cpu", "--json", tmp_path / f"{name}.json",
+                        *extra)
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    axes = {name: {(c["difference"]["channel_axis"], c["difference"]["channels"]) for c in report["comparisons"]}
+            for name, report in reports.items()}
+    assert axes == {"default": {(1, 4)}, "axis": {(3, 6)}}  # y is [2, 4, 6, 6]
+    assert (reports["default"]["allow_tf32"], reports["axis"]["allow_tf32"]) == (False, True)
