@@ -371,3 +371,32 @@ def test_shape_and_size_readers_are_no_fan_out(tmp_path, reader):
     patterns = {e.node: e.pattern for e in result.ledger}
     assert patterns == {"after": "conv-bn", "before": "bn-gemm"}, list(result.ledger)
     assert count_ops(folded, "BatchNormalization") == 0
+
+
+# --- reasons no test named ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op, kept", [("Sub", True), ("Add", True), ("Mul", False), ("Div", False)])
+def test_a_shift_before_a_padded_conv_is_kept_and_a_scale_folds(tmp_path, op, kept):
+    """docs/patterns.md: a constant Add/Sub before a Conv that pads its input is kept
+    (padded-consumer: the border would see zeros, not the shift); a Mul/Div still folds."""
+    b = GraphBuilder(seed=98)
+    constant = b.const(b.rng.uniform(0.5, 2.0, 3).astype(np.float32).reshape(3, 1, 1))
+    y = b.node(op, [b.input([2, 3, 5, 5]), constant], name="the_site")
+    b.output(b.node("Conv", [y, b.random([4, 3, 3, 3]), b.random([4])], pads=[1, 1, 1, 1]))
+    result, _ = fold_and_compare(b.model(), {"x": rand(b, (2, 3, 5, 5))}, tmp_path, rtol=0 if kept else 1e-4,
+                                 atol=0 if kept else 1e-5)
+    entry = only_entry(result, op)
+    if kept:
+        assert (entry.status, entry.reason) == ("kept", "padded-consumer"), entry
+    else:
+        assert entry.folded and entry.pattern == f"{op.lower()}-conv-scale", entry
+
+
+def test_a_bn_older_than_version_6_is_kept_as_unsupported_opset():
+    """docs/ledger.md: BatchNormalization before version 6 (the consumed_inputs form) is kept."""
+    b = GraphBuilder(seed=99)
+    y = b.node("Conv", [b.input([2, 3, 4, 4]), b.random([4, 3, 1, 1])])
+    b.output(b.bn(y, 4, name="old", consumed_inputs=[0, 0, 0, 1, 1]))
+    entry = only_entry(bnfold.fold(b.model(opset=5)))
+    assert (entry.status, entry.reason) == ("kept", "unsupported-opset"), entry
