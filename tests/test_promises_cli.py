@@ -291,3 +291,21 @@ def test_verify_records_channel_axis_and_allow_tf32_from_the_command_line(tmp_pa
             for name, report in reports.items()}
     assert axes == {"default": {(1, 4)}, "axis": {(3, 6)}}  # y is [2, 4, 6, 6]
     assert (reports["default"]["allow_tf32"], reports["axis"]["allow_tf32"]) == (False, True)
+
+
+def test_an_input_range_onnxruntime_cannot_run_is_named_with_the_fix(tmp_path):
+    """docs/verify.md: a run-time error of onnxruntime is exit 2 in one line naming the node,
+    the graph input that feeds it, what it was fed and the --input-range to give."""
+    from _models import ConvBnParams, embedding_model, save
+
+    params = ConvBnParams.random(np.random.default_rng(6), 4, 5, (3,))
+    table = np.random.default_rng(7).standard_normal((5, 6)).astype(np.float32)
+    model = save(embedding_model(params, table), tmp_path / "m.onnx")
+    result = invoke("verify", model, model, "--providers", "cpu", "--input-range", "ids=0,50", "--quiet")
+
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("bnfold: error: onnxruntime failed running ORIGINAL"), line
+    assert "reads input 'ids' int64[2x5] fed values in [0, 50] (--input-range)" in line, line
+    assert line.endswith("give the valid range with --input-range ids=LO,HI"), line
+    assert invoke("verify", model, model, "--providers", "cpu", "--quiet").exit_code == 0  # the derived range: [0, 4]
