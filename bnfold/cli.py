@@ -91,8 +91,13 @@ def reports_errors(command):
         except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:
-            if os.environ.get("BNFOLD_DEBUG"):
-                raise
+            if os.environ.get("BNFOLD_DEBUG"):  # the traceback, and still the exit code of a bug
+                import traceback
+
+                sys.stderr.flush()
+                traceback.print_exc(file=sys.stderr)
+                sys.stderr.flush()
+                raise typer.Exit(EXIT_INTERNAL) from None
             err_console().print(
                 f"bnfold: internal error: {type(exc).__name__}: {exc} (set BNFOLD_DEBUG=1 for a traceback)",
                 markup=False, highlight=False, soft_wrap=True,

@@ -14,7 +14,15 @@ Two halves:
     Mul/Add/Sub/Div sites (per-channel [C,1,1]/[1,C,1,1], scalar, [1], along the wrong
     axis, per element, broadcasting the tensor up a rank or a size-1 axis), layout ops
     (Transpose, Reshape, Flatten, Squeeze, Unsqueeze, Identity) and Relu between them,
-    a site before a linear op;
+    a site before a linear op (before a Gemm with every transA/transB, directly, through
+    a Flatten or a Transpose);
+  - two linear ops of one kind reading the same input, joined by a Concat along their
+    channel axis (other channel counts, groups, or a kernel 2 wider and padded 1 more:
+    timm's mixed convolutions) or along another axis, then sites;
+  - Transposes by any permutation, by cycles of 3 or more axes, by moves of the channel
+    axis to axis 1 or the last (``[0, 2, 3, 1]``, ``[0, 3, 1, 2]``) and by the inverses of
+    such moves: not their own inverses, so a fold that follows an axis the wrong way
+    round lands on the wrong axis;
   - fan-out and outputs: a value that is also a graph output, read by a second node, or
     read inside an If branch; a weight shared by a second node or by both If branches;
   - nesting: part of the chain in an If (both branches), Loop or Scan body, reading the
@@ -33,7 +41,8 @@ Two halves:
 - ``build(recipe)``: turns a recipe into ``(ModelProto, feeds)`` deterministically (all
   random tensor values come from ``recipe["seed"]``), so a shrunk failing recipe is a
   regression test: ``build({...})``; ``serialize(model, recipe["encoding"])`` gives
-  the bytes.
+  the bytes. ``build(recipe, squares=True)`` gives its square model (``Builder``), from
+  which the oracle bounds rounding.
 
 The shape bookkeeping (``State``/``advance``) is shared by both halves: the strategy uses
 it to draw only choices that are valid where they land, the builder to size tensors.
@@ -189,6 +198,12 @@ def advance(state: State, step: dict) -> State:
         return State((state.shape[0], math.prod(inner.shape)), 0 if state.batch_axis == 0 else None, None)
     if op == "func":
         return advance_all(state, step["body"])
+    if op == "concat":
+        outs = [advance(state, branch) for branch in step["branches"]]
+        axis = step["axis"] % outs[0].rank
+        shape = list(outs[0].shape)
+        shape[axis] = sum(out.shape[axis] for out in outs)
+        return State(tuple(shape), None if outs[0].batch_axis == axis else outs[0].batch_axis, outs[0].chan)
     raise ValueError(op)
 
 
@@ -272,18 +287,27 @@ def draw_steps(draw, state: State, env: Env, max_parts: int):
     or a BN before a linear op) or a single step (site, linear, layout, Relu, nest)."""
     steps = []
     parts = draw(st.integers(1, max_parts))
-    kinds = ["chain", "site", "before", "chain", "layout", "relu", "nest", "linear", "chain", "site"]
+    kinds = ["chain", "site", "before", "chain", "layout", "relu", "nest", "linear", "chain", "site", "before_gemm",
+             "concat"]
     for _ in range(parts):
         kind = draw(st.sampled_from(kinds))
         if kind == "nest" and env.depth >= 2:
             kind = "chain"
         if kind == "chain":
             new = draw_linear(draw, state, env)
-            new += ["layout"] * draw(st.sampled_from([0, 0, 1, 2]))
+            new += draw(st.sampled_from([[], [], ["layout"], ["layout"] * 2, ["transpose"], ["transpose"] * 2]))
             new += ["site"] * draw(st.integers(1, 3))
         elif kind == "before":  # a site (mostly a BN) before a linear op, maybe behind a layout op
             first = "bn" if draw(st.integers(0, 2)) else "site"
-            new = [first] + (["layout"] if draw(st.integers(0, 3)) == 3 else []) + ["linear"]
+            between = draw(st.sampled_from([[]] * 4 + [["layout"], ["transpose"], ["transpose"] * 2]))
+            new = [first] + between + ["linear"]
+        elif kind == "before_gemm":  # a site before a Gemm, any transA/transB, maybe through Flatten/Transpose
+            first = "bn" if draw(st.integers(0, 2)) else "site"
+            flatten = [{"op": "flatten", "axis": 1}] if state.rank > 2 and draw(st.booleans()) else []
+            new = flatten + [first] + (["layout"] if draw(st.integers(0, 3)) == 3 else []) + ["gemm"]
+        elif kind == "concat":  # two linear ops joined by a Concat, then sites that may fold into both
+            new = ["concat"] + draw(st.sampled_from([[], [], ["layout"], ["transpose"]]))
+            new += ["bn" if draw(st.booleans()) else "site"] + ["site"] * draw(st.integers(0, 1))
         elif kind == "linear":
             new = draw_linear(draw, state, env)
         elif kind == "relu":
@@ -298,10 +322,10 @@ def draw_steps(draw, state: State, env: Env, max_parts: int):
                 step = draw_site(draw, state, env)
             elif step == "bn":
                 step = draw_site(draw, state, env, bn=True)
-            elif step == "layout":
-                step = draw_layout(draw, state, env)
-            elif step == "linear":
-                for s in draw_linear(draw, state, env):
+            elif step in ("layout", "transpose"):
+                step = draw_layout(draw, state, env, step if step == "transpose" else None)
+            elif step in ("linear", "gemm", "concat"):
+                for s in draw_linear(draw, state, env, only=step if step == "gemm" else None, concat=step == "concat"):
                     if math.prod(advance(state, s).shape) <= MAX_TOTAL:
                         s["tap"] = draw_tap(draw, env)
                         steps.append(s)
@@ -329,11 +353,21 @@ def nonfinite(draw, rare=30):
     return draw(st.sampled_from([None] * rare + ["nan", "inf", "-inf"]))
 
 
-def draw_linear(draw, state: State, env: Env) -> list[dict]:
+def draw_linear(draw, state: State, env: Env, only: str | None = None, concat: bool = False) -> list[dict]:
+    """A linear op (with the adapters its input needs); with ``concat`` (else sometimes)
+    two reading the same input whose outputs a Concat joins (``draw_concat``)."""
+    steps = _draw_linear(draw, state, env, only)
+    if steps and steps[-1]["op"] in ("conv", "convT", "gemm", "matmul") and (concat or draw(st.integers(0, 5)) == 5):
+        before = advance_all(state, steps[:-1])
+        steps[-1] = draw_concat(draw, before, env, steps[-1])
+    return steps
+
+
+def _draw_linear(draw, state: State, env: Env, only: str | None = None) -> list[dict]:
     kinds = ["gemm", "matmul", "matmul_add"]
     if env.dtype != "float64":
         kinds = ["conv", "conv", "convT"] + kinds
-    kind = draw(st.sampled_from(kinds))
+    kind = only or draw(st.sampled_from(kinds))
     adapters = []
     if kind in ("conv", "convT"):
         dims = draw(st.sampled_from([2, 1]))
@@ -387,6 +421,47 @@ def draw_linear(draw, state: State, env: Env) -> list[dict]:
         step["bias"] = draw(st.sampled_from(["n", "1n", "scalar"]))
         step["bias_first"] = draw(st.booleans())
     return adapters + [step]
+
+
+def draw_concat(draw, state: State, env: Env, first: dict) -> dict:
+    """``first`` and a second linear op of its kind on the same input, joined by a Concat:
+    along the channel axis (each owns a slice of the channels: a map after it folds
+    slice by slice; timm's mixed convolutions, with another kernel size and padding), or
+    along another axis (every channel spans both: a map after it is kept). ``first`` alone
+    where its output has no channel axis or the pair would be too big."""
+    out = advance(state, first)
+    if out.chan is None or first.get("b") == "1d":
+        return first
+    along = draw(st.sampled_from(["chan", "other"]))
+    others = [a for a in range(out.rank) if a != out.chan]
+    if along == "other" and not others:
+        along = "chan"
+    taps = [draw_tap(draw, env) if draw(st.booleans()) else None for _ in range(2)]  # a tap is fan-out: rarer
+    second = dict(first, twin=draw_twin(draw), w_bad=nonfinite(draw), tap=taps[1])
+    first = dict(first, tap=taps[0])
+    op = first["op"]
+    if op in ("conv", "convT"):
+        second["bias"] = draw(st.booleans())
+    if along == "chan":
+        axis = out.chan
+        if op in ("conv", "convT"):
+            group = draw(st.sampled_from(divisors(state.shape[1])))
+            second.update(group=group, cout=group * draw(st.sampled_from([1, 2, 3])))
+            if op == "conv" and first["stride"] == first["dilation"] == 1 and first["auto_pad"] == "NOTSET" \
+                    and draw(st.booleans()):  # a kernel 2 wider, padded 1 more: the same output size
+                second.update(k=[k + 2 for k in first["k"]], pads=[p + 1 for p in first["pads"]], explicit_pads=True,
+                              ref=[r for r in first["ref"] if r != "pads"])
+        else:
+            second["n"] = draw(st.sampled_from([1, 2, 3, 5]))
+    else:
+        axis = draw(st.sampled_from(others))
+    if env.opset >= 11 and draw(st.booleans()):
+        axis -= out.rank  # Concat-11 takes a negative axis
+    step = {"op": "concat", "axis": axis, "branches": [first, second]}
+    joined = advance(state, step)
+    if op in ("conv", "convT") and joined.size > MAX_ELEMENTS or math.prod(joined.shape) > MAX_TOTAL:
+        return first
+    return step
 
 
 def draw_conv(draw, state: State, env: Env, dims: int, transposed: bool):
@@ -473,12 +548,12 @@ def draw_site(draw, state: State, env: Env, bn: bool = False) -> dict:
     return step
 
 
-def draw_layout(draw, state: State, env: Env):
+def draw_layout(draw, state: State, env: Env, kind: str | None = None):
     rank = state.rank
-    kind = draw(st.sampled_from(["transpose", "reshape", "flatten", "squeeze", "unsqueeze", "identity"]))
+    kind = kind or draw(st.sampled_from(["transpose", "reshape", "flatten", "squeeze", "unsqueeze", "identity"]))
     if kind == "transpose":
-        perm = draw(st.permutations(list(range(rank))))
-        step = {"op": "transpose", "perm": None if draw(st.integers(0, 5)) == 5 else list(perm)}
+        perm = draw_perm(draw, rank, state.chan)
+        step = {"op": "transpose", "perm": None if draw(st.integers(0, 5)) == 5 else perm}
         step["ref"] = draw_refs(draw, env, ["perm"]) if step["perm"] is not None else []
         return step
     if kind == "flatten":
@@ -500,6 +575,30 @@ def draw_layout(draw, state: State, env: Env):
     if kind == "reshape":
         return draw_reshape(draw, state, env)
     return {"op": "identity"}
+
+
+def draw_perm(draw, rank: int, chan: int | None) -> list[int]:
+    """Any permutation; a cycle of 3 or more axes; one that moves the channel axis (or
+    axis 1, a BN's, or any) to axis 1 or the last axis, where a BN or a MatMul reads
+    channels, rotating the axes between (``[0, 2, 3, 1]``, ``[0, 3, 1, 2]``); or the inverse
+    of such a move. Cycles are not their own inverse: following an axis through one with
+    the permutation instead of its inverse lands elsewhere, and after an inverse move
+    exactly where a BN or MatMul would then read it (a wrong fold, not a kept site)."""
+    axes = list(range(rank))
+    how = draw(st.sampled_from(["any", "cycle", "move", "move", "inverse", "inverse"]))
+    if how == "cycle" and rank >= 3:
+        chosen = draw(st.permutations(axes))[: draw(st.integers(3, rank))]
+        perm = list(axes)
+        for i, axis in enumerate(chosen):  # output axis chosen[i] reads input axis chosen[i + 1]
+            perm[axis] = chosen[(i + 1) % len(chosen)]
+        return perm
+    if how in ("move", "inverse") and rank >= 2:
+        source = draw(st.sampled_from(sorted({a for a in (chan, 1) if a is not None and a < rank}) + axes))
+        target = draw(st.sampled_from(sorted({1, rank - 1} - {source}) or [0]))
+        rest = [a for a in axes if a != source]
+        perm = rest[:target] + [source] + rest[target:]
+        return perm if how == "move" else [int(a) for a in np.argsort(perm)]
+    return list(draw(st.permutations(axes)))
 
 
 def draw_reshape(draw, state: State, env: Env):
@@ -683,10 +782,24 @@ class Ctx:
 
 
 class Builder:
-    def __init__(self, recipe: dict):
+    """Builds a recipe's model; with ``squares``, its *square model* instead.
+
+    The square model has the same structure and draws the same random values, but
+    propagates squared magnitudes: every weight, bias and constant is ``c**2``, Gemm's
+    alpha and beta are squared, a Sub adds, a Div divides by ``c**2`` and a BN computes
+    ``s**2 * (x + mean**2) + beta**2``. Fed ``x**2``, it gives at each output element
+    ``S = sum over the paths to it of (product of the squared coefficients) * (squared
+    input or constant)``: the mean square of the values the chain combined into that
+    element, were their signs random, with no cancellation (a channel whose values cancel
+    to near zero has a large S). ``sqrt(S)`` is the magnitude rounding errors scale with
+    (tests/test_fuzz.py, ``bound``). Built in float32 for a float16 recipe.
+    """
+
+    def __init__(self, recipe: dict, squares: bool = False):
         self.recipe = recipe
+        self.squares = squares
         self.rng = np.random.default_rng(recipe["seed"])
-        self.np_dtype, self.elem = DTYPES[recipe["dtype"]]
+        self.np_dtype, self.elem = DTYPES[square_dtype(recipe["dtype"]) if squares else recipe["dtype"]]
         self.opset, self.ir = recipe["opset"], recipe["ir"]
         self.count = 0
         self.functions: list[onnx.FunctionProto] = []
@@ -695,6 +808,7 @@ class Builder:
         self.main = Ctx(self, "main")
         self.graph_inputs: list[onnx.ValueInfoProto] = []
         self.shapes: dict[str, tuple] = {}  # every value's concrete shape
+        self.chans: dict[str, int | None] = {}  # where a value's channels are (State.chan)
         self.step: dict | None = None  # the step being built, and how many params it made so far
         self.ordinal = 0
         self.shared: dict[tuple, tuple] = {}
@@ -724,6 +838,10 @@ class Builder:
 
     def normal(self, shape, scale=1.0):
         return (self.rng.standard_normal(shape) * scale).astype(self.np_dtype)
+
+    def sq(self, array):
+        """``array`` in the model, ``array**2`` in the square model (drawing nothing)."""
+        return np.square(array) if self.squares else array
 
     def spoil(self, array, bad):
         """Put one NaN/inf/0 into ``array`` (a copy)."""
@@ -757,6 +875,7 @@ class Builder:
         emitter = getattr(self, f"_emit_{op}", None)
         y = emitter(ctx, x, state, step, new) if emitter else self._emit_site(ctx, x, state, step, new)
         self.shapes[y] = new.shape
+        self.chans[y] = new.chan
         self.tap(ctx, y, step.get("tap"))
         return y, new
 
@@ -768,6 +887,7 @@ class Builder:
         elif tap == "relu":
             r = ctx.node("Relu", [y])
             self.shapes[r] = self.shapes[y]
+            self.chans[r] = self.chans.get(y)
             if ctx.kind == "main":
                 ctx.outputs.append(r)
         elif tap == "sub":
@@ -779,6 +899,7 @@ class Builder:
                 branches.append(oh.make_graph(sub.nodes, self.name("tap"), [], [self.vi(out)], sub.inits))
             out = ctx.node("If", [self.cond(ctx)], {"then_branch": branches[0], "else_branch": branches[1]})
             self.shapes[out] = self.shapes[y]
+            self.chans[out] = self.chans.get(y)
             ctx.outputs.append(out)
 
     def vi(self, name, shape=None, elem=None):
@@ -797,9 +918,9 @@ class Builder:
         dims, c_in, group = step["dims"], state.shape[1], step["group"]
         fan_in = max(1, c_in // group * math.prod(step["k"]))
         w = self.spoil(self.normal([step["cout"], c_in // group, *step["k"]], fan_in ** -0.5), step["w_bad"])
-        inputs = [x, ctx.param(w, "w")]
+        inputs = [x, ctx.param(self.sq(w), "w")]
         if step["bias"]:
-            inputs.append(ctx.param(self.normal([step["cout"]], 0.5), "b"))
+            inputs.append(ctx.param(self.sq(self.normal([step["cout"]], 0.5)), "b"))
         attrs = dict(group=group, strides=[step["stride"]] * dims, dilations=[step["dilation"]] * dims,
                      kernel_shape=list(step["k"]))
         if step["auto_pad"] != "NOTSET":
@@ -813,9 +934,9 @@ class Builder:
     def _emit_convT(self, ctx, x, state, step, new):
         dims, c_in, group = step["dims"], state.shape[1], step["group"]
         w = self.spoil(self.normal([c_in, step["cout"] // group, *step["k"]], max(1, c_in) ** -0.5), step["w_bad"])
-        inputs = [x, ctx.param(w, "w")]
+        inputs = [x, ctx.param(self.sq(w), "w")]
         if step["bias"]:
-            inputs.append(ctx.param(self.normal([step["cout"]], 0.5), "b"))
+            inputs.append(ctx.param(self.sq(self.normal([step["cout"]], 0.5)), "b"))
         attrs = dict(group=group, strides=[step["stride"]] * dims, pads=list(step["pads"]),
                      kernel_shape=list(step["k"]))
         if step["out_pad"]:
@@ -828,12 +949,13 @@ class Builder:
         k = state.shape[0] if step["transA"] else state.shape[1]
         m, n = new.shape
         w = self.normal([n, k] if step["transB"] else [k, n], max(1, k) ** -0.5)
-        inputs = [x, ctx.param(self.spoil(w, step["w_bad"]), "w")]
+        inputs = [x, ctx.param(self.sq(self.spoil(w, step["w_bad"])), "w")]
         c_shapes = {"none": None, "scalar": [], "one": [1], "n": [n], "1n": [1, n], "mn": [m, n], "m1": [m, 1]}
         c_shape = c_shapes[step["c"]]
         if c_shape is not None:
-            inputs.append(ctx.param(self.spoil(self.normal(c_shape, 0.5), step["c_bad"]), "c"))
-        attrs = dict(transA=step["transA"], transB=step["transB"], alpha=step["alpha"], beta=step["beta"])
+            inputs.append(ctx.param(self.sq(self.spoil(self.normal(c_shape, 0.5), step["c_bad"])), "c"))
+        attrs = dict(transA=step["transA"], transB=step["transB"], alpha=float(self.sq(step["alpha"])),
+                     beta=float(self.sq(step["beta"])))
         y = ctx.node("Gemm", inputs, attrs, refs=step["ref"])
         self.twin(ctx, "Gemm", inputs, attrs, step, new.shape)
         return y
@@ -842,12 +964,12 @@ class Builder:
         k, n = state.shape[-1], step["n"]
         b_shape = {"2d": [k, n], "1d": [k], "3d": [step.get("g"), k, n]}[step.get("b", "2d")]
         w = self.spoil(self.normal(b_shape, max(1, k) ** -0.5), step["w_bad"])
-        inputs = [x, ctx.param(w, "w")]
+        inputs = [x, ctx.param(self.sq(w), "w")]
         y = ctx.node("MatMul", inputs)
         self.twin(ctx, "MatMul", inputs, {}, step, advance(state, {**step, "bias": None}).shape)
         if step["bias"] is None:
             return y
-        b = ctx.param(self.normal({"n": [n], "1n": [1, n], "scalar": []}[step["bias"]], 0.5), "bias")
+        b = ctx.param(self.sq(self.normal({"n": [n], "1n": [1, n], "scalar": []}[step["bias"]], 0.5)), "bias")
         return ctx.node("Add", [b, y] if step["bias_first"] else [y, b])
 
     def _emit_bn(self, ctx, x, state, step, new):
@@ -873,7 +995,11 @@ class Builder:
             [gamma, beta, mean, var][r.integers(4)][i] = np.nan
         elif stats == "inf":
             [gamma, beta, mean][r.integers(3)][i] = np.inf
-        pdtype = DTYPES[step.get("param_dtype") or self.recipe["dtype"]][0]
+        if self.squares:  # s**2 * (x + mean**2) + beta**2: scale gamma**2 / sqrt(var + eps), var and eps kept
+            with np.errstate(invalid="ignore"):
+                gamma = np.square(gamma) / np.sqrt(var + step["eps"])
+            beta, mean = np.square(beta), -np.square(mean)
+        pdtype = self.np_dtype if self.squares else DTYPES[step.get("param_dtype") or self.recipe["dtype"]][0]
         shape = [c] if isinstance(c, int) else c
         names = [ctx.param(a.reshape(shape).astype(pdtype), base)
                  for a, base in zip([gamma, beta, mean, var], ["gamma", "beta", "mean", "var"])]
@@ -912,8 +1038,15 @@ class Builder:
         else:
             values = r.standard_normal(c_shape)
         values = self.spoil(np.asarray(values, dtype=self.np_dtype), step["bad"])
-        c = ctx.param(values, "k")
+        c = ctx.param(self.sq(values), "k")
+        if self.squares and op == "Sub":  # x - c and c - x: x**2 + c**2
+            op = "Add"
         return ctx.node(op, [c, x] if step["first"] else [x, c])
+
+    def _emit_concat(self, ctx, x, state, step, new):
+        outs = [self.emit(ctx, x, state, branch)[0] for branch in step["branches"]]
+        self.step, self.ordinal = step, 0
+        return ctx.node("Concat", outs, {"axis": step["axis"]})
 
     def _emit_relu(self, ctx, x, state, step, new):
         return ctx.node("Relu", [x])
@@ -1073,7 +1206,8 @@ class Builder:
         model = oh.make_model(graph, opset_imports=opsets, functions=self.functions)
         model.ir_version = self.ir
         model = self.finish_types(model)
-        feeds = {"x": np.random.default_rng(r["seed"] ^ 0x5EED).standard_normal(shape).astype(self.np_dtype)}
+        x = np.random.default_rng(r["seed"] ^ 0x5EED).standard_normal(shape).astype(DTYPES[r["dtype"]][0])
+        feeds = {"x": x.astype(self.np_dtype)}
         if self.cond_name is not None:
             feeds["cond"] = np.array(r["cond"])
         return model, feeds
@@ -1171,9 +1305,17 @@ def vary(key: str, value):
     return value
 
 
-def build(recipe: dict):
-    """``(ModelProto, feeds)`` for a recipe; deterministic."""
-    return Builder(recipe).build()
+def build(recipe: dict, squares: bool = False):
+    """``(ModelProto, feeds)`` for a recipe, or for its square model (see ``Builder``; its
+    feeds are ``x**2``); deterministic."""
+    model, feeds = Builder(recipe, squares).build()
+    if squares:
+        feeds = {name: np.square(value) if value.dtype.kind == "f" else value for name, value in feeds.items()}
+    return model, feeds
+
+
+def square_dtype(dtype: str) -> str:
+    return "float32" if dtype == "float16" else dtype
 
 
 # --- facts about a recipe, for statistics -----------------------------------------------
@@ -1184,10 +1326,66 @@ def walk(steps):
         yield step
         if "body" in step:
             yield from walk(step["body"])
+        if "branches" in step:
+            yield from walk(step["branches"])
+
+
+#: Steps that round their result (a MatMul with its bias Add and a Gemm with C round twice).
+ARITH_OPS = {"conv", "convT", "gemm", "matmul", "bn", "Mul", "Add", "Sub", "Div"}
+
+
+def path_ops(steps) -> int:
+    """Rounding steps on the longest path through ``steps`` (nested bodies included; the
+    longer branch of a Concat)."""
+    count = 0
+    for step in steps:
+        op = step["op"]
+        if "body" in step:
+            count += path_ops(step["body"])
+        elif op == "concat":
+            count += max(path_ops([branch]) for branch in step["branches"])
+        elif op in ARITH_OPS:
+            count += 1 + (op == "matmul" and step.get("bias") is not None) + (op == "gemm" and step["c"] != "none")
+    return count
+
+
+def reduction_width(recipe: dict) -> int:
+    """The most products any one output element of a linear op sums (its fan-in): the
+    length of the widest dot product, whose rounding grows with it."""
+    def widest(state: State, steps) -> int:
+        width = 1
+        for step in steps:
+            op = step["op"]
+            if op in ("conv", "convT"):
+                width = max(width, state.shape[1] // step["group"] * math.prod(step["k"]))
+            elif op == "gemm":
+                width = max(width, state.shape[0] if step["transA"] else state.shape[1])
+            elif op == "matmul":
+                width = max(width, state.shape[-1])
+            elif op == "scan":
+                width = max(width, widest(scan_inner_state(state), step["body"]))
+            elif "body" in step:
+                width = max(width, widest(state, step["body"]))
+            elif op == "concat":
+                width = max(width, *(widest(state, [branch]) for branch in step["branches"]))
+            state = advance(state, step)
+        return width
+
+    return widest(State(tuple(recipe["input"]), 0, None), recipe["steps"])
 
 
 def features(recipe: dict) -> list[str]:
-    ops = {s["op"] for s in walk(recipe["steps"])}
-    taps = {s.get("tap") for s in walk(recipe["steps"])} - {None}
+    steps = list(walk(recipe["steps"]))
+    ops = {s["op"] for s in steps}
+    taps = {s.get("tap") for s in steps} - {None}
+    details = {f"gemm transA={s['transA']} transB={s['transB']}" for s in steps if s["op"] == "gemm"}
+    details |= {"transpose: " + ("involution" if [s["perm"][p] for p in s["perm"]] == sorted(s["perm"]) else "cycle")
+                for s in steps if s["op"] == "transpose" and s["perm"] is not None}
+    state = State(tuple(recipe["input"]), 0, None)
+    for step in recipe["steps"]:  # the main chain's Concats: along the channel axis or another
+        if step["op"] == "concat":
+            out = advance(state, step["branches"][0])
+            details.add(f"concat along {'the channel axis' if step['axis'] % out.rank == out.chan else 'another axis'}")
+        state = advance(state, step)
     return ([f"ir{recipe['ir']}", recipe["dtype"]] + sorted(f"op:{o}" for o in ops)
-            + sorted(f"tap:{t}" for t in taps))
+            + sorted(f"tap:{t}" for t in taps) + sorted(details))
