@@ -100,6 +100,11 @@ class LedgerEntry:
         return self.status == STATUS_FOLDED
 
     @property
+    def gone(self) -> bool:
+        """Folded, or a sum merged into one conv: the site is no longer in the output."""
+        return self.status in (STATUS_FOLDED, STATUS_MERGED)
+
+    @property
     def is_bn(self) -> bool:
         return self.op == "BatchNormalization"
 

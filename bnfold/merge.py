@@ -431,7 +431,8 @@ class _Geometry:
 
     def _place(self, kernel, dilations, pads, ref: ir.Node, label: str) -> tuple[int, ...]:
         """Where a window lands in ``ref``'s: ``(begin_pad_ref - begin_pad) / dilation`` on
-        each axis, whole and inside, and with the same output size for every input size."""
+        each axis, whole and inside, with as many outputs (the same taps then read the same
+        input positions, zero padding alike)."""
         r = self.facts[ref]
         offset = []
         for a, (k, d, (begin, end)) in enumerate(zip(kernel, dilations, pads)):
@@ -443,11 +444,23 @@ class _Geometry:
             if shift % step or not 0 <= shift // step <= rk - k:
                 raise NoMatch("branch-mismatch", f"{label} does not fit inside {describe(ref)}'s window on spatial "
                                                  f"axis {a} (pads {begin},{end} against {rbegin},{rend})")
-            if begin + end - step * (k - 1) != rbegin + rend - step * (rk - 1):
+            if not self._same_size(a, begin + end - step * (k - 1), rbegin + rend - step * (rk - 1)):
                 raise NoMatch("branch-mismatch", f"{label}'s end padding on spatial axis {a} does not agree with "
-                                                 f"{describe(ref)}'s (pads {begin},{end} against {rbegin},{rend})")
+                                                 f"{describe(ref)}'s (pads {begin},{end} against {rbegin},{rend}): "
+                                                 "their outputs differ in size")
             offset.append(shift // step)
         return tuple(offset)
+
+
+    def _same_size(self, axis: int, extra: int, ref_extra: int) -> bool:
+        """Whether two windows give as many outputs: ``(L + extra - 1) // stride + 1`` for
+        the input's static size L, or, where L is not static, for every L."""
+        if extra == ref_extra:
+            return True
+        dims = static_dims(self.x)
+        size = dims[axis + 2] if dims is not None and len(dims) == len(self.strides) + 2 else None
+        stride = self.strides[axis]
+        return isinstance(size, int) and (size + extra - 1) // stride == (size + ref_extra - 1) // stride
 
 
 def _ints(node: ir.Node, name: str, count: int, default: int) -> list[int]:

@@ -46,7 +46,7 @@ def ledger_lines(ledger) -> list[str]:
     """One line per site: label, status, pattern or reason, detail (tab-free, two spaces)."""
     lines = []
     for e in ledger:
-        what = f"{e.pattern} into {e.into}" if e.folded else (e.reason or "")
+        what = f"{e.pattern} into {e.into}" if e.gone else (e.reason or "")
         lines.append("  ".join(filter(None, [e.label or e.node, e.op, e.graph, e.status, what, site_detail(e)])))
     return lines
 
@@ -58,6 +58,8 @@ def ledger_title(ledger) -> str:
         title += f", {summary['decomposed']} decomposed"
     if summary["other_folded"]:
         title += f", {summary['other_folded']} other affine op(s) folded"
+    if summary["merged"]:
+        title += f", {summary['merged']} sum(s) of branches merged into one conv"
     return title
 
 
@@ -159,11 +161,11 @@ def _ledger_table(ledger, console) -> None:
     (``into CONV (conv-bn)``, or the reason it stays)."""
     rows = []
     for e in ledger:
-        what = f"into {e.into} ({e.pattern})" if e.folded else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
+        what = f"into {e.into} ({e.pattern})" if e.gone else (f"{e.pattern} ({e.reason})" if e.pattern else e.reason)
         what = "  ".join(filter(None, [None if e.is_bn else e.op, what, None if e.graph == "main" else f"in {e.graph}"]))
         change = f"{e.max_rel_weight_change:.3g}" if e.max_rel_weight_change is not None else ""
         rows.append((e.label or e.node, what or "", [e.status, site_detail(e), change],
-                     "red" if e.problems else (None if e.folded else "yellow")))
+                     "red" if e.problems else (None if e.gone else "yellow")))
     delta = "Δw" if can_encode(console, "Δ") else "dw"
     _two_line_table(console, ledger_title(ledger), ["site: what became of it", "status", "detail", delta], rows, 14)
     if ledger.folded:

@@ -1,0 +1,358 @@
+"""Parallel branches of one tensor merge into one conv (issue 23), checked three ways.
+
+Real train-form blocks written in torch (tests/blocks.py: RepVGG, MobileOne-style
+over-parameterisation, YOLO's RepConv, ACNet, a grouped block with an identity, FastViT's
+layer-scaled RepMixer) are exported with both torch exporters and folded. Each must
+
+1. become one Conv per block (+ activation): no BN, no Add left, and the Conv count the
+   block's deploy form has;
+2. match the original in onnxruntime (ORT_DISABLE_ALL on both);
+3. carry the kernel and bias the authors' own merge algebra gives, written here from the
+   papers (RepVGG: fuse each BN into its conv, pad the 1x1 to the centre of the 3x3, the
+   identity as a 3x3 kernel with a 1 in the centre of its own channel, sum; ACNet: add the
+   1x3 and 3x1 kernels onto the middle row and column; FastViT: ``id + ls * (mixer -
+   norm)``), not from bnfold's code.
+
+Then the cases the common "pad by k//2" rule gets wrong (TF's SAME_UPPER at stride 2, as
+tf2onnx writes it: asymmetric pads and auto_pad), the refusals (each with its reason,
+the model left exact), the options, and timm's own repvgg_a0 in train form against its
+reparameterised export.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as onh
+import pytest
+
+import blocks as B
+import bnfold
+import corpus as C
+from builders import GraphBuilder, count_ops, fold_and_compare, run
+
+pytestmark = pytest.mark.train
+torch = pytest.importorskip("torch")
+
+
+# --- the authors' algebra ----------------------------------------------------------------
+
+
+def fuse(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> tuple[np.ndarray, np.ndarray]:
+    """RepVGG, eq. 3: ``W' = (gamma / sigma) W``, ``b' = beta - mu gamma / sigma``."""
+    std = np.sqrt(bn.running_var.detach().double().numpy() + bn.eps)
+    scale = bn.weight.detach().double().numpy() / std
+    bias = bn.bias.detach().double().numpy() - bn.running_mean.detach().double().numpy() * scale
+    weight = conv.weight.detach().double().numpy() * scale[:, None, None, None]
+    if conv.bias is not None:
+        bias = bias + conv.bias.detach().double().numpy() * scale
+    return weight, bias
+
+
+def identity(bn: torch.nn.BatchNorm2d, groups: int, kernel: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """RepVGG: the identity branch is a conv whose kernel has a 1 at the centre of each
+    channel's own input (within its group), then its BN fused."""
+    c = bn.num_features
+    eye = np.zeros((c, c // groups, *kernel))
+    for i in range(c):
+        eye[i, i % (c // groups), kernel[0] // 2, kernel[1] // 2] = 1.0
+    conv = torch.nn.Conv2d(c, c, kernel, groups=groups, bias=False)
+    conv.weight.data = torch.from_numpy(eye)
+    return fuse(conv, bn)
+
+
+def centre(weight: np.ndarray, kernel: tuple[int, int]) -> np.ndarray:
+    """Zero-pad a smaller kernel into the centre of ``kernel`` (symmetric pads only)."""
+    h, w = weight.shape[2:]
+    top, left = (kernel[0] - h) // 2, (kernel[1] - w) // 2
+    return np.pad(weight, ((0, 0), (0, 0), (top, kernel[0] - h - top), (left, kernel[1] - w - left)))
+
+
+def conv_bn(seq) -> tuple[np.ndarray, np.ndarray]:
+    return fuse(seq[0], seq[1])
+
+
+def reference_kernels(name: str, net) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each block's merged (W, b), in graph order, by the authors' algebra."""
+    merged = []
+    if name == "repvgg":
+        for block in net:
+            k = block.dense[0].kernel_size
+            terms = [conv_bn(block.dense), conv_bn(block.one)]
+            if block.identity is not None:
+                terms.append(identity(block.identity, 1, k))
+            merged.append((sum(centre(w, k) for w, _ in terms), sum(b for _, b in terms)))
+    elif name == "overparameterised":
+        for block in list(net)[1:]:
+            k = block.branches[0][0].kernel_size
+            groups = block.branches[0][0].groups
+            terms = [conv_bn(branch) for branch in block.branches] + [identity(block.identity, groups, k)]
+            if block.scale is not None:
+                terms.append(conv_bn(block.scale))
+            merged.append((sum(centre(w, k) for w, _ in terms), sum(b for _, b in terms)))
+    elif name == "repconv":
+        for block in net:
+            k = block.conv1[0].kernel_size
+            terms = [conv_bn(block.conv1), conv_bn(block.conv2)]
+            merged.append((sum(centre(w, k) for w, _ in terms), sum(b for _, b in terms)))
+    elif name == "acnet":  # ACNet, sec. 3.3: the 1x3 and 3x1 kernels add onto the middle row and column
+        for block in net:
+            (square, b1), (hor, b2), (ver, b3) = conv_bn(block.square), conv_bn(block.hor), conv_bn(block.ver)
+            square = square.copy()
+            square[:, :, 1:2, :] += hor
+            square[:, :, :, 1:2] += ver
+            merged.append((square, b1 + b2 + b3))
+    elif name == "grouped_identity":
+        for block in list(net)[1:]:
+            k, groups = block.dense[0].kernel_size, block.dense[0].groups
+            terms = [conv_bn(block.dense), conv_bn(block.one), identity(block.identity, groups, k)]
+            merged.append((sum(centre(w, k) for w, _ in terms), sum(b for _, b in terms)))
+    elif name == "layer_scaled_mixer":  # FastViT's RepMixer.reparameterize: id + ls * (mixer - norm)
+        for mixer in (net[1], net[3]):
+            c = mixer.layer_scale.shape[0]
+            mixer_w, mixer_b = [sum(t) for t in zip(conv_bn(mixer.dw), identity(mixer.mixer_identity, c, (3, 3)))]
+            norm_w, norm_b = identity(mixer.norm, c, (3, 3))
+            ls = mixer.layer_scale.double().detach().numpy().reshape(-1)
+            eye = identity(_unit_bn(c), c, (3, 3))[0]
+            merged.append((eye + ls[:, None, None, None] * (mixer_w - norm_w), ls * (mixer_b - norm_b)))
+    return merged
+
+
+def _unit_bn(c: int) -> torch.nn.BatchNorm2d:
+    bn = torch.nn.BatchNorm2d(c, eps=0.0).eval()
+    return bn
+
+
+#: block -> (Conv count of the deploy form, merges)
+DEPLOY = {"repvgg": (3, 3), "overparameterised": (3, 2), "repconv": (2, 2), "acnet": (2, 2),
+          "grouped_identity": (3, 2), "layer_scaled_mixer": (3, 2)}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("merge")
+    done = {}
+
+    def get(name: str, exporter: str):
+        if (name, exporter) not in done:
+            torch.manual_seed(C.seed_of(name) % 2**31)
+            net, example = getattr(B, name)()
+            C.rescale_weights(net, C.seed_of(name) % 2**31)
+            C.randomize_bn(net, C.seed_of(name) % 2**31)
+            net.eval()
+            path = folder / f"{name}-{exporter}.onnx"
+            C.export_torch(net, example, path, exporter, True)
+            result = bnfold.fold(path)
+            out = folder / f"{name}-{exporter}.folded.onnx"
+            result.save(out)
+            done[(name, exporter)] = (net, example, path, out, result)
+        return done[(name, exporter)]
+
+    return get
+
+
+@pytest.mark.parametrize("exporter", [C.TS, C.DYNAMO])
+@pytest.mark.parametrize("name", list(DEPLOY))
+def test_train_form_block_becomes_its_deploy_form(exported, name, exporter):
+    net, example, path, out, result = exported(name, exporter)
+    original, folded = onnx.load(path), onnx.load(out)
+    onnx.checker.check_model(folded, full_check=True)
+    convs, merges = DEPLOY[name]
+    assert count_ops(folded, "Conv") == convs, [e for e in result.ledger if e.status != "folded"]
+    assert count_ops(folded, "BatchNormalization") == 0
+    assert count_ops(folded, "Add") == count_ops(folded, "Sub") == 0
+    assert count_ops(folded, "Mul") == count_ops(folded, "Sigmoid")  # a SiLU's; no layer scale left
+    assert len([e for e in result.ledger if e.status == "merged"]) == merges
+    assert len(folded.graph.node) < len(original.graph.node)
+    feeds = {C.INPUT: np.random.default_rng(3).standard_normal(tuple(example.shape)).astype(np.float32)}
+    expected, actual = run(path, feeds)[0], run(out, feeds)[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+    with torch.no_grad():  # and the export is the torch net (so the algebra below compares like with like)
+        np.testing.assert_allclose(expected, net(example.new_tensor(feeds[C.INPUT])).numpy(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("exporter", [C.TS, C.DYNAMO])
+@pytest.mark.parametrize("name", list(DEPLOY))
+def test_merged_kernel_is_the_authors_algebra(exported, name, exporter):
+    net, _, _, out, result = exported(name, exporter)
+    folded = onnx.load(out)
+    inits = {i.name: onh.to_array(i) for i in folded.graph.initializer}
+    convs = {n.name: n for n in folded.graph.node if n.op_type == "Conv"}
+    merges = [e for e in result.ledger if e.status == "merged"]
+    reference = reference_kernels(name, net)
+    assert len(merges) == len(reference)
+    for entry, (weight, bias) in zip(merges, reference):
+        conv = convs[entry.into]
+        got_w, got_b = inits[conv.input[1]].astype(np.float64), inits[conv.input[2]].astype(np.float64)
+        assert got_w.shape == weight.shape, entry.detail
+        scale = max(1.0, float(np.abs(weight).max()))
+        np.testing.assert_allclose(got_w, weight, rtol=1e-5, atol=1e-6 * scale, err_msg=entry.detail)
+        np.testing.assert_allclose(got_b, bias, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(bias).max())))
+
+
+@pytest.mark.parametrize("exporter", [C.TS, C.DYNAMO])
+def test_absorbed_bns_point_to_the_merged_conv(exported, exporter):
+    _, _, path, out, result = exported("repvgg", exporter)
+    merged = {e.into for e in result.ledger if e.status == "merged"}
+    bns = result.ledger.batch_norms
+    assert len(bns) == 8 and all(e.folded for e in bns)
+    assert {e.into for e in bns} == merged, [(e.node, e.into) for e in bns]
+    assert all(e.into in {n.name for n in onnx.load(out).graph.node} for e in bns)
+    plans = [f.plan for f in bnfold.inspect(path)]
+    assert all(any(name in plan for name in merged) for plan in plans), plans
+
+
+# --- placement: where the common rule is wrong ---------------------------------------------
+
+
+def tf_same(auto_pad: bool, seed: int = 0) -> onnx.ModelProto:
+    """tf2onnx's stride-2 SAME block on a 16x16 input: the 3x3 conv pads (0, 1) per axis,
+    the 1x1 conv none; both read x, their BNs as Mul/Add are already in the convs."""
+    b = GraphBuilder(seed=seed)
+    x = b.input([2, 3, 16, 16])
+    pads = {"auto_pad": "SAME_UPPER"} if auto_pad else {"pads": [0, 0, 1, 1]}
+    big = b.node("Conv", [x, b.random([8, 3, 3, 3]), b.random([8])], strides=[2, 2], name="dense", **pads)
+    small = b.node("Conv", [x, b.random([8, 3, 1, 1]), b.random([8])], strides=[2, 2], name="one",
+                   **({"auto_pad": "SAME_UPPER"} if auto_pad else {}))
+    b.output(b.node("Relu", [b.node("Add", [big, small], name="sum")]))
+    return b.model()
+
+
+@pytest.mark.parametrize("auto_pad", [False, True], ids=["asymmetric-pads", "same-upper"])
+def test_tf_same_stride_2_places_the_1x1_at_offset_0(tmp_path, auto_pad):
+    model = tf_same(auto_pad)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    result, folded = fold_and_compare(model, feeds, tmp_path)
+    (entry,) = [e for e in result.ledger if e.status == "merged"]
+    assert entry.detail == "merged 2 branches (3x3, 1x1) into Conv 'dense'"
+    assert count_ops(folded, "Conv") == 1 and count_ops(folded, "Add") == 0
+    inits = {i.name: onh.to_array(i) for i in model.graph.initializer}
+    conv = {n.name: n for n in model.graph.node}
+    w_big, w_small = inits[conv["dense"].input[1]], inits[conv["one"].input[1]]
+    merged = {i.name: onh.to_array(i) for i in folded.graph.initializer}[folded.graph.node[0].input[1]]
+    np.testing.assert_allclose(merged[:, :, 0, 0], w_big[:, :, 0, 0] + w_small[:, :, 0, 0], rtol=1e-6)
+    np.testing.assert_array_equal(merged[:, :, 1, 1], w_big[:, :, 1, 1])
+    # The "pad the 1x1 by k//2" rule puts it at the centre: a different function here.
+    centred = w_big.astype(np.float64)
+    centred[:, :, 1, 1] += w_small[:, :, 0, 0]
+    naive = GraphBuilder()
+    bias = inits[conv["dense"].input[2]] + inits[conv["one"].input[2]]
+    naive.output(naive.node("Relu", [naive.node("Conv", [naive.input([2, 3, 16, 16]), naive.const(
+        centred.astype(np.float32)), naive.const(bias)], strides=[2, 2], pads=[0, 0, 1, 1])]))
+    assert not np.allclose(run(naive.model(), feeds)[0], run(model, feeds)[0], atol=1e-3)
+
+
+def test_avgpool_branch_counting_its_padding_merges(tmp_path):
+    """``conv3x3(x) + AvgPool3x3(x)`` with count_include_pad=1 is one conv (1/9 on each channel)."""
+    b = GraphBuilder(seed=2)
+    x = b.input([2, 4, 8, 8])
+    conv = b.node("Conv", [x, b.random([4, 4, 3, 3]), b.random([4])], pads=[1, 1, 1, 1], name="conv")
+    pool = b.node("AveragePool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)
+    b.output(b.node("Add", [conv, pool], name="sum"))
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+    result, folded = fold_and_compare(b.model(), feeds, tmp_path)
+    (entry,) = [e for e in result.ledger if e.status == "merged"]
+    assert entry.pattern == "merge(3x3+avgpool3x3)" and count_ops(folded, "AveragePool") == 0
+
+
+# --- refusals: kept with their reasons, the model exact ---------------------------------------
+
+
+def refused(tmp_path, model, feeds, reason: str) -> None:
+    result, folded = fold_and_compare(model, feeds, tmp_path)
+    kept = [e for e in result.ledger if e.op in ("Add", "Sub", "Sum") and e.status == "kept"]
+    assert [e.reason for e in kept] == [reason], [(e.reason, e.detail) for e in result.ledger]
+    assert kept[0].detail
+    assert count_ops(folded, "Conv") == count_ops(model, "Conv")
+
+
+def two_branches(second, seed=0, channels=4):
+    b = GraphBuilder(seed=seed)
+    x = b.input([2, channels, 8, 8])
+    first = b.node("Conv", [x, b.random([channels, channels, 3, 3])], pads=[1, 1, 1, 1])
+    b.output(b.node("Add", [first, second(b, x)], name="sum"))
+    return b.model(), {"x": np.random.default_rng(seed).standard_normal((2, channels, 8, 8)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("second, reason", [
+    (lambda b, x: b.node("AveragePool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), "avgpool-borders"),
+    (lambda b, x: b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[2, 2, 2, 2], dilations=[2, 2]),
+     "branch-mismatch"),
+    (lambda b, x: b.node("Conv", [x, b.random([4, 1, 3, 3])], pads=[1, 1, 1, 1], group=4), "branch-mismatch"),
+    (lambda b, x: b.node("Conv", [b.bn(b.node("Conv", [x, b.random([4, 4, 1, 1])]), 4),
+                                  b.random([4, 4, 3, 3])], pads=[1, 1, 1, 1]), "sequential-branch"),
+], ids=["avgpool-uncounted-border", "dilation", "groups", "dbb-sequential"])
+def test_branches_that_are_not_one_conv_stay(tmp_path, second, reason):
+    model, feeds = two_branches(second)
+    refused(tmp_path, model, feeds, reason)
+
+
+def test_branches_no_one_kernel_holds_stay(tmp_path):
+    """1x3 + 3x1 without a 3x3: merging needs a 3x3, more FLOPs than the branches."""
+    b = GraphBuilder(seed=4)
+    x = b.input([2, 4, 8, 8])
+    hor = b.node("Conv", [x, b.random([4, 4, 1, 3])], pads=[0, 1, 0, 1])
+    ver = b.node("Conv", [x, b.random([4, 4, 3, 1])], pads=[1, 0, 1, 0])
+    b.output(b.node("Add", [hor, ver], name="sum"))
+    refused(tmp_path, b.model(), {"x": np.random.default_rng(4).standard_normal((2, 4, 8, 8)).astype(np.float32)},
+            "branch-mismatch")
+
+
+def test_a_branch_read_elsewhere_stays(tmp_path):
+    b = GraphBuilder(seed=5)
+    x = b.input([2, 4, 8, 8])
+    first = b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[1, 1, 1, 1])
+    second = b.node("Conv", [x, b.random([4, 4, 1, 1])])
+    b.output(b.node("Add", [first, second], name="sum"))
+    b.output(b.node("Sigmoid", [second]))
+    refused(tmp_path, b.model(), {"x": np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)},
+            "fan-out")
+
+
+def test_no_merge_branches_keeps_them(tmp_path):
+    model, feeds = two_branches(lambda b, x: b.node("Conv", [x, b.random([4, 4, 1, 1])]))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx", merge_branches=False)
+    assert not [e for e in result.ledger if e.status == "merged"]
+    assert count_ops(result.to_proto(), "Conv") == 2
+    assert count_ops(bnfold.fold(tmp_path / "m.onnx").to_proto(), "Conv") == 1
+
+
+def test_a_residual_of_another_tensor_is_no_site(tmp_path):
+    """``x + conv(relu(x))``: the branches read two tensors, so the sum is not a merge site."""
+    model, feeds = two_branches(lambda b, x: b.node("Conv", [b.node("Relu", [x]), b.random([4, 4, 1, 1])]))
+    result, _ = fold_and_compare(model, feeds, tmp_path)
+    assert not [e for e in result.ledger if e.op == "Add"]
+
+
+# --- timm's RepVGG in train form against its own reparameterisation ----------------------------
+
+
+@pytest.mark.slow
+def test_timm_repvgg_a0_train_form_folds_to_its_deploy_form(tmp_path):
+    timm = C.import_timm()
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    net = timm.create_model("repvgg_a0", pretrained=False, num_classes=10)
+    C.rescale_weights(net, 0)
+    C.randomize_bn(net, 0)
+    net.eval()
+    deploy = reparameterize_model(copy.deepcopy(net))
+    example = torch.randn(2, 3, 32, 32)
+    C.export_torch(net, example, tmp_path / "train.onnx", C.TS, True)
+    C.export_torch(deploy, example, tmp_path / "deploy.onnx", C.TS, True)
+    result = bnfold.fold(tmp_path / "train.onnx")
+    result.save(tmp_path / "folded.onnx")
+    train, deployed, folded = (onnx.load(tmp_path / f"{n}.onnx") for n in ("train", "deploy", "folded"))
+    assert count_ops(folded, "Conv") == count_ops(deployed, "Conv") < count_ops(train, "Conv")
+    assert count_ops(folded, "BatchNormalization") == count_ops(deployed, "BatchNormalization") == 0
+    assert count_ops(folded, "Add") == count_ops(deployed, "Add") == 0
+    feeds = {C.INPUT: example.numpy()}
+    expected = run(tmp_path / "train.onnx", feeds)[0]
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(run(tmp_path / "folded.onnx", feeds)[0], expected, rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(run(tmp_path / "deploy.onnx", feeds)[0], expected, rtol=1e-4, atol=1e-5 * scale)
