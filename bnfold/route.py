@@ -428,7 +428,7 @@ def _concat(node: ir.Node, index: int, channel: Channel | None) -> Crossing:
     """A map on one input of a Concat along the channels: that input's channels of the
     output carry it, the other inputs' channels carry none (they are not changed)."""
     require_resolved(node)
-    known = channel.normalized() if channel is not None else None
+    known = channel.normalized() if channel is not None else _uniform_channel(node, index)
     if known is None or known.rank is None or known.axis is None or \
             node.attributes.get_int("axis", 0) % known.rank != known.axis:
         raise NoMatch("unproven-crossing", f"{describe(node)} joins the map with tensors that do not carry it, "
@@ -445,6 +445,18 @@ def _concat(node: ir.Node, index: int, channel: Channel | None) -> Crossing:
     select[start:start + known.count] = np.arange(known.count)
     return Crossing(node, (Step(node.outputs[0], Channel(known.rank, known.axis, int(select.size)), select),),
                     label=describe(node))
+
+
+def _uniform_channel(node: ir.Node, index: int) -> Channel | None:
+    """A uniform map on one input of a Concat lies along the concatenated axis afterwards:
+    its part of that axis carries it, the rest does not."""
+    dims = static_dims(node.inputs[index])
+    if dims is None:
+        return None
+    axis = node.attributes.get_int("axis", 0)
+    if not -len(dims) <= axis < len(dims) or not isinstance(dims[axis % len(dims)], int):
+        return None
+    return Channel(len(dims), axis % len(dims), dims[axis % len(dims)])
 
 
 def _hand_on(node: Down, scale: np.ndarray, shift: np.ndarray, legs: list[Leg], notes: list[str]) -> None:
@@ -465,7 +477,7 @@ def _hand_on(node: Down, scale: np.ndarray, shift: np.ndarray, legs: list[Leg], 
                 _hand_on(child, scale, shift * step.factor, legs, notes)
                 continue
             carried = step.select != IDENTITY
-            picked = np.where(carried, step.select, 0)
+            picked = np.where(carried, step.select, 0) if scale.size > 1 else np.zeros_like(step.select)
             _hand_on(child, np.where(carried, scale[picked], 1.0), np.where(carried, shift[picked] * step.factor, 0.0),
                      legs, notes)
 

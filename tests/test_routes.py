@@ -368,6 +368,23 @@ def test_bn_into_one_input_of_a_channel_concat(tmp_path):
     folded(result, out, "bn-concat-conv")
 
 
+def test_scalar_affine_into_a_channel_concat_and_a_conv(tmp_path):
+    """HGNetV2's learnable affine block: ``Relu -> x * a + b`` (scalars) read by the next conv
+    and by a Concat along the channels before the aggregation conv: a fork, and through the
+    Concat the map covers that input's channels only."""
+    b = GraphBuilder(seed=24)
+    x = b.input(list(SHAPE))
+    y = b.node("Add", [b.node("Mul", [b.node("Relu", [conv(b, x)]), b.const(np.float32(1.7))]),
+                       b.const(np.float32(-0.3))])
+    nxt = b.node("Relu", [conv(b, y)])
+    b.output(conv(b, b.node("Concat", [x, y, nxt], axis=1), c_in=12))
+    result, out = fold(b.model(18), tmp_path)
+    sites = [e for e in result.ledger if e.op in ("Mul", "Add")]
+    assert [(e.status, e.pattern) for e in sites] == [("folded", "mul-fork(conv+concat-conv)"),
+                                                      ("folded", "add-fork(conv+concat-conv)")]
+    assert count_ops(out, "Mul") == 0 and count_ops(out, "Add") == 0
+
+
 def test_bn_downstream_negative_scale_through_maxpool_is_kept(tmp_path):
     b = GraphBuilder(seed=20)
     y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4, sign=-1.0)
