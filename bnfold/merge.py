@@ -139,8 +139,9 @@ def _analyse(root: ir.Node, ctx: Context, site: Site) -> Merge:
     if len(leaves) < 2:
         raise _NotCandidate
     convs = [leaf.node for leaf in leaves if leaf.kind == "conv"]
-    for conv in convs:
-        require_resolved(conv)
+    for term in _all_terms(tree):
+        if term.node is not None:
+            require_resolved(term.node)
     first = weight_and_bias(convs[0], consts)[0]
     channels, rank = first.shape[0], len(first.shape)
     terms = _Terms(channels)
@@ -313,8 +314,10 @@ def _walk(term: _Term, multiplier: np.ndarray, terms: _Terms, channel: Channel, 
         return
     if kind == "bn":
         problem = mode_problem(node, opset)
+        if problem is not None:
+            raise NoMatch(*problem)
         stats = read_stats(node, ctx.consts)
-        problem = problem or stats_problem(stats)
+        problem = stats_problem(stats)
         if problem is not None:
             raise NoMatch(*problem)
         scale, shift = stats.scale_shift()

@@ -421,7 +421,7 @@ def _flattened(node: ir.Node, channel: Channel, consts: Constants, budget: _Budg
     if match.in_channels % max(channel.count, 1):
         raise InputError(f"a map over {channel.count} channels feeds {describe(reader)}, which reads "
                          f"{match.in_channels} input features: invalid model")
-    return _Reader(match, match.in_channels // channel.count, node)
+    return _Reader(match, match.in_channels // channel.count if channel.count else 1, node)
 
 
 def _concat(node: ir.Node, index: int, channel: Channel | None) -> Crossing:

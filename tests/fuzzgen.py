@@ -198,12 +198,57 @@ def advance(state: State, step: dict) -> State:
         return State((state.shape[0], math.prod(inner.shape)), 0 if state.batch_axis == 0 else None, None)
     if op == "func":
         return advance_all(state, step["body"])
+    if op in CROSSINGS:
+        return _advance_crossing(state, step)
+    if op == "sum":
+        return advance_all(state, step["chains"][0])
     if op == "concat":
         outs = [advance(state, branch) for branch in step["branches"]]
         axis = step["axis"] % outs[0].rank
         shape = list(outs[0].shape)
         shape[axis] = sum(out.shape[axis] for out in outs)
         return State(tuple(shape), None if outs[0].batch_axis == axis else outs[0].batch_axis, outs[0].chan)
+    raise ValueError(op)
+
+
+#: Ops a map may cross (bnfold.patterns.crossing), one step each.
+CROSSINGS = {"pool", "reduce", "resize", "slice", "pad", "gather", "split"}
+
+
+def pool_out(length, k, stride, pad_begin, pad_end):
+    return (length + pad_begin + pad_end - k) // stride + 1
+
+
+def _advance_crossing(state: State, step: dict) -> State:
+    op, shape, rank = step["op"], list(state.shape), state.rank
+    if op == "pool":
+        if step["type"].startswith("Global"):
+            return State((*shape[:2], *([1] * (rank - 2))), state.batch_axis, state.chan)
+        dims = rank - 2
+        spatial = [pool_out(shape[2 + i], step["k"], step["stride"], step["pads"][i], step["pads"][i + dims])
+                   for i in range(dims)]
+        return State((*shape[:2], *spatial), state.batch_axis, state.chan)
+    if op == "reduce":
+        axes = sorted(a % rank for a in step["axes"])
+        if step["keepdims"]:
+            return State(tuple(1 if i in axes else d for i, d in enumerate(shape)), state.batch_axis, state.chan)
+        keep = [i for i in range(rank) if i not in axes]
+        remap = {old: new for new, old in enumerate(keep)}
+        return State(tuple(shape[i] for i in keep), remap.get(state.batch_axis), remap.get(state.chan))
+    if op == "resize":
+        return State(tuple(int(d * f) for d, f in zip(shape, step["scales"])), state.batch_axis, state.chan)
+    if op in ("slice", "gather", "split"):
+        axis = step["axis"] % rank
+        if op == "slice":
+            shape[axis] = len(range(*slice(step["start"], step["end"], step["step"]).indices(shape[axis])))
+        elif op == "gather":
+            shape[axis] = len(step["indices"])
+        else:
+            shape[axis] = step["sizes"][step["take"]]
+        return State(tuple(shape), state.batch_axis if state.batch_axis != axis else None, state.chan)
+    if op == "pad":
+        return State(tuple(d + step["pads"][i] + step["pads"][i + rank] for i, d in enumerate(shape)),
+                     state.batch_axis if not (step["pads"][0] or step["pads"][rank]) else None, state.chan)
     raise ValueError(op)
 
 
@@ -288,7 +333,7 @@ def draw_steps(draw, state: State, env: Env, max_parts: int):
     steps = []
     parts = draw(st.integers(1, max_parts))
     kinds = ["chain", "site", "before", "chain", "layout", "relu", "nest", "linear", "chain", "site", "before_gemm",
-             "concat"]
+             "concat", "route_after", "route_before", "branches", "fork"]
     for _ in range(parts):
         kind = draw(st.sampled_from(kinds))
         if kind == "nest" and env.depth >= 2:
@@ -308,6 +353,14 @@ def draw_steps(draw, state: State, env: Env, max_parts: int):
         elif kind == "concat":  # two linear ops joined by a Concat, then sites that may fold into both
             new = ["concat"] + draw(st.sampled_from([[], [], ["layout"], ["transpose"]]))
             new += ["bn" if draw(st.booleans()) else "site"] + ["site"] * draw(st.integers(0, 1))
+        elif kind == "route_after":  # a linear op, ops a map may cross, then sites
+            new = draw_linear(draw, state, env) + ["cross"] * draw(st.integers(1, 2))
+            new += ["bn" if draw(st.booleans()) else "site"] + ["site"] * draw(st.integers(0, 1))
+        elif kind == "route_before":  # a site, ops a map may cross, then a linear op
+            new = ["bn" if draw(st.integers(0, 2)) else "site"] + ["cross"] * draw(st.integers(1, 2)) + ["linear"]
+        elif kind in ("branches", "fork"):  # parallel branches summed; a fork: a site before them
+            new = (["bn" if draw(st.integers(0, 2)) else "site"] if kind == "fork" else []) + ["sum"]
+            new += ["bn"] * draw(st.integers(0, 1))
         elif kind == "linear":
             new = draw_linear(draw, state, env)
         elif kind == "relu":
@@ -324,6 +377,10 @@ def draw_steps(draw, state: State, env: Env, max_parts: int):
                 step = draw_site(draw, state, env, bn=True)
             elif step in ("layout", "transpose"):
                 step = draw_layout(draw, state, env, step if step == "transpose" else None)
+            elif step == "cross":
+                step = draw_crossing(draw, state, env)
+            elif step == "sum":
+                step = draw_sum(draw, state, env)
             elif step in ("linear", "gemm", "concat"):
                 for s in draw_linear(draw, state, env, only=step if step == "gemm" else None, concat=step == "concat"):
                     if math.prod(advance(state, s).shape) <= MAX_TOTAL:
@@ -575,6 +632,116 @@ def draw_layout(draw, state: State, env: Env, kind: str | None = None):
     if kind == "reshape":
         return draw_reshape(draw, state, env)
     return {"op": "identity"}
+
+
+def draw_crossing(draw, state: State, env: Env) -> dict | None:
+    """An op a map may cross (a pool, a reduction, a Resize, a Slice, a Pad, a Gather, a
+    Split), valid and runnable where it lands, with facts drawn so that it sometimes
+    commutes with the maps around it and sometimes not: a max meets a negative scale, an
+    average counts its padding, a constant pad holds a value the map moves, the op works
+    on the channel axis itself. None where nothing fits."""
+    shape, rank = state.shape, state.rank
+    if 0 in shape or rank < 2:
+        return None
+    kinds = ["slice", "pad", "gather", "split", "reduce"]
+    if 3 <= rank <= 4 and env.dtype != "float64":  # onnxruntime has no double pools or Resize
+        kinds += ["pool", "pool"] + (["resize"] if env.opset >= 11 else [])
+    kind = draw(st.sampled_from(kinds))
+    axis = draw(st.sampled_from(([state.chan] * 2 if state.chan not in (None, 0) else []) + list(range(1, rank))))
+    if kind == "pool":
+        kind = draw(st.sampled_from(["MaxPool", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"]))
+        if kind.startswith("Global"):
+            return {"op": "pool", "type": kind}
+        k = draw(st.integers(1, min(3, *shape[2:])))
+        step = {"op": "pool", "type": kind, "k": k, "stride": draw(st.sampled_from([1, 1, 2])),
+                "pads": [draw(st.integers(0, k - 1)) for _ in range(2 * (rank - 2))]}
+        if kind == "AveragePool":
+            step["count_include_pad"] = draw(st.sampled_from([0, 1]))
+        return step
+    if kind == "reduce":
+        count = draw(st.integers(1, max(1, min(2, rank - 2))))
+        axes = sorted(draw(st.permutations(list(range(1, rank))))[:count])
+        negative = draw(st.booleans())
+        return {"op": "reduce", "type": draw(st.sampled_from(["ReduceMean", "ReduceSum", "ReduceMax"])),
+                "axes": [a - rank if negative else a for a in axes],
+                "keepdims": draw(st.sampled_from([1, 1, 0])) if rank - count >= 2 else 1}
+    if kind == "resize":
+        scales = [1.0, 1.0] + [draw(st.sampled_from([1.0, 2.0, 2.0])) for _ in range(rank - 2)]
+        mode = draw(st.sampled_from(["nearest", "linear"]))
+        if mode == "nearest" and draw(st.integers(0, 5)) == 5:
+            scales[1] = 2.0  # the channel axis resized: channels copied, no map crosses
+        return {"op": "resize", "scales": scales, "mode": mode,
+                "ctm": draw(st.sampled_from(["half_pixel", "asymmetric", "align_corners", "half_pixel",
+                                             "tf_crop_and_resize"]))}
+    if kind == "slice":
+        size = shape[axis]
+        stride = draw(st.sampled_from([1, 1, 2, -1])) if env.opset >= 10 else 1
+        start = draw(st.integers(0, size - 1))
+        end = draw(st.integers(start + 1, size + 1)) if stride > 0 else draw(st.integers(-size - 1, start - 1))
+        return {"op": "slice", "axis": axis - rank if env.opset >= 10 and draw(st.booleans()) else axis,
+                "start": start, "end": end, "step": stride}
+    if kind == "pad":
+        mode = draw(st.sampled_from(["constant", "constant", "reflect", "edge"]))
+        pads = [0] * (2 * rank)
+        for a in range(1, rank):
+            if a == state.chan and draw(st.integers(0, 3)) != 3:
+                continue  # the channel axis is padded rarely: no map crosses that
+            limit = min(2, shape[a] - 1) if mode == "reflect" else 2
+            pads[a], pads[a + rank] = draw(st.integers(0, limit)), draw(st.integers(0, limit))
+        return {"op": "pad", "mode": mode, "pads": pads,
+                "value": draw(st.sampled_from([0.0, 0.0, 1.5])) if mode == "constant" else 0.0}
+    if kind == "gather":
+        size = shape[axis]
+        return {"op": "gather", "axis": axis,
+                "indices": [draw(st.integers(-size, size - 1)) for _ in range(draw(st.integers(1, min(4, 2 * size))))]}
+    if shape[axis] < 2:
+        return None
+    first = draw(st.integers(1, shape[axis] - 1))
+    return {"op": "split", "axis": axis, "sizes": [first, shape[axis] - first], "take": draw(st.sampled_from([0, 1])),
+            "rest": draw(st.sampled_from(["unused", "out", "out"])) if env.scope == "main" else "unused"}
+
+
+def draw_sum(draw, state: State, env: Env) -> dict | None:
+    """Parallel branches of one tensor, summed (Add, Sub or Sum): convs of kernel 1 or 3
+    with "same" padding and one stride (a BN or a layer-scale Mul after some), the bare
+    input or a BN of it (where the widths allow), or a branch through a Relu first. They
+    may merge into one conv, a BN after the sum may split over it, a BN before it fork
+    into every branch; taps and other tensors make the refusals."""
+    shape, rank = state.shape, state.rank
+    dims = rank - 2
+    if dims not in (1, 2) or 0 in shape[1:] or env.dtype == "float64":
+        return None
+    c_in = shape[1]
+    cout = draw(st.sampled_from([c_in, c_in, 1, 2, 3]))
+    stride = draw(st.sampled_from([1, 1, 1, 2]))
+    group = draw(st.sampled_from([g for g in divisors(c_in) if cout % g == 0]))
+    chains = []
+    for _ in range(draw(st.integers(2, 3))):
+        kind = draw(st.sampled_from(["conv", "conv", "conv", "identity", "bn", "relu_conv"]))
+        if kind in ("identity", "bn") and (stride != 1 or cout != c_in):
+            kind = "conv"
+        if kind == "identity":
+            chains.append([])
+            continue
+        if kind == "bn":
+            chains.append([draw_site(draw, state, env, bn=True)])
+            continue
+        k = draw(st.sampled_from([1, 3] if min(shape[2:]) >= 3 else [1]))
+        conv = dict(op="conv", dims=dims, cout=cout, group=group, k=[k] * dims, stride=stride, dilation=1,
+                    pads=[k // 2] * (2 * dims), auto_pad="NOTSET", explicit_pads=True, bias=draw(st.booleans()),
+                    w_bad=None, twin=False, ref=[], tap=draw_tap(draw, env) if draw(st.integers(0, 5)) == 5 else None)
+        chain = ([{"op": "relu", "tap": None}] if kind == "relu_conv" else []) + [conv]
+        after = advance(state, conv)
+        extra = draw(st.sampled_from([None, None, "bn", "scale"]))
+        if extra == "bn":
+            chain.append(dict(draw_site(draw, after, env, bn=True), tap=None))
+        elif extra == "scale":
+            chain.append(dict(op="Mul", form="chan_full", first=False, bad=None, tap=None))
+        chains.append(chain)
+    if all(not chain for chain in chains) or advance_all(state, chains[0]).size > MAX_ELEMENTS:
+        return None
+    join = draw(st.sampled_from(["Add", "Add", "Sum"] + (["Sub"] if len(chains) == 2 else [])))
+    return {"op": "sum", "join": join, "chains": chains}
 
 
 def draw_perm(draw, rank: int, chan: int | None) -> list[int]:
@@ -1048,6 +1215,74 @@ class Builder:
         self.step, self.ordinal = step, 0
         return ctx.node("Concat", outs, {"axis": step["axis"]})
 
+    def _emit_sum(self, ctx, x, state, step, new):
+        outs = [self.emit_all(ctx, x, state, chain)[0] for chain in step["chains"]]
+        self.step, self.ordinal = step, 0
+        if step["join"] == "Sum":
+            return ctx.node("Sum", outs)
+        if step["join"] == "Sub" and not self.squares:  # the square model adds
+            return ctx.node("Sub", outs)
+        y = outs[0]
+        for out in outs[1:]:
+            y = ctx.node("Add", [y, out])
+        return y
+
+    def _emit_pool(self, ctx, x, state, step, new):
+        if step["type"].startswith("Global"):
+            return ctx.node(step["type"], [x])
+        dims = state.rank - 2
+        attrs = dict(kernel_shape=[step["k"]] * dims, strides=[step["stride"]] * dims, pads=list(step["pads"]))
+        if "count_include_pad" in step:
+            attrs["count_include_pad"] = step["count_include_pad"]
+        return ctx.node(step["type"], [x], attrs)
+
+    def _emit_reduce(self, ctx, x, state, step, new):
+        attrs = {"keepdims": step["keepdims"]}
+        if step["type"] == "ReduceSum" and self.opset >= 13:
+            return ctx.node("ReduceSum", [x, ctx.ints(step["axes"], "axes")], attrs)
+        return ctx.node(step["type"], [x], {**attrs, "axes": list(step["axes"])})
+
+    def _emit_resize(self, ctx, x, state, step, new):
+        attrs = {"mode": step["mode"], "coordinate_transformation_mode": step["ctm"]}
+        roi = ""
+        if step["ctm"] == "tf_crop_and_resize":
+            rank = state.rank
+            roi = ctx._leaf(np.array([0.0] * rank + [1.0] * rank, np.float32), "roi", "init")
+            attrs["extrapolation_value"] = 0.5
+        return ctx.node("Resize", [x, roi, ctx._leaf(np.array(step["scales"], np.float32), "scales", "init")], attrs)
+
+    def _emit_slice(self, ctx, x, state, step, new):
+        if self.opset < 10:
+            return ctx.node("Slice", [x], {"starts": [step["start"]], "ends": [step["end"]], "axes": [step["axis"]]})
+        inputs = [x] + [ctx.ints([v], base) for v, base in ((step["start"], "starts"), (step["end"], "ends"),
+                                                            (step["axis"], "axes"), (step["step"], "steps"))]
+        return ctx.node("Slice", inputs)
+
+    def _emit_pad(self, ctx, x, state, step, new):
+        if self.opset < 11:
+            return ctx.node("Pad", [x], {"pads": list(step["pads"]), "mode": step["mode"],
+                                         "value": float(self.sq(step["value"]))})
+        inputs = [x, ctx.ints(step["pads"], "pads")]
+        if step["mode"] == "constant":
+            inputs.append(ctx._leaf(np.array(self.sq(step["value"]), dtype=self.np_dtype), "pad_value", "init"))
+        return ctx.node("Pad", inputs, {"mode": step["mode"]})
+
+    def _emit_gather(self, ctx, x, state, step, new):
+        return ctx.node("Gather", [x, ctx.ints(step["indices"], "indices")], {"axis": step["axis"]})
+
+    def _emit_split(self, ctx, x, state, step, new):
+        if self.opset >= 13:
+            outs = ctx.node("Split", [x, ctx.ints(step["sizes"], "split")], {"axis": step["axis"]}, n_out=2)
+        else:
+            outs = ctx.node("Split", [x], {"axis": step["axis"], "split": list(step["sizes"])}, n_out=2)
+        rest = outs[1 - step["take"]]
+        shape = list(state.shape)
+        shape[step["axis"]] = step["sizes"][1 - step["take"]]
+        self.shapes[rest] = tuple(shape)
+        if step["rest"] == "out":
+            ctx.outputs.append(rest)
+        return outs[step["take"]]
+
     def _emit_relu(self, ctx, x, state, step, new):
         return ctx.node("Relu", [x])
 
@@ -1328,10 +1563,12 @@ def walk(steps):
             yield from walk(step["body"])
         if "branches" in step:
             yield from walk(step["branches"])
+        for chain in step.get("chains", []):
+            yield from walk(chain)
 
 
 #: Steps that round their result (a MatMul with its bias Add and a Gemm with C round twice).
-ARITH_OPS = {"conv", "convT", "gemm", "matmul", "bn", "Mul", "Add", "Sub", "Div"}
+ARITH_OPS = {"conv", "convT", "gemm", "matmul", "bn", "Mul", "Add", "Sub", "Div", "pool", "reduce", "resize"}
 
 
 def path_ops(steps) -> int:
@@ -1344,6 +1581,8 @@ def path_ops(steps) -> int:
             count += path_ops(step["body"])
         elif op == "concat":
             count += max(path_ops([branch]) for branch in step["branches"])
+        elif op == "sum":  # the longest branch, then the sums
+            count += max(path_ops(chain) for chain in step["chains"]) + len(step["chains"]) - 1
         elif op in ARITH_OPS:
             count += 1 + (op == "matmul" and step.get("bias") is not None) + (op == "gemm" and step["c"] != "none")
     return count
@@ -1368,6 +1607,12 @@ def reduction_width(recipe: dict) -> int:
                 width = max(width, widest(state, step["body"]))
             elif op == "concat":
                 width = max(width, *(widest(state, [branch]) for branch in step["branches"]))
+            elif op == "sum":
+                width = max(width, len(step["chains"]), *(widest(state, chain) for chain in step["chains"]))
+            elif op in ("pool", "reduce"):  # an average or a sum adds up this many elements
+                new = advance(state, step)
+                width = max(width, math.prod(state.shape[1:]) // max(1, math.prod(new.shape[1:]))
+                            if op == "reduce" or step["type"].startswith("Global") else step["k"] ** (state.rank - 2))
             state = advance(state, step)
         return width
 

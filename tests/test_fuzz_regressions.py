@@ -89,3 +89,45 @@ def test_rank_raising_constant_before_a_matmul(tmp_path):
                   {"op": "bn", "stats": "normal", "eps": 1e-05, "ref": [], "tap": None}],
         "params": "init", "value_info": "full", "output_shapes": False, "overridable": False, "share": False,
         "names": "unique", "encoding": "canonical", "cond": False, "flags": {}}, tmp_path)
+
+
+def _conv(cout: int, dims: int = 2) -> dict:
+    return {"op": "conv", "dims": dims, "cout": cout, "group": 1, "k": [1] * dims, "stride": 1, "dilation": 1,
+            "pads": [0] * (2 * dims), "auto_pad": "NOTSET", "explicit_pads": True, "bias": False, "w_bad": None,
+            "twin": False, "ref": [], "tap": None}
+
+
+def _recipe(steps: list, ir: int = 9, opset: int = 17, shape=(2, 2, 1, 3)) -> dict:
+    return {"ir": ir, "opset": opset, "dtype": "float32", "seed": 0, "input": list(shape), "dynamic_batch": False,
+            "steps": steps, "params": "init", "value_info": "full", "output_shapes": False, "overridable": False,
+            "share": False, "names": "unique", "encoding": "canonical", "cond": False, "flags": {}}
+
+
+def test_merge_of_a_branch_whose_bn_epsilon_call_sites_disagree(tmp_path):
+    """A conv+BN branch and an identity summed inside a function whose two calls give the
+    BN's epsilon differently: no merge ("attribute-reference"), never a TypeError."""
+    check_recipe(_recipe([{"op": "func", "body": [
+        {"op": "sum", "join": "Add", "chains": [
+            [_conv(2), {"op": "bn", "stats": "normal", "eps": 1e-05, "ref": ["epsilon"], "tap": None}], []],
+         "tap": None}], "calls": 2, "vary": True, "params": "const", "defaults": False, "forward": False,
+        "tap": None}]), tmp_path)
+
+
+def test_merge_of_a_branch_with_a_spatial_0_bn(tmp_path):
+    """Opset 8: a branch's BN with spatial=0 (statistics per element) is no per-channel map:
+    no merge, and its [C, H, W] statistics are not read as a BN's (was: 'invalid model')."""
+    check_recipe(_recipe([{"op": "sum", "join": "Add", "chains": [
+        [_conv(3)], [_conv(3), {"op": "bn", "stats": "normal", "eps": 1e-05, "ref": [], "attrs": {"spatial": 0},
+                                "tap": None}]], "tap": None}], ir=3, opset=8, shape=(2, 3, 1, 1)), tmp_path)
+
+
+def test_zero_channel_map_flattened_into_a_gemm(tmp_path):
+    """A map over zero channels before Flatten -> Gemm (in an If body): kept as zero-size,
+    never a division by zero."""
+    recipe = _recipe([{"op": "if", "body": [
+        {"op": "Mul", "form": "chan", "first": False, "bad": None, "tap": None},
+        {"op": "flatten", "axis": 1, "tap": None},
+        {"op": "gemm", "n": 3, "transA": 0, "transB": 0, "alpha": 1.0, "beta": 1.0, "c": "n", "w_bad": None,
+         "c_bad": None, "twin": False, "ref": [], "tap": None}], "tap": None},
+        {"op": "Mul", "form": "chan", "first": False, "bad": None, "tap": None}], ir=3, opset=9, shape=(2, 0, 1, 1))
+    check_recipe({**recipe, "params": "subgraph", "value_info": "partial"}, tmp_path)

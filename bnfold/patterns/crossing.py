@@ -211,7 +211,8 @@ def _resize(node: ir.Node, channel: Channel | None, consts: Constants, opset: in
         raise _refuse(node, "crops with tf_crop_and_resize, which fills with an extrapolation value")
     if channel is not None:
         known = channel.normalized()
-        if known is None or known.axis is None or _resize_factor(node, known, consts, opset) != 1:
+        if known is None or known.rank is None or known.axis is None or \
+                _resize_factor(node, known, consts, opset) != 1:
             raise _refuse(node, "may resize the channel axis", "channel-axis-mismatch")
     return _one(node, channel)
 
