@@ -131,3 +131,14 @@ def test_zero_channel_map_flattened_into_a_gemm(tmp_path):
          "c_bad": None, "twin": False, "ref": [], "tap": None}], "tap": None},
         {"op": "Mul", "form": "chan", "first": False, "bad": None, "tap": None}], ir=3, opset=9, shape=(2, 0, 1, 1))
     check_recipe({**recipe, "params": "subgraph", "value_info": "partial"}, tmp_path)
+
+
+def test_split_sizes_given_as_a_sparse_constant(tmp_path):
+    """``BN -> Split(sizes from a Constant(sparse_value)) -> MatMul``: sizes given but not
+    readable were taken as an equal split, so the MatMul seemed to read the wrong piece
+    ('invalid model' on a valid one); the route is refused now."""
+    check_recipe({**_recipe([
+        {"op": "bn", "stats": "normal", "eps": 1e-05, "ref": [], "param_dtype": "float16", "tap": None},
+        {"op": "split", "axis": 1, "sizes": [1, 2], "take": 0, "rest": "unused", "tap": None},
+        {"op": "matmul", "n": 3, "bias": "n", "w_bad": None, "b": "2d", "twin": False, "bias_first": False,
+         "tap": None}], shape=(2, 3)), "dtype": "float16", "seed": 19134, "params": "const"}, tmp_path)

@@ -393,11 +393,13 @@ def _split(node: ir.Node, channel: Channel | None, consts: Constants, opset: int
 def _split_sizes(node: ir.Node, consts: Constants, total: int, count: int) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         array = consts.array(node.inputs[1])
-        sizes = None if array is None else [int(d) for d in np.asarray(array).reshape(-1)]
+        if array is None:  # given, but not as a constant we can read
+            return None
+        sizes = [int(d) for d in np.asarray(array).reshape(-1)]
     else:
         attr = node.attributes.get("split")
         sizes = None if attr is None else [int(d) for d in attr.value]
-    if sizes is None:  # equal parts; the last one smaller (opset 18's num_outputs)
+    if sizes is None:  # not given: equal parts, the last one smaller (opset 18's num_outputs)
         size = -(-total // count)
         sizes = [min(size, max(0, total - i * size)) for i in range(count)]
     if len(sizes) != count or sum(sizes) != total or min(sizes) < 0:
