@@ -53,8 +53,8 @@ EXPECTED_LEFT_MAX: dict[str, int] = {
     "timm.mobilenetv3-ts": 0, "timm.mobilenetv3-dynamo": 0,
     "timm.mixnet-ts": 0, "timm.mixnet-dynamo": 0,  # BN after Concat of the mixed depthwise convs
     "timm.levit-ts": 0, "timm.levit-dynamo": 0,  # Linear -> flatten(0,1) -> BN1d
-    "timm.convmixer-ts": 5, "timm.convmixer-dynamo": 5,  # BN after GELU; residual fan-out
-    "timm.repvgg-ts": 2, "timm.repvgg-dynamo": 2,  # identity-branch BN on a ReLU output
+    "timm.convmixer-ts": 4, "timm.convmixer-dynamo": 4,  # BN after GELU; residual fan-out (the head's BN routes)
+    "timm.repvgg-ts": 0, "timm.repvgg-dynamo": 0,  # the identity-branch BNs merge with their blocks' convs
     "timm.densenet-ts": 6, "timm.densenet-dynamo": 6,  # pre-activation BN after Concat / pooling
     "timm.regnet-ts": 0, "timm.regnet-dynamo": 0,
     "timm.ghostnet-ts": 0, "timm.ghostnet-dynamo": 0,
