@@ -177,7 +177,9 @@ def _lay_out(node: Up, consts: Constants, opset: int, uniform: bool) -> None:
         node.channel = None if uniform else _concatenated(node)
     else:
         crossing = cross(node.node, 0, node.children[0].channel, consts, opset)
-        step = next(s for s in crossing.steps if s.output is node.value)
+        step = next((s for s in crossing.steps if s.output is node.value), None)
+        if step is None:  # a side output (MaxPool's indices, Dropout's mask) carries no map
+            raise NoMatch("no-linear-producer", f"{node.value.name!r} is not the data output of {describe(node.node)}")
         others = [s.output for s in crossing.steps if s is not step]
         if step.select is None and any(element_readers(v) or consts.is_output(v) for v in others):
             raise NoMatch("fan-out", f"{describe(node.node)} passes the map on to {_and([v.name for v in others])} "
