@@ -192,7 +192,6 @@ def _child(value: ir.Value | None, consts: Constants, opset: int, count: list[in
         raise _NotCandidate
     op = producer.op_type
     operands = list(producer.inputs)
-    constants = [consts.array(v) if v is not None else None for v in operands]
     if op == "Conv":
         return _Term("conv", value, producer)
     if op == "AveragePool":
@@ -207,6 +206,9 @@ def _child(value: ir.Value | None, consts: Constants, opset: int, count: list[in
         return _Term("same", value, producer, [(_child(operands[0], consts, opset, count), 1.0)])
     if op == "Neg":
         return _Term("same", value, producer, [(_child(operands[0], consts, opset, count), -1.0)])
+    # Sums, Mul and Div: small constant operands only (a weight is never read here: a folded
+    # one is computed while saving, not while planning)
+    constants = [consts.array(v) if v is not None else None for v in operands]
     if op in SUMS and all(c is None for c in constants):
         signs = [-1.0 if op == "Sub" and i else 1.0 for i in range(len(operands))]
         return _Term("sum", value, producer, [(_child(v, consts, opset, count), s) for v, s in zip(operands, signs)])
