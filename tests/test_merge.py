@@ -356,3 +356,26 @@ def test_timm_repvgg_a0_train_form_folds_to_its_deploy_form(tmp_path):
     scale = max(1.0, float(np.abs(expected).max()))
     np.testing.assert_allclose(run(tmp_path / "folded.onnx", feeds)[0], expected, rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(run(tmp_path / "deploy.onnx", feeds)[0], expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_planning_a_merge_computes_no_folded_weight(tmp_path, monkeypatch):
+    """Folded and merged weights are computed while saving, block by block (a big model's
+    peak memory is a few tensors): planning a merge of conv-BN branches must not compute
+    the branches' folded weights."""
+    from bnfold.engine import run
+    from bnfold.folded import FoldedTensor, MergedTensor
+    from bnfold.load import load_source
+
+    b = GraphBuilder(seed=7)
+    x = b.input([2, 4, 8, 8])
+    dense = b.bn(b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[1, 1, 1, 1]), 4)
+    one = b.bn(b.node("Conv", [x, b.random([4, 4, 1, 1])]), 4)
+    b.output(b.node("Add", [b.node("Add", [dense, one]), b.bn(x, 4)]))
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    computed = []
+    for cls in (FoldedTensor, MergedTensor):
+        original = cls._compute
+        monkeypatch.setattr(cls, "_compute", lambda self, original=original: computed.append(self) or original(self))
+    _, ledger = run(load_source(tmp_path / "m.onnx"))
+    assert [e.status for e in ledger if e.op == "Add"] == ["merged"]
+    assert computed == []
