@@ -125,3 +125,13 @@ def real_inputs(model: onnx.ModelProto) -> list[str]:
     """Graph inputs a caller feeds (IR < 4 also lists every initializer as an input)."""
     initializers = {init.name for init in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def external(name: str, dims, offset: int, location: str) -> onnx.TensorProto:
+    """A float32 initializer whose data is ``location`` (beside the model) at ``offset``."""
+    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=dims)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    nbytes = int(np.prod(dims)) * 4
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor

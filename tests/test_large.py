@@ -20,19 +20,12 @@ import onnx
 import onnx.helper as oh
 import pytest
 
+from builders import external
+
 CHANNELS = 8192  # one weight = 8192 x 8192 float32 = 256 MiB
 LAYERS = 9  # 2.25 GiB of weights in all
 HEAD = 4096  # elements written at the start of each weight (< CHANNELS); the rest is a hole
 RSS_BOUND_FRACTION = 0.5
-
-
-def external(name: str, dims, offset: int, location: str) -> onnx.TensorProto:
-    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=dims)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    nbytes = int(np.prod(dims)) * 4
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(nbytes))):
-        tensor.external_data.add(key=key, value=value)
-    return tensor
 
 
 def build_big_model(folder) -> tuple[list[np.ndarray], int]:

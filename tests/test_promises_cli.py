@@ -32,22 +32,13 @@ import pytest
 
 import bnfold
 from bnfold.errors import InputError
-from builders import run
+from builders import external, run
 from cli_runner import invoke
 
 MiB = 2**20
 #: The sizes the README promises, written out rather than imported from bnfold.
 PROGRESS_FROM_BYTES = 64 * MiB
 PROTOBUF_LIMIT = 2**31
-
-
-def external(name: str, dims, offset: int, location: str) -> onnx.TensorProto:
-    tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=dims)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    nbytes = int(np.prod(dims)) * 4
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(nbytes))):
-        tensor.external_data.add(key=key, value=value)
-    return tensor
 
 
 def add_model(folder, elements: int, *, embedded: bool = False):
