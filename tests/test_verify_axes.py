@@ -1,8 +1,9 @@
 """verify judges each output along the axis the fold scaled, for every producer pattern.
 
 For each pattern fold knows (tests/builders.py graphs: Conv, ConvTranspose, Gemm with
-transB 0 and 1, MatMul, MatMul + bias, the constant-first ``W @ x``, Concat, and chains
-through Transpose, Squeeze, Unsqueeze, Reshape and Flatten), a model whose output is the
+transB 0 and 1, MatMul, MatMul + bias, the constant-first ``W @ x``, Concat, chains
+through Transpose, Squeeze, Unsqueeze, Reshape and Flatten, and routes across a MaxPool,
+a Resize and a sum), a model whose output is the
 site's, with channels of very different sizes, is folded; then
 
 - the axis verify judges the output along is the ledger's ``channel_axis``;
@@ -103,6 +104,12 @@ CASES = [
     ("conv-reshape-mul", IMAGE,
      lambda b, x: b.node("Reshape", [conv(b, x), b.const(np.array([2, 1, C, 36], np.int64))]), mul([-1, 1])),
     ("matmul-flatten-mul", SEQUENCE, lambda b, x: b.node("Flatten", [matmul(b, x)], axis=2), mul([-1])),
+    # routes: the map crossed a pool, a resize, a sum
+    ("conv-maxpool-bn", IMAGE, lambda b, x: b.node("MaxPool", [conv(b, x)], kernel_shape=[2, 2]), bn),
+    ("conv-resize-bn", IMAGE, lambda b, x: b.node(
+        "Resize", [conv(b, x), "", b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest"), bn),
+    ("add(conv+conv)-mul", IMAGE,
+     lambda b, x: b.node("Add", [conv(b, x), conv(b, b.node("Sigmoid", [x]))]), mul([1, -1, 1, 1])),
     ("convtranspose-reshape-bn", [2, 4, 5, 5],
      lambda b, x: b.node("Reshape", [b.node("ConvTranspose", [x, b.random([4, C, 2, 2])], strides=[2, 2]),
                                      b.const(np.array([2, C, 100], np.int64))]), bn),
