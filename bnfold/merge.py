@@ -138,41 +138,46 @@ def _analyse(root: ir.Node, ctx: Context, site: Site) -> Merge:
     x = _shared_input(leaves, consts)
     if len(leaves) < 2:
         raise _NotCandidate
-    convs = [leaf.node for leaf in leaves if leaf.kind == "conv"]
     for term in _all_terms(tree):
         if term.node is not None:
             require_resolved(term.node)
+    convs = [leaf.node for leaf in leaves if leaf.kind == "conv"]
     first = weight_and_bias(convs[0], consts)[0]
-    channels, rank = first.shape[0], len(first.shape)
-    terms = _Terms(channels)
-    _walk(tree, np.ones(channels), terms, Channel(rank, 1, channels), ctx, opset)
+    terms = _Terms(first.shape[0])
+    _walk(tree, np.ones(terms.channels), terms, Channel(len(first.shape), 1, terms.channels), ctx, opset)
     geometry = _Geometry(convs, x, consts)
     ref = geometry.reference()
+    kernels, diagonals, names = _placed(terms, geometry, ref, consts)
     weight = weight_and_bias(ref, consts)[0]
-    kernels, diagonals, names = [], [], []
-    for conv, multiplier in terms.convs:
-        w = weight_and_bias(conv, consts)[0]
-        source, factor = compose(w, affine.output_channel_factor(tuple(w.shape), multiplier, 0))
-        kernels.append((source, factor, geometry.offset(conv, ref)))
-        names.append("x".join(str(k) for k in w.shape[2:]))
-    in_channels = weight.shape[1] * geometry.groups
-    identity = [multiplier for kind, _, multiplier in terms.diagonals if kind == "value"]
-    pools = [(node, multiplier) for kind, node, multiplier in terms.diagonals if kind == "pool"]
-    for node, multiplier in ([(None, sum(identity))] if identity else []) + pools:  # one identity term
-        if in_channels != channels:
-            raise NoMatch("branch-mismatch", f"an identity or pool branch needs as many input channels as output "
-                                             f"channels ({in_channels} != {channels})")
-        offset, window = geometry.diagonal(node, ref)
-        diagonals.append((multiplier, offset, window))
-        names.append("identity" if node is None else f"avgpool{'x'.join(map(str, window))}")
-    dtype = weight.dtype
-    _require_fits(kernels, diagonals, dtype, root)
-    bias = _cast(terms.bias, dtype, "merged bias", root)
+    _require_fits(kernels, diagonals, weight.dtype, root)
+    bias = _cast(terms.bias, weight.dtype, "merged bias", root)
     nodes = tuple(t.node for t in _all_terms(tree) if t.node is not None and t.node is not ref)
     absorbed = tuple(n for n in nodes if n.op_type == "BatchNormalization")
     detail = f"merged {len(names)} branches ({', '.join(names)}) into {describe(ref)}"
-    return Merge(site, ref, tuple(weight.shape), dtype, tuple(kernels), tuple(diagonals), bias, nodes, absorbed,
-                 f"merge({'+'.join(names)})", detail, channels)
+    return Merge(site, ref, tuple(weight.shape), weight.dtype, tuple(kernels), tuple(diagonals), bias, nodes,
+                 absorbed, f"merge({'+'.join(names)})", detail, terms.channels)
+
+
+def _placed(terms: _Terms, geometry: _Geometry, ref: ir.Node, consts: Constants) -> tuple[list, list, list[str]]:
+    """Every term where it goes in ``ref``'s kernel: the convs as ``(source, factor,
+    offset)``, the identity (one term, its multipliers summed) and the pools as
+    ``(multiplier, offset, window)``; and each branch's name for the ledger."""
+    kernels, diagonals, names = [], [], []
+    for conv, multiplier in terms.convs:
+        weight = weight_and_bias(conv, consts)[0]
+        source, factor = compose(weight, affine.output_channel_factor(tuple(weight.shape), multiplier, 0))
+        kernels.append((source, factor, geometry.offset(conv, ref)))
+        names.append("x".join(str(k) for k in weight.shape[2:]))
+    in_channels = weight_and_bias(ref, consts)[0].shape[1] * geometry.groups
+    identity = [(None, sum(terms.identity))] if terms.identity else []
+    for node, multiplier in identity + terms.pools:
+        if in_channels != terms.channels:
+            raise NoMatch("branch-mismatch", f"an identity or pool branch needs as many input channels as output "
+                                             f"channels ({in_channels} != {terms.channels})")
+        offset, window = geometry.diagonal(node, ref)
+        diagonals.append((multiplier, offset, window))
+        names.append("identity" if node is None else f"avgpool{'x'.join(map(str, window))}")
+    return kernels, diagonals, names
 
 
 # --- the expression ----------------------------------------------------------------
@@ -287,13 +292,15 @@ def _leads_to_conv_of(value: ir.Value, x: ir.Value) -> bool:
 
 @dataclass
 class _Terms:
-    """The expression as a sum of terms: convs and diagonal (identity, pool) terms, each
-    with its per-output-channel multiplier, and the bias."""
+    """The expression as a sum of terms, each with its per-output-channel multiplier:
+    convs ``(node, m)``, identities (the shared input itself: ``m`` each), average pools
+    ``(node, m)``; and the bias."""
 
     channels: int
     convs: list = field(default_factory=list)
-    diagonals: list = field(default_factory=list)
-    bias: np.ndarray = None
+    identity: list = field(default_factory=list)
+    pools: list = field(default_factory=list)
+    bias: np.ndarray = field(init=False)
 
     def __post_init__(self):
         self.bias = np.zeros(self.channels)
@@ -311,8 +318,11 @@ def _walk(term: _Term, multiplier: np.ndarray, terms: _Terms, channel: Channel, 
         if bias is not None:
             terms.bias += multiplier * _finite(bias.numpy().astype(np.float64), node)
         return
-    if kind in ("pool", "value"):
-        terms.diagonals.append((kind, node, multiplier))
+    if kind == "value":
+        terms.identity.append(multiplier)
+        return
+    if kind == "pool":
+        terms.pools.append((node, multiplier))
         return
     if kind == "bn":
         problem = mode_problem(node, opset)
