@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import onnx
 
 from bnfold._onnx_ir import ir
+from bnfold.assess import assess
 from bnfold.constant_eval import Constants
+from bnfold.errors import InputError
 from bnfold.health import bn_problems
 from bnfold.ledger import Ledger, LedgerEntry
 from bnfold.load import as_source, has_external_data
@@ -93,7 +95,11 @@ def run(source: Source, options: FoldOptions = FoldOptions(),
     passes = [folding] + ([Context(consts, options)] if options.decompose_standalone else [])
     for context in passes:
         _passes(scopes, context, editor, entries, seen, observe)
-    ledger = Ledger()
+    unknown = sorted(options.keep - {node.name for node in seen})
+    if unknown:
+        raise InputError(f"--keep {unknown[0]}: no BatchNormalization or affine site has that name "
+                         "(`bnfold inspect` lists them)")
+    ledger = Ledger(targets=list(options.targets))
     for node in seen:
         if node in entries:
             _retarget(entries[node], editor.targets.get(node, ()), editor.merged)
@@ -138,7 +144,12 @@ def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict,
                 plan = plan_merge(site, context) if site.merge else plan_site(site, context)
                 if plan is None:
                     continue
-                _record(entries, node, editor.apply(plan), seen)
+                # Measured before the rewrite, with the input's names; only with a target.
+                targets = context.options.targets
+                precision = assess(plan, targets) if targets and isinstance(plan, (Fold, Merge)) else None
+                entry = editor.apply(plan)
+                entry.precision = precision
+                _record(entries, node, entry, seen)
                 if isinstance(plan, Fold):
                     editor.targets[node] = plan.into
                 if isinstance(plan, Merge):

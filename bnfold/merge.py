@@ -69,6 +69,9 @@ class Merge:
     detail: str
     channels: int
     convert: bool = False
+    #: What ``into`` had before the merge (for the precision figures): its weight and bias.
+    weight_before: ir.TensorProtocol | None = None
+    bias_before: np.ndarray | None = None
 
 
 def is_sum(node: ir.Node, consts: Constants) -> bool:
@@ -107,11 +110,15 @@ def plan_merge(site: Site, ctx: Context) -> Merge | Keep | None:
             continue
         return None  # the larger expression merges, when its sum is planned
     try:
-        return _analyse(site.node, ctx, site)
+        merge = _analyse(site.node, ctx, site)
     except _NotCandidate:
         return None
     except NoMatch as no:
         return None if above else Keep(site, no.reason, no.detail)
+    named = [n.name for n in (site.node, merge.into, *merge.nodes) if n.name and n.name in ctx.options.keep]
+    if named:
+        return Keep(site, "kept-on-request", f"--keep {', '.join(named)}: the branches stay apart", merge.channels)
+    return merge
 
 
 def _roots_above(node: ir.Node, consts: Constants) -> list[ir.Node]:
@@ -147,7 +154,7 @@ def _analyse(root: ir.Node, ctx: Context, site: Site) -> Merge:
     _walk(tree, np.ones(channels), terms, Channel(rank, 1, channels), ctx, opset)
     geometry = _Geometry(convs, x, consts)
     ref = geometry.reference()
-    weight = weight_and_bias(ref, consts)[0]
+    weight, old_bias = weight_and_bias(ref, consts)
     kernels, diagonals, names = [], [], []
     for conv, multiplier in terms.convs:
         w = weight_and_bias(conv, consts)[0]
@@ -171,7 +178,8 @@ def _analyse(root: ir.Node, ctx: Context, site: Site) -> Merge:
     absorbed = tuple(n for n in nodes if n.op_type == "BatchNormalization")
     detail = f"merged {len(names)} branches ({', '.join(names)}) into {describe(ref)}"
     return Merge(site, ref, tuple(weight.shape), dtype, tuple(kernels), tuple(diagonals), bias, nodes, absorbed,
-                 f"merge({'+'.join(names)})", detail, channels)
+                 f"merge({'+'.join(names)})", detail, channels, weight_before=weight,
+                 bias_before=None if old_bias is None else np.asarray(old_bias.numpy()))
 
 
 # --- the expression ----------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_fold_json_ledger(keeps_one, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert data["schema"] == "bnfold.ledger"
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     assert data["input"] == str(keeps_one) and data["output"] == str(out)
     assert {k: data["summary"][k] for k in ("bn_total", "folded", "kept")} == {"bn_total": 2, "folded": 1, "kept": 1}
     by_bn = {e["node"]: e for e in data["entries"] if e["op"] == "BatchNormalization"}
