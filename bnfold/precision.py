@@ -563,12 +563,12 @@ def _weight_problems(figures: TensorFigures, before: View, after: View, ranges, 
             problems.append(Problem(f"{name}-overflow", figures.tensor, grown.tolist(),
                                     f"{what}: {counts.overflow.after} value(s) become inf in {name} "
                                     f"(max |w| {after.channel_max.max():.4g} > {fmt.largest:.6g}; "
-                                    f"{counts.overflow.before} before the fold) in channel(s) {_list(grown)}"))
+                                    f"{counts.overflow.before} before the fold) in channel(s) {channel_list(grown)}"))
         sunk = np.flatnonzero((after.channel_max > 0) & (after.channel_max < fmt.smallest_normal)
                               & ~((before.channel_max > 0) & (before.channel_max < fmt.smallest_normal)))
         if sunk.size:
             problems.append(Problem(f"{name}-underflow", figures.tensor, sunk.tolist(),
-                                    f"{what}: channel(s) {_list(sunk)} lie below {name}'s normal range "
+                                    f"{what}: channel(s) {channel_list(sunk)} lie below {name}'s normal range "
                                     f"({fmt.smallest_normal:.3g}; largest |w| there "
                                     f"{after.channel_max[sunk].max():.3g}), where fp16 keeps fewer than 11 bits; "
                                     f"{counts.underflow.after} value(s) become 0 ({counts.underflow.before} "
@@ -582,7 +582,7 @@ def _weight_problems(figures: TensorFigures, before: View, after: View, ranges, 
             problems.append(Problem("int8-range-spread", figures.tensor, widest.tolist(),
                                     f"{what}: the {figures.scaled} channels' ranges spread "
                                     f"{figures.spread.after:.3g}x (largest over median; {wide_before:.3g}x before "
-                                    f"the fold, threshold {SPREAD_THRESHOLD:g}x), widest: channel(s) {_list(widest)}; "
+                                    f"the fold, threshold {SPREAD_THRESHOLD:g}x), widest: channel(s) {channel_list(widest)}; "
                                     f"per-tensor int8 SQNR {_db(sqnr.after)} ({_db(sqnr.before)} before)"
                                     + ("; per-channel quantisation does not help: the spread runs along the "
                                        "input channels" if figures.scaled == "input" else "")))
@@ -613,19 +613,19 @@ def vector_figures(role: str, before: np.ndarray | None, after: np.ndarray, targ
             where = np.flatnonzero(np.abs(flat) >= fmt.overflow_from)
             problems.append(Problem(f"{name}-overflow", tensor, where.tolist(),
                                     f"{what}: {a[0]} value(s) become inf in {name} (max |v| "
-                                    f"{np.abs(flat).max():.4g}; {b[0]} before the fold) in channel(s) {_list(where)}"))
+                                    f"{np.abs(flat).max():.4g}; {b[0]} before the fold) in channel(s) {channel_list(where)}"))
         # A scale multiplies whole channels: one below the normal range loses them. (A bias
         # or shift adds; one flushed errs by at most zero_up_to, below any rounding of the sum.)
         if role == "scale":
             low = np.flatnonzero((flat != 0) & (np.abs(flat) < fmt.smallest_normal))
             if low.size:
                 problems.append(Problem(f"{name}-underflow", tensor, low.tolist(),
-                                        f"{what}: channel(s) {_list(low)} scale by less than {name}'s smallest "
+                                        f"{what}: channel(s) {channel_list(low)} scale by less than {name}'s smallest "
                                         f"normal ({fmt.smallest_normal:.3g})"))
     return figures, problems
 
 
-def _list(indices, limit: int = 8) -> str:
+def channel_list(indices, limit: int = 8) -> str:
     indices = [int(i) for i in np.asarray(indices).reshape(-1)]
     shown = ", ".join(str(i) for i in indices[:limit])
     return shown + (f", ... ({len(indices)} in all)" if len(indices) > limit else "")
