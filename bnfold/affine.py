@@ -102,11 +102,10 @@ def apply_factor(source: np.ndarray, factor: np.ndarray, dtype: np.dtype, block_
 
 
 def peak_by_factor(weight: np.ndarray, factor: np.ndarray, block_elements: int = 1 << 20,
-                   done: Callable[[], None] | None = None, keep: tuple[int, ...] = ()) -> np.ndarray:
-    """``max |W|`` over the elements that share one value of ``factor`` (and one index
-    along each axis in ``keep``), shaped to broadcast with it. ``max |W| * |factor|`` is
-    then the largest magnitude of each folded cell, so one small array decides whether the
-    folded weight fits its dtype (NaN propagates).
+                   done: Callable[[], None] | None = None) -> np.ndarray:
+    """``max |W|`` over the elements that share one value of ``factor``, shaped to broadcast
+    with it. ``max |W| * |factor|`` is then the largest magnitude of each folded cell, so
+    one small array decides whether the folded weight fits its dtype (NaN propagates).
 
     ``max |W|`` is ``max(max W, -min W)``, exact in the weight's own dtype: no float64 copy
     of the weight is made. Read in blocks along axis 0, so a huge weight is touched one
@@ -114,7 +113,7 @@ def peak_by_factor(weight: np.ndarray, factor: np.ndarray, block_elements: int =
     """
     if weight.ndim == 0:
         return np.abs(np.asarray(weight, dtype=np.float64))
-    axes = tuple(a for a in range(weight.ndim) if factor.shape[a] == 1 and a not in keep)
+    axes = tuple(a for a in range(weight.ndim) if factor.shape[a] == 1)
     rows = max(1, block_elements // max(1, weight[0].size))
     parts = []
     for start in range(0, weight.shape[0], rows):

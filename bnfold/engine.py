@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import onnx
 
 from bnfold._onnx_ir import ir
-from bnfold.assess import assess
 from bnfold.constant_eval import Constants
 from bnfold.errors import InputError
 from bnfold.health import bn_problems
@@ -93,8 +92,11 @@ def run(source: Source, options: FoldOptions = FoldOptions(),
     # Decomposing is the last resort: only a BN that no pass could fold becomes Mul + Add.
     folding = Context(consts, dataclasses.replace(options, decompose_standalone=False))
     passes = [folding] + ([Context(consts, options)] if options.decompose_standalone else [])
+    pending: list = []  # with targets: (entry, assess.Pending), put together once all is planned
     for context in passes:
-        _passes(scopes, context, editor, entries, seen, observe)
+        _passes(scopes, context, editor, entries, seen, observe, pending)
+    for entry, measured in pending:
+        entry.precision = measured.finish()
     unknown = sorted(options.keep - {node.name for node in seen})
     if unknown:
         raise InputError(f"--keep {unknown[0]}: no BatchNormalization or affine site has that name "
@@ -121,7 +123,7 @@ def _retarget(entry: LedgerEntry, into: tuple, merged: dict) -> None:
     entry.into_op = ", ".join(dict.fromkeys(n.op_type for n in final))
 
 
-def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict, observe) -> None:
+def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict, observe, pending: list) -> None:
     """Plan and rewrite every site, pass after pass, until a pass folds nothing."""
     consts = context.consts
     changed = True
@@ -144,11 +146,15 @@ def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict,
                 plan = plan_merge(site, context) if site.merge else plan_site(site, context)
                 if plan is None:
                     continue
-                # Measured before the rewrite, with the input's names; only with a target.
-                targets = context.options.targets
-                precision = assess(plan, targets) if targets and isinstance(plan, (Fold, Merge)) else None
+                # With a target: names taken before the rewrite; figures once every site is planned.
+                measured = None
+                if context.options.targets and isinstance(plan, (Fold, Merge)):
+                    from bnfold.assess import prepare
+
+                    measured = prepare(plan, context.options.targets)
                 entry = editor.apply(plan)
-                entry.precision = precision
+                if measured is not None:
+                    pending.append((entry, measured))
                 _record(entries, node, entry, seen)
                 if isinstance(plan, Fold):
                     editor.targets[node] = plan.into

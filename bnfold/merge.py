@@ -69,9 +69,11 @@ class Merge:
     detail: str
     channels: int
     convert: bool = False
-    #: What ``into`` had before the merge (for the precision figures): its weight and bias.
+    #: What ``into`` had before the merge (for the precision figures): its weight and bias,
+    #: their names and the conv's.
     weight_before: ir.TensorProtocol | None = None
     bias_before: np.ndarray | None = None
+    names: tuple[str, str, str] = ("", "", "")
 
 
 def is_sum(node: ir.Node, consts: Constants) -> bool:
@@ -179,7 +181,9 @@ def _analyse(root: ir.Node, ctx: Context, site: Site) -> Merge:
     detail = f"merged {len(names)} branches ({', '.join(names)}) into {describe(ref)}"
     return Merge(site, ref, tuple(weight.shape), dtype, tuple(kernels), tuple(diagonals), bias, nodes, absorbed,
                  f"merge({'+'.join(names)})", detail, channels, weight_before=weight,
-                 bias_before=None if old_bias is None else np.asarray(old_bias.numpy()))
+                 bias_before=None if old_bias is None else np.asarray(old_bias.numpy()),
+                 names=(ref.inputs[1].name, ref.inputs[2].name if len(ref.inputs) > 2 and ref.inputs[2] is not None
+                        else "", describe(ref)))
 
 
 # --- the expression ----------------------------------------------------------------

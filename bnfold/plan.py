@@ -59,13 +59,14 @@ class FoldOptions:
     keep: frozenset[str] = frozenset()
 
     def __post_init__(self):
-        from bnfold.precision import TARGETS
-
         object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))
         object.__setattr__(self, "keep", frozenset(self.keep))
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown:
-            raise InputError(f"--target {unknown[0]!r}: expected one of {', '.join(TARGETS)}")
+        if self.targets:
+            from bnfold.precision import TARGETS
+
+            unknown = [t for t in self.targets if t not in TARGETS]
+            if unknown:
+                raise InputError(f"--target {unknown[0]!r}: expected one of {', '.join(TARGETS)}")
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,12 @@ class WeightEdit:
     scaled_axes: tuple[int, ...] = ()
     #: The factor an earlier fold in this run gave the weight (None: the input's weight).
     prior: np.ndarray | None = None
-    #: max |source| per cell of ``factor`` (and per output channel, with targets): what
-    #: planning read to prove the folded weight fits its dtype.
-    peak: np.ndarray | None = None
-    #: The input's name of the weight, for reports.
+    #: With targets: the weight before and after the fold, measured while planning read it
+    #: to prove the folded weight fits its dtype (``precision.measure_weight``'s views).
+    measured: list | None = None
+    #: The input's name of the weight and what the linear op is, for reports.
     name: str = ""
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,9 +153,10 @@ class BiasEdit:
     after: ir.Node | None = None
     #: Gemm: beta was folded into the new C, so it becomes 1.
     reset_beta: bool = False
-    #: The bias the linear op had (None: none), and its name, for reports.
+    #: The bias the linear op had (None: none), its name and the op's, for reports.
     before: np.ndarray | None = None
     name: str = ""
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -385,7 +388,7 @@ def _plan_elementwise(site: Site, ctx: Context) -> Plan | None:
         vector = constant.astype(np.float64).reshape(1) if uniform else channel_vector(constant, root.channel)
         scale, shift = scale_shift(site.elementwise, vector)
         return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale,
-                           root.channel, measure=bool(ctx.options.targets))
+                           root.channel, measure=ctx.options.targets)
     except NoMatch as after:
         try:
             return _plan_elementwise_before(site, ctx)
@@ -441,7 +444,7 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
         if not uniform:
             _require_bn_channels(site, root.channel, stats.channels)
         return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale,
-                           root.channel, convert, measure=bool(ctx.options.targets))
+                           root.channel, convert, measure=ctx.options.targets)
     except NoMatch as after:
         try:
             return _plan_before(site, stats, scale, shift, ctx, convert)
@@ -487,10 +490,10 @@ def _require_no_broadcast(data: ir.Value, shape: tuple[int, ...], node: ir.Node)
 
 
 def _plan_after(site: Site, route: Route, scale: np.ndarray, channel: Channel | None, convert: bool = False,
-                measure: bool = False) -> Fold:
+                measure: tuple[str, ...] = ()) -> Fold:
     """``W' = s (.)_out W``, ``b' = s * (beta * b) + t`` for each producer, on its share of
-    the map; every result checked before anything changes. ``measure``: keep what the
-    precision figures need (``bnfold.assess``)."""
+    the map; every result checked before anything changes. ``measure``: the targets each
+    folded tensor is measured for (``bnfold.precision``)."""
     parts = tuple(_after_part(leg.match, leg.scale, leg.shift, measure) for leg in route.legs)
     channels = scale.size if scale.size > 1 else max(leg.scale.size for leg in route.legs)
     return Fold(site, "after", route.pattern, channels, scale, into=route.into, parts=parts, route=route.text,
@@ -502,47 +505,61 @@ def _axis(channel: Channel | None) -> int | None:
     return None if channel is None else (channel.normalized() or channel).axis
 
 
-def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray, measure: bool = False) -> Part:
+def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray, measure: tuple[str, ...] = ()) -> Part:
     weight = match.weight
     _require_nonempty(weight, scale, match.node)
     new = affine.output_channel_factor(tuple(weight.shape), scale, match.out_axis, match.groups)
     source, factor = compose(weight, new)
-    peak = _require_weight_fits(match.node, source, factor, (match.out_axis,) if measure else ())
+    measured = _require_weight_fits(match.node, source, factor, _measuring(weight, match.out_axis, measure))
     # beta = 0: onnxruntime ignores C, so the fold must too (0 * inf would be NaN).
     old_bias = None
     if match.bias is not None and match.bias_factor != 0:
         old_bias = _finite(match.bias.numpy().astype(np.float64), match.node, "bias") * match.bias_factor
     bias_dtype = (match.bias if match.bias is not None else weight).dtype
     new_bias = _cast(affine.shifted_bias(old_bias, scale, shift), bias_dtype, "folded bias", match.node)
-    edit = _weight_edit(match.node, match.weight_index, weight, source, factor, new, match.out_axis, "output", peak)
-    before, name = _old_bias(match.bias, match.bias_node, match.bias_index, measure)
+    edit = _weight_edit(match.node, match.weight_index, weight, source, factor, new, match.out_axis, "output",
+                        measured)
+    before, name, label = _old_bias(match.bias, match.bias_node, match.bias_index, measure)
     if match.bias_node is not None:
         return Part(edit, BiasEdit(new_bias, match.bias_node, match.bias_index, reset_beta=match.bias_factor != 1.0,
-                                   before=before, name=name))
+                                   before=before, name=name, label=label))
     if not np.any(new_bias != 0):
         return Part(edit, None)
     # A new Add after the op, shaped to broadcast along its channel axis (counted from the end).
     trailing = -match.channel_axis - 1 if match.channel_axis < 0 else 0
-    return Part(edit, BiasEdit(new_bias.reshape([-1] + [1] * trailing), after=match.node))
+    return Part(edit, BiasEdit(new_bias.reshape([-1] + [1] * trailing), after=match.node,
+                               label=describe(match.node) if measure else ""))
 
 
 def _weight_edit(node: ir.Node, index: int, weight: ir.TensorProtocol, source: ir.TensorProtocol,
-                 factor: np.ndarray, new: np.ndarray, out_axis: int, scaled: str, peak: np.ndarray) -> WeightEdit:
-    """The edit, with what the precision figures read: the factor before this fold, the
-    axes this fold's factor runs along, the peak and the input's name of the weight."""
+                 factor: np.ndarray, new: np.ndarray, out_axis: int, scaled: str, measured) -> WeightEdit:
+    """The edit; with targets (``measured``: its measurement), what the figures say about
+    it: the factor before this fold, the axes this fold's factor runs along, names."""
+    if measured is None:
+        return WeightEdit(node, index, source, factor, out_axis=out_axis, scaled=scaled)
     prior = weight.factor if isinstance(weight, FoldedTensor) else None
     axes = tuple(a for a, size in enumerate(np.shape(new)) if size > 1)
     return WeightEdit(node, index, source, factor, out_axis=out_axis, scaled=scaled, scaled_axes=axes, prior=prior,
-                      peak=peak, name=node.inputs[index].name if node.inputs[index] is not None else "")
+                      measured=measured, name=node.inputs[index].name if node.inputs[index] is not None else "",
+                      label=describe(node))
+
+
+def _measuring(weight: ir.TensorProtocol, out_axis: int, targets: tuple[str, ...]) -> tuple | None:
+    """What ``_require_weight_fits`` measures the weight for besides: the targets, the
+    factor the weight had before this fold, its output axis (None without targets)."""
+    if not targets:
+        return None
+    return targets, weight.factor if isinstance(weight, FoldedTensor) else None, out_axis
 
 
 def _old_bias(bias: ir.TensorProtocol | None, node: ir.Node | None, index: int | None,
-              measure: bool) -> tuple[np.ndarray | None, str]:
-    """The bias an op had, and its name, for the precision figures (only when measured)."""
-    if not measure or bias is None:
-        return None, ""
+              measure: tuple[str, ...]) -> tuple[np.ndarray | None, str, str]:
+    """The bias an op had, its name and the op's, for the precision figures (only when measured)."""
+    if not measure:
+        return None, "", ""
     value = node.inputs[index] if node is not None and index is not None and index < len(node.inputs) else None
-    return np.asarray(bias.numpy()), value.name if value is not None else ""
+    return (None if bias is None else np.asarray(bias.numpy()), value.name if value is not None else "",
+            describe(node) if node is not None else "")
 
 
 def _plan_before(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, ctx: Context,
@@ -562,7 +579,7 @@ def _fold_down(site: Site, root, scale: np.ndarray, shift: np.ndarray, ctx: Cont
     ``x + t/s`` and only the scale travels: padding ``x + t/s`` and scaling by s pads
     ``s*x + t`` with zeros."""
     shift_refused = None
-    measure = bool(ctx.options.targets)
+    measure = ctx.options.targets
     try:
         route = downstream_route(root, scale, shift, site.kind)
         if all(leg.match.exact_shift for leg in route.legs) or not np.any(shift != 0):
@@ -598,7 +615,7 @@ def _fold_down(site: Site, root, scale: np.ndarray, shift: np.ndarray, ctx: Cont
                 route=route.text, convert=convert, detail=detail, channel_axis=_axis(root.channel))
 
 
-def _before_part(leg: Leg, with_shift: bool, measure: bool = False) -> Part:
+def _before_part(leg: Leg, with_shift: bool, measure: tuple[str, ...] = ()) -> Part:
     """One linear op's share of a map before it: the scale into its input axis and, with
     the shift, ``W t`` into its bias."""
     consumer = leg.match
@@ -606,9 +623,9 @@ def _before_part(leg: Leg, with_shift: bool, measure: bool = False) -> Part:
     _require_nonempty(weight, leg.scale, consumer.node)
     new = affine.input_channel_factor(tuple(weight.shape), leg.scale, consumer.in_axis, consumer.groups)
     source, factor = compose(weight, new)
-    peak = _require_weight_fits(consumer.node, source, factor, (consumer.out_axis,) if measure else ())
+    measured = _require_weight_fits(consumer.node, source, factor, _measuring(weight, consumer.out_axis, measure))
     edit = _weight_edit(consumer.node, consumer.weight_index, weight, source, factor, new, consumer.out_axis,
-                        "input", peak)
+                        "input", measured)
     if not with_shift:
         return Part(edit, None)
     weight_values = _finite(np.asarray(weight.numpy(), dtype=np.float64), consumer.node, "weight")
@@ -618,11 +635,12 @@ def _before_part(leg: Leg, with_shift: bool, measure: bool = False) -> Part:
         old_bias = _finite(consumer.bias.numpy().astype(np.float64), consumer.node, "bias") * consumer.bias_factor
     bias_dtype = (consumer.bias if consumer.bias is not None else weight).dtype
     new_bias = _cast(old_bias + consumer.shift_factor * extra, bias_dtype, "folded bias", consumer.node)
-    before, name = _old_bias(consumer.bias, consumer.bias_node, consumer.bias_index, measure)
+    before, name, label = _old_bias(consumer.bias, consumer.bias_node, consumer.bias_index, measure)
     if consumer.bias_node is not None:
         return Part(edit, BiasEdit(new_bias, consumer.bias_node, consumer.bias_index,
-                                   reset_beta=consumer.bias_factor != 1.0, before=before, name=name))
-    return Part(edit, BiasEdit(new_bias, after=consumer.node) if np.any(new_bias != 0) else None)
+                                   reset_beta=consumer.bias_factor != 1.0, before=before, name=name, label=label))
+    return Part(edit, BiasEdit(new_bias, after=consumer.node, label=describe(consumer.node) if measure else "")
+                if np.any(new_bias != 0) else None)
 
 
 def _plan_decompose(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, convert: bool,
@@ -657,17 +675,25 @@ def _require_nonempty(weight: ir.TensorProtocol, scale: np.ndarray, node: ir.Nod
 
 
 def _require_weight_fits(node: ir.Node, weight: ir.TensorProtocol, factor: np.ndarray,
-                         keep: tuple[int, ...] = ()) -> np.ndarray:
+                         measure: tuple | None = None):
     """The folded weight is finite and fits its dtype: decided from the largest magnitude
-    per factor cell, so nothing can overflow later while the weight is written. Returns
-    those magnitudes (per cell, and per index along ``keep``)."""
+    per factor cell, so nothing can overflow later while the weight is written. With
+    ``measure`` (``_measuring``), the same read measures the weight before and after the
+    fold for the targets: the measurement is returned."""
     source = weight_array(weight)
-    peak = affine.peak_by_factor(source, factor, done=lambda: release_pages(source), keep=keep)
+    measured = None
+    if measure is None:
+        peak = affine.peak_by_factor(source, factor, done=lambda: release_pages(source))
+    else:
+        from bnfold.precision import measure_weight
+
+        targets, prior, out_axis = measure
+        peak, measured = measure_weight(source, [prior, factor], out_axis, targets, done=lambda: release_pages(source))
     if not np.all(np.isfinite(peak)):
         raise NoMatch("non-finite-params", f"the weight of {describe(node)} holds NaN or infinity")
     if affine.cast_checked(peak * np.abs(factor), np.dtype(weight.dtype.numpy())) is None:
         raise NoMatch("dtype-overflow", f"the folded weight of {describe(node)} exceeds the range of {weight.dtype.name}")
-    return peak
+    return measured
 
 
 def weight_array(tensor: ir.TensorProtocol) -> np.ndarray:

@@ -49,12 +49,13 @@ class FloatFormat:
         """(overflow, underflow) counts of finite ``values`` cast to this format: values that
         become inf, and nonzero values that become 0."""
         values = np.asarray(values)
+        rounded = values
         if self.via_float32 and values.dtype == np.float64:
             with np.errstate(over="ignore"):
-                values = values.astype(np.float32)
-        magnitude = np.abs(values.astype(np.float64))
+                rounded = values.astype(np.float32)
+        magnitude = np.abs(rounded.astype(np.float64))
         overflow = int(np.count_nonzero(magnitude >= self.overflow_from))
-        underflow = int(np.count_nonzero((magnitude > 0) & (magnitude <= self.zero_up_to)))
+        underflow = int(np.count_nonzero((values != 0) & (magnitude <= self.zero_up_to)))
         return overflow, underflow
 
 
@@ -202,18 +203,24 @@ class View:
     counts: dict[str, list[int]] = field(default_factory=dict)
 
 
-def scan_weight(source, factors: Sequence[np.ndarray | None], peak: np.ndarray, out_axis: int,
-                targets: Sequence[str], block_elements: int = 1 << 15, sample_limit: int | None = None,
-                done: Callable[[], None] | None = None) -> list[View]:
-    """Scan ``source`` once for every view ``cast(source * factor)`` in ``factors``.
+def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, targets: Sequence[str],
+                   block_elements: int = 1 << 18, sample_limit: int | None = None,
+                   done: Callable[[], None] | None = None) -> tuple[np.ndarray, list[View]]:
+    """Read ``source``: ``max |w|`` per cell (shaped to broadcast against the weight and
+    the factors: kept along every axis a factor varies along, and along ``out_axis`` unless
+    that makes it big; NaN propagates), and every view ``cast(source * factor)`` of
+    ``factors`` measured.
 
-    ``peak`` is ``max |source|`` per cell (``affine.peak_by_factor`` keeping every axis a
-    factor varies along, and ``out_axis``). For each view: the largest magnitude per cell
-    and per output channel (from ``peak``); for fp16/bf16 the counts of values a cast turns
-    into inf or 0 (every element); for int8 the quantisation noise and signal energies (on
-    every element of a weight up to ``INT8_SAMPLE`` of them, else on an evenly strided
-    sample: ``_Int8``). ``source`` is only sliced along axis 0 (a memory map, or rows
-    computed on demand), in cache-sized blocks; ``done()`` runs after each block.
+    For each view: the largest magnitude per cell and per output channel; for fp16/bf16
+    the counts of values a cast turns into inf or 0 (every element: the few candidates one
+    comparison with a per-cell bound finds are classified exactly); for int8 the
+    quantisation noise and signal energies, on a sample (all of a weight up to
+    ``INT8_SAMPLE`` elements: ``_Sample``). ``source`` is only sliced along axis 0 (a
+    memory map, or rows computed on demand), in cache-sized blocks through reused buffers;
+    ``done()`` runs after each block. The first pass is the one planning makes anyway to
+    prove that the folded weight fits its dtype (``affine.peak_by_factor``).
+
+    Returns the peak and the views.
 
     float32 and float64 weights are quantised in the source's domain (``w * f / step``:
     the cast of ``w * f`` to the model's type moves a value by at most 2^-24 of itself);
@@ -221,42 +228,133 @@ def scan_weight(source, factors: Sequence[np.ndarray | None], peak: np.ndarray, 
     """
     dtype = np.dtype(source.dtype)
     shape = tuple(source.shape)
-    cells = tuple(peak.shape)
-    views = [_view(f, peak, out_axis, dtype) for f in factors]
+    ndim = len(shape)
     formats = [FORMATS[t] for t in targets if t in FORMATS]
     work = np.result_type(dtype, np.float32)  # what QuantizeLinear computes in, for this weight
-    for view in views:
-        view.counts = {fmt.name: [0, 0] for fmt in formats}
-    int8 = None
-    if "int8" in targets:
-        int8 = _Int8(views, peak, shape, out_axis, work, dtype, INT8_SAMPLE if sample_limit is None else sample_limit)
-    small = _small_bounds(views, formats, cells, work)
-    large = _large_bounds(views, formats, cells, work)
+    factors = [None if f is None else np.asarray(f, dtype=np.float64) for f in factors]
+    counts = [{fmt.name: [0, 0] for fmt in formats} for _ in factors]
+    varying = {a for f in factors if f is not None for a, size in enumerate(f.shape) if size > 1}
+    cells = tuple(shape[a] if a in varying | {out_axis} else 1 for a in range(ndim))
+    size = int(np.prod(shape, dtype=np.int64))
+    # A factor along other axes than the output channels (a BN before a Gemm: K, and channels
+    # along N) would make the cells the whole weight: then each view's channel maxima are
+    # taken in the pass instead.
+    by_cells = out_axis in varying or not varying or int(np.prod(cells)) <= max(size // 8, 1 << 16)
+    if not by_cells:
+        cells = tuple(shape[a] if a in varying else 1 for a in range(ndim))
+    reduced = tuple(a for a in range(ndim) if cells[a] == 1)
+    others = tuple(a for a in range(ndim) if a != out_axis)
+    peak = np.zeros(cells)
+    channel_max = [np.zeros(shape[out_axis]) for _ in factors] if not by_cells else None
+    found: list = []  # (flat index, value) of the elements that may underflow, block by block
+    small = _bounds(factors, cells, max((fmt.zero_up_to for fmt in formats), default=0.0) * (1 + 1e-3),
+                    np.maximum, 0.0, work) if formats else None
+    sample = _Sample(shape, out_axis, INT8_SAMPLE if sample_limit is None else sample_limit) \
+        if "int8" in targets else None
+    # int8 on a sample of whole rows: the signal energy per cell over every element, as rows
+    # may differ in scale (within each channel the strided sample is faithful to it).
+    energy = np.zeros(cells) if sample is not None and by_cells and not sample.by_columns \
+        and sample.stride > 1 else None
     row = int(np.prod(shape[1:], dtype=np.int64))
     rows = max(1, block_elements // max(1, row))
+    converted = np.empty((rows, *shape[1:]), dtype=work) if dtype != work else None
     magnitude = np.empty((rows, *shape[1:]), dtype=work) if formats else None
     mask = np.empty((rows, *shape[1:]), dtype=bool) if formats else None
     for start in range(0, shape[0], rows):
         stop = min(shape[0], start + rows)
+        n = stop - start
         block = np.asarray(source[start:stop])
+        if converted is not None:
+            converted[:n] = block
+            block = converted[:n]
+        if formats:  # |w| is needed for the candidates: the peak is its maximum
+            np.abs(block, out=magnitude[:n])
+            local = np.max(magnitude[:n], axis=reduced, keepdims=True) if reduced else magnitude[:n]
+        else:  # as affine.peak_by_factor: max(max w, -min w), in the weight's type
+            with np.errstate(invalid="ignore"):
+                high, low = block.max(axis=reduced, keepdims=True), block.min(axis=reduced, keepdims=True)
+            local = np.maximum(high.astype(np.float64), -low.astype(np.float64))
+        if cells[0] > 1:
+            peak[start:stop] = local
+        else:
+            np.maximum(peak, local, out=peak)
+        if channel_max is not None:
+            for factor, most in zip(factors, channel_max):
+                scaled = np.abs(block) * (1.0 if factor is None else np.abs(_rows(factor, start, stop)))
+                _max_into(most, np.max(scaled, axis=others), start, stop, out_axis == 0)
         if formats:
-            _count(block, start, views, formats, small, large, dtype, magnitude[:stop - start], mask[:stop - start])
-        if int8 is not None:
-            int8.add(block, start)
+            _candidates(block, magnitude[:n], mask[:n], start, small, np.less, found)
+        if sample is not None:
+            _take(sample, energy, block, start, reduced, cells)
         if done is not None:
             done()
-    if int8 is not None:
-        int8.finish()
-    return views
+    views = [_view(f, peak, out_axis, dtype, None if channel_max is None else most)
+             for f, most in zip(factors, channel_max or [None] * len(factors))]
+    for view, tally in zip(views, counts):
+        view.counts = tally
+    if formats:
+        _classify(found, 1, shape, factors, counts, formats, cells, dtype)
+    limit = min((fmt.overflow_from for fmt in formats), default=math.inf)
+    if formats and any(np.any(view.cell_max >= limit) for view in views):
+        # A value may overflow: a second pass counts them (only here, where the fold's own
+        # dtype could hold it but a 16-bit float cannot).
+        large = _bounds(factors, cells, limit * (1 - 1e-3), np.minimum, np.inf, work)
+        found = []
+        for start in range(0, shape[0], rows):
+            stop = min(shape[0], start + rows)
+            block = np.asarray(source[start:stop]).astype(work, copy=False)
+            np.abs(block, out=magnitude[:stop - start])
+            _candidates(block, magnitude[:stop - start], mask[:stop - start], start, large, np.greater_equal, found)
+            if done is not None:
+                done()
+        _classify(found, 0, shape, factors, counts, formats, cells, dtype)
+    if sample is not None:
+        _Int8(views, peak, shape, out_axis, work, dtype, sample).run(energy)
+    return peak, views
 
 
-#: int8 figures of a weight with more elements than this come from an evenly strided
+def _take(sample: _Sample, energy: np.ndarray | None, block: np.ndarray, start: int, reduced, cells) -> None:
+    """Set aside a block's sampled elements, and add its signal energy per cell if measured."""
+    sample.take(block, start)
+    if energy is not None:
+        sums = _square_sums(block, reduced)
+        if cells[0] > 1:
+            energy[start:start + block.shape[0]] += sums
+        else:
+            energy += sums
+
+
+def _take(sample: _Sample, energy: np.ndarray | None, block: np.ndarray, start: int, reduced, cells) -> None:
+    """Set aside a block's sampled elements, and add its signal energy per cell if measured."""
+    sample.take(block, start)
+    if energy is not None:
+        sums = _square_sums(block, reduced)
+        if cells[0] > 1:
+            energy[start:start + block.shape[0]] += sums
+        else:
+            energy += sums
+
+
+def _square_sums(block: np.ndarray, reduced: tuple[int, ...]) -> np.ndarray:
+    """``sum w^2`` over the ``reduced`` axes of a block, keeping them as size 1, in float64."""
+    kept = [a for a in range(block.ndim) if a not in reduced]
+    if kept == [0] and block.ndim > 1:  # a row each: one dot product per row
+        rows = block.reshape(block.shape[0], -1)
+        sums = np.einsum("ij,ij->i", rows, rows)
+    else:
+        subscripts = list(range(block.ndim))
+        sums = np.einsum(block, subscripts, block, subscripts, kept)
+    return sums.astype(np.float64).reshape([block.shape[a] if a in kept else 1 for a in range(block.ndim)])
+
+
+#: The int8 noise of a weight with more elements than this comes from an evenly strided
 #: sample of about this many: every ``stride``-th element of each output channel (or every
 #: ``stride``-th row where the channels lie on another axis), the stride a prime that
 #: divides none of the dimensions it steps over, so that it visits every kernel position
-#: and input channel alike. Measured within 0.05 dB of the whole tensor's SQNR on 1-2.4
-#: M-element weights (docs/precision.md).
-INT8_SAMPLE = 1 << 18
+#: and input channel alike; the signal energy is every element's. Within 0.05 dB of the
+#: whole tensor's SQNR on 0.26-2.4 M-element weights with channel ranges 100x apart and
+#: input channels of different scales (tests/test_precision.py, docs/precision.md).
+INT8_SAMPLE = 1 << 17
 
 
 def int8_stride(size: int, period: int, limit: int = INT8_SAMPLE) -> int:
@@ -270,29 +368,54 @@ def int8_stride(size: int, period: int, limit: int = INT8_SAMPLE) -> int:
     return stride
 
 
+class _Sample:
+    """The elements of a weight the int8 figures are computed on, set aside block by block:
+    with the output channels along axis 0 (and many elements each), every ``stride``-th
+    element of each channel; otherwise every ``stride``-th row."""
+
+    def __init__(self, shape: tuple[int, ...], out_axis: int, limit: int):
+        self.shape, self.out_axis = shape, out_axis
+        self.row = int(np.prod(shape[1:], dtype=np.int64))
+        size = int(np.prod(shape, dtype=np.int64))
+        stride = int8_stride(size, self.row, limit)
+        self.by_columns = out_axis == 0 and (stride == 1 or self.row >= 4 * stride)
+        self.stride = stride if self.by_columns else int8_stride(size, shape[0], limit)
+        self.blocks: list[tuple[int, int, int, np.ndarray]] = []  # (start, stop, first sampled row, values)
+
+    def take(self, block: np.ndarray, start: int) -> None:
+        stop = start + block.shape[0]
+        if self.by_columns:
+            self.blocks.append((start, stop, 0, np.array(_columns(block, self.stride, block.shape))))
+            return
+        first = (-start) % self.stride  # global rows 0, stride, 2 stride, ...
+        if first < block.shape[0]:
+            self.blocks.append((start, stop, first, np.array(block[first::self.stride])))
+
+    def pick(self, array, start: int, stop: int, first: int, block_shape):
+        """``array`` (broadcasting against the weight) at the sampled elements of rows ``start:stop``."""
+        rows = _rows(array, start, stop)
+        if self.by_columns:
+            return _columns(rows, self.stride, block_shape)
+        return rows[first::self.stride] if np.ndim(rows) and np.shape(rows)[0] > 1 else rows
+
+
 class _Int8:
-    """Symmetric int8 quantisation of every view, per tensor and per output channel, on
-    the sampled elements of each block as the scan passes them.
+    """Symmetric int8 quantisation of every view, per tensor and per output channel, on the
+    sample the pass set aside.
 
     Each quantisation is a *lane*: a multiplier per cell that takes a value to its position
     in steps (``f / step``), so that ``t - round(t)`` is its error in steps. Lanes read the
     source itself, or (float16/bfloat16 weights) each view folded and cast first."""
 
     def __init__(self, views: list[View], peak: np.ndarray, shape: tuple[int, ...], out_axis: int, work,
-                 dtype: np.dtype, limit: int):
-        self.views, self.shape, self.out_axis, self.work, self.dtype = views, shape, out_axis, work, dtype
+                 dtype: np.dtype, sample: _Sample):
+        self.views, self.shape, self.out_axis, self.work, self.dtype, self.sample = \
+            views, shape, out_axis, work, dtype, sample
         ndim = len(shape)
-        self.row = int(np.prod(shape[1:], dtype=np.int64))
-        size = int(np.prod(shape, dtype=np.int64))
-        # Output channels along axis 0, each with many elements: sample within each channel;
-        # else sample rows (of output channels, or of what the channels run across).
-        stride = int8_stride(size, self.row, limit)
-        self.by_columns = out_axis == 0 and (stride == 1 or self.row >= 4 * stride)
-        self.stride = stride if self.by_columns else int8_stride(size, shape[0], limit)
         self.materialise = dtype.itemsize < 4  # float16/bfloat16: fold and cast first, as the save does
         cells = tuple(peak.shape)
         for view in views:
-            view.pt_noise, view.pc_noise, view.signal = 0.0, np.zeros(shape[out_axis]), np.zeros(1)
+            view.pt_noise, view.pc_noise = 0.0, np.zeros(shape[out_axis])
         self.signal = [0.0] * len(views)
 
         def per_channel(steps):  # 1 / step of each element's output channel, broadcasting
@@ -309,38 +432,49 @@ class _Int8:
         if shared:
             # A view whose factor runs along the output axis only has its per-channel
             # quantisation put each element where the source's own puts it (the same
-            # w / step, up to a sign): one lane, in steps, serves every such view.
+            # w / step, up to a sign): one lane, in steps, serves every such view. (Such
+            # factors keep the output axis in the peak's cells.)
             lanes.append((None, "shared", None, per_channel(_channel_max(peak, out_axis) / INT8_LEVELS)))
         self.lanes = [(source, kind, i, np.asarray(np.broadcast_to(m, _fit(np.shape(m), cells)), dtype=work))
                       for source, kind, i, m in lanes]
-        self.factors = [None if v.factor is None else np.asarray(v.factor, dtype=np.float64) for v in views]
 
-    def add(self, block: np.ndarray, start: int) -> None:
-        """The sampled elements of ``block``, rows ``start:`` of the weight."""
-        stop = start + block.shape[0]
-        if self.by_columns:
-            def pick(array):  # an array broadcasting against the weight, at the sampled elements
-                return _columns(_rows(array, start, stop), self.stride, block.shape)
-            x = _columns(block, self.stride, block.shape)
-        else:
-            first = (-start) % self.stride
-            if first >= block.shape[0]:
-                return
+    def run(self, energy: np.ndarray | None) -> None:
+        """Quantise the whole sample at once: it is small, and per-block calls would cost more
+        than the arithmetic. Concatenated, the blocks are every sampled element of each row
+        (columns), or rows 0, stride, 2 stride, ... of the weight (rows).
 
-            def pick(array):
-                rows = _rows(array, start, stop)
-                return rows[first::self.stride] if np.ndim(rows) and np.shape(rows)[0] > 1 else rows
-            x = block[first::self.stride]
-        x = np.ascontiguousarray(x, dtype=self.work)
-        if not self.by_columns and self.out_axis == 0:  # the sampled rows are the channels measured
-            channels = slice(start + first, stop, self.stride)
+        The noise of a sample stands for the whole weight's in proportion to the elements it
+        holds (in each channel alike); the signal is every element's (``energy`` per cell,
+        ``sum w^2``), else the sample's in the same proportion."""
+        blocks = self.sample.blocks
+        if not blocks:
+            return
+        x = np.concatenate([block for *_, block in blocks]).astype(self.work, copy=False)
+        self._add(x, 0, self.shape[0], 0)
+        scale = int(np.prod(self.shape, dtype=np.int64)) / x.size
+        for view, signal in zip(self.views, self.signal):
+            view.pt_noise *= scale
+            view.pc_noise *= scale
+            if energy is not None and not self.materialise:
+                weighted = energy if view.factor is None else energy * np.broadcast_to(view.factor, energy.shape) ** 2
+                view.signal = np.asarray([float(weighted.sum())])
+            else:
+                view.signal = np.asarray([signal * scale])
+
+    def _add(self, x: np.ndarray, start: int, stop: int, first: int) -> None:
+        sample = self.sample
+        block_shape = (stop - start, *self.shape[1:])
+
+        def pick(array):
+            return sample.pick(array, start, stop, first, block_shape)
+
         folded = {}
         for source, kind, i, multiplier in self.lanes:
             if source is None:
                 values = x
             else:
                 if source not in folded:
-                    f = self.factors[source]
+                    f = self.views[source].factor
                     values = x.astype(np.float64) if f is None else x.astype(np.float64) * pick(f)
                     folded[source] = values.astype(self.dtype).astype(self.work)
                 values = folded[source]
@@ -354,17 +488,16 @@ class _Int8:
                 continue
             t -= np.rint(t)
             noise = self._per_channel(t)
-            where = slice(start, stop) if self.by_columns else channels if self.out_axis == 0 else slice(None)
+            if sample.by_columns:
+                where = slice(start, stop)
+            else:
+                where = slice(start + first, stop, sample.stride) if self.out_axis == 0 else slice(None)
             for target in (self.views if kind == "shared" else [view]):
                 target.pc_noise[where] += noise * target.pc_step[where] ** 2
 
-    def finish(self) -> None:
-        for view, signal in zip(self.views, self.signal):
-            view.signal = np.asarray([signal])
-
     def _per_channel(self, t: np.ndarray) -> np.ndarray:
         """``sum t^2`` per output channel of a sampled block, in float64."""
-        if self.by_columns:
+        if self.sample.by_columns:
             return np.einsum("ij,ij->i", t, t).astype(np.float64)
         subscripts = list(range(t.ndim))
         return np.einsum(t, subscripts, t, subscripts, [self.out_axis]).astype(np.float64)
@@ -394,7 +527,10 @@ def _energy(t: np.ndarray) -> float:
     return float(np.dot(flat, flat))
 
 
-def _view(factor, peak: np.ndarray, out_axis: int, dtype: np.dtype) -> View:
+def _view(factor, peak: np.ndarray, out_axis: int, dtype: np.dtype, channel_max: np.ndarray | None = None) -> View:
+    """A view's largest magnitudes, from the peak (``cast(max|w| * |f|)`` is
+    ``max cast(|w| * |f|)``: both roundings are monotonic), or per output channel as
+    measured (``max |w| * |f|``, cast)."""
     peak = np.asarray(peak, dtype=np.float64)
     if factor is None:
         cell_max = peak
@@ -402,9 +538,20 @@ def _view(factor, peak: np.ndarray, out_axis: int, dtype: np.dtype) -> View:
         factor = np.asarray(factor, dtype=np.float64)
         with np.errstate(over="ignore"):
             cell_max = (peak * np.abs(factor)).astype(dtype).astype(np.float64)
-    channel_max = _channel_max(cell_max, out_axis)
+    if channel_max is None:
+        channel_max = _channel_max(cell_max, out_axis)
+    else:
+        with np.errstate(over="ignore"):
+            channel_max = np.asarray(channel_max, dtype=np.float64).astype(dtype).astype(np.float64)
     return View(factor=factor, cell_max=cell_max, channel_max=channel_max,
                 pt_step=float(channel_max.max(initial=0.0)) / INT8_LEVELS, pc_step=channel_max / INT8_LEVELS)
+
+
+def _max_into(total: np.ndarray, part: np.ndarray, start: int, stop: int, by_rows: bool) -> None:
+    if by_rows:
+        total[start:stop] = np.maximum(total[start:stop], part)
+    else:
+        np.maximum(total, part, out=total)
 
 
 def _channel_max(cells: np.ndarray, out_axis: int) -> np.ndarray:
@@ -443,60 +590,51 @@ def _rows(array, start: int, stop: int):
 # --- float formats: the rare candidates one comparison finds, classified exactly -------
 
 
-def _bounds(views: list[View], cells, limit: float, combine, empty: float, work) -> np.ndarray:
+def _bounds(factors: list, cells, limit: float, combine, empty: float, work) -> np.ndarray:
+    """Per cell, ``limit / |f|`` combined over the factors (None: 1): a bound on |w| past
+    which a view's value may cross ``limit``. Bounds within 16x of each other become one
+    scalar, the loosest (a comparison with a scalar is faster, and the few extra elements
+    it lets through are classified exactly anyway)."""
     bounds = np.full(cells, empty)
-    for view in views:
-        f = np.ones(cells) if view.factor is None else np.abs(np.broadcast_to(view.factor, cells))
-        with np.errstate(over="ignore"):
+    for factor in factors:
+        f = np.ones(cells) if factor is None else np.abs(np.broadcast_to(factor, cells))
+        with np.errstate(over="ignore", divide="ignore"):
             bounds = combine(bounds, np.where(f > 0, limit / np.where(f > 0, f, 1.0), empty))
+    finite = bounds[np.isfinite(bounds) & (bounds > 0)]
+    if finite.size == bounds.size and finite.size and finite.max() <= 16 * finite.min():
+        bounds = np.full([1] * len(cells), finite.max() if combine is np.maximum else finite.min())
     with np.errstate(over="ignore"):
         return bounds.astype(work)
 
 
-def _small_bounds(views: list[View], formats: list[FloatFormat], cells, work) -> np.ndarray | None:
-    """Per cell, a bound on |w| below which an element may become 0 in some view and format
-    (a little above the exact one: every candidate is classified exactly)."""
-    if not formats:
-        return None
-    return _bounds(views, cells, max(fmt.zero_up_to for fmt in formats) * (1 + 1e-3), np.maximum, 0.0, work)
-
-
-def _large_bounds(views: list[View], formats: list[FloatFormat], cells, work) -> np.ndarray | None:
-    """Per cell, a bound on |w| from which an element may overflow in some view and format;
-    None when no cell's largest value comes near (the usual case: no comparison at all)."""
-    if not formats:
-        return None
-    limit = min(fmt.overflow_from for fmt in formats)
-    if not any(np.any(view.cell_max >= limit) for view in views):
-        return None
-    return _bounds(views, cells, limit * (1 - 1e-3), np.minimum, np.inf, work)
-
-
-def _count(block: np.ndarray, start: int, views: list[View], formats: list[FloatFormat], small, large,
-           dtype: np.dtype, magnitude: np.ndarray, mask: np.ndarray) -> None:
-    """Add this block's overflow and underflow counts of every view and format: the few
-    candidates one comparison with a per-cell bound finds, classified exactly."""
-    stop = start + block.shape[0]
-    np.abs(block, out=magnitude)
-    for kind, bound, compare in (("underflow", small, np.less), ("overflow", large, np.greater_equal)):
-        if bound is None:
-            continue
-        compare(magnitude, _rows(bound, start, stop), out=mask)
-        if not np.count_nonzero(mask):
-            continue
+def _candidates(block: np.ndarray, magnitude: np.ndarray, mask: np.ndarray, start: int, bound: np.ndarray, compare,
+                found: list) -> None:
+    """Set aside the elements of this block whose |w| passes ``compare`` with the per-cell
+    ``bound`` (flat index in the weight, value): one comparison and a count, usually."""
+    compare(magnitude, _rows(bound, start, start + block.shape[0]), out=mask)
+    if np.count_nonzero(mask):
         flat = np.flatnonzero(mask)
-        values = block.reshape(-1)[flat].astype(np.float64)
-        index = np.unravel_index(flat, block.shape)
-        for view in views:
-            folded = values
-            if view.factor is not None:
-                f = np.broadcast_to(view.factor, view.cell_max.shape)
-                cell = tuple((i + start if a == 0 else i) if f.shape[a] > 1 else 0 for a, i in enumerate(index))
-                with np.errstate(over="ignore"):
-                    folded = (values * f[cell]).astype(dtype).astype(np.float64)
-            for fmt in formats:
-                overflow, underflow = fmt.classify(folded)
-                view.counts[fmt.name][0 if kind == "overflow" else 1] += overflow if kind == "overflow" else underflow
+        found.append((flat + start * (block.size // block.shape[0]), block.reshape(-1)[flat].astype(np.float64)))
+
+
+def _classify(found: list, kind: int, shape, factors: list, counts: list, formats: list[FloatFormat], cells,
+              dtype: np.dtype) -> None:
+    """Add the set-aside elements' overflow (``kind`` 0) or underflow (1) counts to every
+    view and format, each element folded and cast as the save computes it."""
+    if not found:
+        return
+    flat = np.concatenate([f for f, _ in found])
+    values = np.concatenate([v for _, v in found])
+    index = np.unravel_index(flat, shape)
+    for factor, tally in zip(factors, counts):
+        folded = values
+        if factor is not None:
+            f = np.broadcast_to(factor, cells)
+            cell = tuple(i if f.shape[a] > 1 else 0 for a, i in enumerate(index))
+            with np.errstate(over="ignore"):
+                folded = (values * f[cell]).astype(dtype).astype(np.float64)
+        for fmt in formats:
+            tally[fmt.name][kind] += fmt.classify(folded)[kind]
 
 
 # --- from scans to figures and problems -----------------------------------------------
