@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 ZOO = ["cnn_ts13", "resnet_ts13", "mlp_ts13", "mlp-inputnorm_ts13", "seq1d_ts13", "clip3d_ts13",
        "mlp-deadpixel_dynamo18"]
-DEPTHWISE = [(lr, seed) for lr in (3e-3, 1e-2, 3e-2) for seed in (0, 1)]
+DEPTHWISE = [(lr, seed) for lr in (3e-3, 1e-2, 2e-2, 3e-2) for seed in (0, 1, 2)]
 
 
 def quantised(weight: np.ndarray, axis: int | None) -> np.ndarray:

@@ -190,7 +190,7 @@ def render_precision(entries, targets, console) -> None:
             if e.precision is None:
                 continue
             for t in e.precision.tensors:
-                below = f"{t.role} of {t.op} {t.node!r}, folded by {e.label or e.node or e.op}"
+                below = f"{t.role} of {t.op} {t.node!r}"
                 rows.append((t.tensor or f"new {t.role}", below, [_ratio(t.growth), "\n".join(figure_parts(t, arrow)[1:]
                              if t.growth is not None else figure_parts(t, arrow))],
                              "red" if any(p.tensor == t.tensor for p in e.precision_problems) else None))

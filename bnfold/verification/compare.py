@@ -398,7 +398,8 @@ def top1(reference: Sequence[np.ndarray], subject: Sequence[np.ndarray], axis: i
 
 #: A CANDIDATE channel converted to fp16 may drift this many times ORIGINAL's own fp16
 #: drift there (or one fp16 rounding of its values, if more) before the fold is said to make
-#: fp16 worse. Measured on correct folds of the zoo: at most 1.6x (docs/precision.md).
+#: fp16 worse. Correct folds of 14 digits-trained models measured at most 2.2x
+#: (bench/precision_factor.py, docs/precision.md); a fold that overflows fp16 gives inf/NaN.
 PRECISION_FACTOR = 4.0
 #: fp16's unit roundoff and smallest normal: the floor of a channel's allowance is one fp16
 #: rounding of its values, and no less than a subnormal per element.
