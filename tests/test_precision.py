@@ -111,17 +111,28 @@ def test_scan_matches_the_folded_tensor_quantised_directly(dtype, shape, out_axi
         assert np.array_equal(view.channel_max, want["max"])
 
 
-def test_a_big_weights_int8_figures_come_from_a_sample_within_005_db():
+@pytest.mark.parametrize("shape, out_axis", [((512, 256, 3, 3), 0), ((2048, 640), 1)])
+def test_a_big_weights_int8_figures_come_from_a_sample_within_01_db(shape, out_axis):
+    """Structure a sample could miss: channel ranges 30x apart and a fold scaling them up to
+    55x, input channels (rows of the MatMul weight, sampled whole) e^+-1 apart, a centre
+    tap 3x the others in each kernel."""
     rng = np.random.default_rng(2)
-    weight = (rng.standard_normal((256, 256, 3, 3)) * 0.02).astype(np.float32)
-    factor = np.exp(rng.uniform(-2, 2, (256, 1, 1, 1)))
-    assert P.int8_stride(weight.size, 256 * 9) > 1
-    _, sampled = P.measure_weight(weight, [None, factor], 0, ("int8",))
-    _, whole = P.measure_weight(weight, [None, factor], 0, ("int8",), sample_limit=weight.size)
+    weight = rng.standard_normal(shape) * 0.02
+    weight *= np.exp(rng.uniform(0, np.log(30), shape[out_axis])).reshape(
+        [-1 if a == out_axis else 1 for a in range(len(shape))])
+    weight *= np.exp(rng.uniform(-1, 1, shape[1 - out_axis])).reshape(
+        [-1 if a == 1 - out_axis else 1 for a in range(len(shape))])
+    if len(shape) == 4:
+        weight[:, :, 1, 1] *= 3
+    weight = weight.astype(np.float32)
+    factor = np.exp(rng.uniform(-2, 2, [shape[a] if a == out_axis else 1 for a in range(len(shape))]))
+    _, sampled = P.measure_weight(weight, [None, factor], out_axis, ("int8",))
+    _, whole = P.measure_weight(weight, [None, factor], out_axis, ("int8",), sample_limit=weight.size)
+    assert sampled[0].pc_noise.sum() != whole[0].pc_noise.sum()  # a sample indeed
     for a, b in zip(sampled, whole):
         for noise in ("pt_noise", "pc_noise"):
             db = lambda v: P.sqnr_db(float(v.signal.sum()), float(np.sum(getattr(v, noise))))
-            assert abs(db(a) - db(b)) < 0.05
+            assert abs(db(a) - db(b)) < 0.1
 
 
 def test_spread_and_growth():
