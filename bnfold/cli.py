@@ -215,6 +215,13 @@ VERIFY_REFERENCE_OUTPUTS = typer.Option(
     None, "--reference-outputs", help="Compare against these stored outputs (.npz keyed by output name); needs --inputs.")
 VERIFY_SAVE_OUTPUTS = typer.Option(None, "--save-outputs", help="Write the reference (ORIGINAL's CPU) outputs to this .npz.")
 VERIFY_SAVE_INPUTS = typer.Option(None, "--save-inputs", help="Write the inputs used to this .npz (--inputs reads it).")
+VERIFY_PRECISION = typer.Option(
+    None, "--precision", metavar="fp16", help="Also run both models converted to fp16 (needs bnfold[precision]) and "
+    "fail where the fold makes fp16 worse than ORIGINAL's own fp16 drift.")
+TARGET = typer.Option(
+    None, "--target", metavar="fp16|bf16|int8",
+    help="Measure what each fold does to this next step's precision (repeatable): growth, channel range spread, "
+         "fp16/bf16 overflow and underflow, int8 SQNR; see docs/precision.md.")
 
 
 def verify_options(**fields):
@@ -224,7 +231,8 @@ def verify_options(**fields):
     return VerifyOptions(shapes=parse_shapes(fields.pop("shape") or []),
                          input_ranges=parse_input_ranges(fields.pop("input_range") or []),
                          channel_axes=parse_channel_axes(fields.pop("channel_axis") or []),
-                         metrics=tuple(fields.pop("metric") or ()), **fields)
+                         metrics=tuple(fields.pop("metric") or ()), precision=tuple(fields.pop("precision") or ()),
+                         **fields)
 
 
 @app.command()
@@ -256,6 +264,9 @@ def fold(
     recalibrate_data: Optional[Path] = typer.Option(
         None, "--recalibrate", metavar="DATA.npz",
         help="First recompute every BN's running statistics from these inputs (as `bnfold recalibrate`), then fold."),
+    target: Optional[list[str]] = TARGET,
+    keep: Optional[list[str]] = typer.Option(
+        None, "--keep", metavar="NAME", help="Leave this BN (or Mul/Add/Sub/Div site) as it is (repeatable)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
     verify_output: bool = typer.Option(
         False, "--verify", help="Verify OUT against MODEL in onnxruntime, like `bnfold verify`; exit 1 on a mismatch."),
@@ -276,20 +287,22 @@ def fold(
     reference_outputs: Optional[Path] = VERIFY_REFERENCE_OUTPUTS,
     save_outputs: Optional[Path] = VERIFY_SAVE_OUTPUTS,
     save_inputs: Optional[Path] = VERIFY_SAVE_INPUTS,
+    precision: Optional[list[str]] = VERIFY_PRECISION,
     verify_json: Optional[Path] = typer.Option(None, "--verify-json", help="With --verify: write its report as JSON."),
     keep_on_failure: bool = typer.Option(
         False, "--keep-on-failure", help="With --verify: keep OUT when verification fails (it is removed otherwise)."),
 ) -> None:
     """Fold every foldable BatchNormalization of MODEL into its neighbour and write OUT.
 
-    Exit 0 when OUT was written (with --strict: every BN folded and inference-ready; with
-    --verify: OUT verified), 1 when one of those checks failed, 2 on bad input (with
-    several models: the worst of them).
+    Exit 0 when OUT was written (with --strict: every BN folded and inference-ready, and
+    with --target no precision problem; with --verify: OUT verified), 1 when one of those
+    checks failed, 2 on bad input (with several models: the worst of them).
     """
     from bnfold.engine import FoldOptions, fold as fold_model
 
     options = FoldOptions(fold_overridable=fold_overridable, decompose_standalone=decompose_standalone,
-                          to_inference=to_inference, merge_branches=not no_merge_branches)
+                          to_inference=to_inference, merge_branches=not no_merge_branches,
+                          targets=tuple(target or ()), keep=frozenset(keep or ()))
     if out_dir is None and len(models) == 1 and models[0].is_dir():
         raise InputError(f"{models[0]}: is a directory; fold the models in it with --out-dir DIR")
     if out_dir is not None or len(models) > 1:
@@ -328,11 +341,11 @@ def fold(
                                    channel_rtol=channel_rtol, channel_axis=channel_axis, metric=metric,
                                    reference_outputs=reference_outputs, save_outputs=save_outputs,
                                    save_inputs=save_inputs, reference_inference=to_inference,
-                                   noise_factor=noise_factor)
+                                   noise_factor=noise_factor, precision=precision)
     elif any(v is not None and v != [] for v in (input_range, channel_rtol, channel_axis, metric, reference_outputs,
-                                                 save_outputs, save_inputs, noise_factor)):
+                                                 save_outputs, save_inputs, noise_factor, precision)):
         raise InputError("--input-range, --channel-rtol, --noise-factor, --channel-axis, --metric, "
-                         "--reference-outputs, --save-outputs and --save-inputs apply only with --verify")
+                         "--reference-outputs, --save-outputs, --save-inputs and --precision apply only with --verify")
     from bnfold.load import disk_size, external_data_files, has_external_data, load_source, weight_bytes
     from bnfold.progress import THRESHOLD_BYTES, Steps, save_callback
 
@@ -480,14 +493,19 @@ def inspect(
                                         help="ONNX models, or folders searched for *.onnx (recursively)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the findings as JSON to this file (- for stdout)."),
     junit: Optional[Path] = JUNIT,
+    target: Optional[list[str]] = TARGET,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ) -> None:
     """Audit every BatchNormalization: inference mode, statistics health, fold plan.
 
-    Exit 0 when every BN is inference-ready, 1 when any is not, 2 when a model is unusable
-    (with several models: the worst of them; every model is still audited).
+    Exit 0 when every BN is inference-ready (with --target: and no planned fold has a
+    precision problem), 1 when any is not, 2 when a model is unusable (with several
+    models: the worst of them; every model is still audited).
     """
-    from bnfold.audit import findings_to_dict, inspect as inspect_model
+    from bnfold.audit import audit, findings_to_dict, other_sites
+    from bnfold.plan import FoldOptions
+
+    targets = FoldOptions(targets=tuple(target or ())).targets  # checked before any model is read
     from bnfold.load import load_source
     from bnfold.save import output_target
 
@@ -504,24 +522,24 @@ def inspect(
         try:
             source = naming_input(model, lambda: load_source(model))
             refuse_overwriting_input(model, source, [("JSON report", p) for p in [json_path, junit] if p])
-            findings = naming_input(model, lambda: inspect_model(source))
+            findings, ledger = naming_input(model, lambda: audit(source, targets))
         except BnfoldError as exc:
             if not several:
                 raise
             err_console().print(f"bnfold: error: {exc}", markup=False, highlight=False, soft_wrap=True)
-            audited.append((model, None, error_verdict("inspect", str(model), str(exc), exc.exit_code)))
+            audited.append((model, None, None, error_verdict("inspect", str(model), str(exc), exc.exit_code)))
             continue
-        verdict = inspect_verdict(findings, str(model))
-        audited.append((model, findings, verdict))
+        verdict = inspect_verdict(findings, str(model), other_sites(ledger), targets)
+        audited.append((model, findings, ledger, verdict))
         if not quiet:
             from bnfold.render import render_findings
 
-            render_findings(findings, human, model if several else None)
+            render_findings(findings, human, model if several else None, ledger)
         say_failure(verdict, quiet, human, f" in {model}" if several else "")
-    verdicts = [v for _, _, v in audited]
+    verdicts = [v for *_, v in audited]
     code = exit_code(verdicts)
-    reports = [findings_to_dict(f, input=str(m), **v.to_dict()) if f is not None else {"input": str(m), **v.to_dict()}
-               for m, f, v in audited]
+    reports = [findings_to_dict(f, ledger, input=str(m), **v.to_dict()) if f is not None
+               else {"input": str(m), **v.to_dict()} for m, f, ledger, v in audited]
     write_reports(verdicts, json_path, junit, reports[0] if not several else {
         "schema": "bnfold.inspect.batch", "schema_version": 1, "verdict": batch_label(code), "exit_code": code,
         "models": reports})
@@ -578,6 +596,7 @@ def verify(
     reference_outputs: Optional[Path] = VERIFY_REFERENCE_OUTPUTS,
     save_outputs: Optional[Path] = VERIFY_SAVE_OUTPUTS,
     save_inputs: Optional[Path] = VERIFY_SAVE_INPUTS,
+    precision: Optional[list[str]] = VERIFY_PRECISION,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON (schema: docs/verify.md)."),
     junit: Optional[Path] = JUNIT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
@@ -595,7 +614,7 @@ def verify(
                                  seed=seed, rtol=rtol, atol=atol, allow_tf32=allow_tf32, input_range=input_range,
                                  channel_rtol=channel_rtol, channel_axis=channel_axis, metric=metric,
                                  reference_outputs=reference_outputs, save_outputs=save_outputs,
-                                 save_inputs=save_inputs, noise_factor=noise_factor)
+                                 save_inputs=save_inputs, noise_factor=noise_factor, precision=precision)
         if reference_outputs is not None and candidate is None:
             original, candidate = None, original  # `bnfold verify CANDIDATE --reference-outputs REF.npz`
         elif candidate is None:

@@ -17,6 +17,7 @@ import onnx
 
 from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants
+from bnfold.errors import InputError
 from bnfold.health import bn_problems
 from bnfold.ledger import Ledger, LedgerEntry
 from bnfold.load import as_source, has_external_data
@@ -91,9 +92,16 @@ def run(source: Source, options: FoldOptions = FoldOptions(),
     # Decomposing is the last resort: only a BN that no pass could fold becomes Mul + Add.
     folding = Context(consts, dataclasses.replace(options, decompose_standalone=False))
     passes = [folding] + ([Context(consts, options)] if options.decompose_standalone else [])
+    pending: list = []  # with targets: (entry, assess.Pending), put together once all is planned
     for context in passes:
-        _passes(scopes, context, editor, entries, seen, observe)
-    ledger = Ledger()
+        _passes(scopes, context, editor, entries, seen, observe, pending)
+    for entry, measured in pending:
+        entry.precision = measured.finish()
+    unknown = sorted(options.keep - {node.name for node in seen})
+    if unknown:
+        raise InputError(f"--keep {unknown[0]}: no BatchNormalization or affine site has that name "
+                         "(`bnfold inspect` lists them)")
+    ledger = Ledger(targets=list(options.targets))
     for node in seen:
         if node in entries:
             _retarget(entries[node], editor.targets.get(node, ()), editor.merged)
@@ -115,7 +123,7 @@ def _retarget(entry: LedgerEntry, into: tuple, merged: dict) -> None:
     entry.into_op = ", ".join(dict.fromkeys(n.op_type for n in final))
 
 
-def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict, observe) -> None:
+def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict, observe, pending: list) -> None:
     """Plan and rewrite every site, pass after pass, until a pass folds nothing."""
     consts = context.consts
     changed = True
@@ -138,7 +146,16 @@ def _passes(scopes, context: Context, editor: Editor, entries: dict, seen: dict,
                 plan = plan_merge(site, context) if site.merge else plan_site(site, context)
                 if plan is None:
                     continue
-                _record(entries, node, editor.apply(plan), seen)
+                # With a target: names taken before the rewrite; figures once every site is planned.
+                measured = None
+                if context.options.targets and isinstance(plan, (Fold, Merge)):
+                    from bnfold.assess import prepare
+
+                    measured = prepare(plan, context.options.targets)
+                entry = editor.apply(plan)
+                if measured is not None:
+                    pending.append((entry, measured))
+                _record(entries, node, entry, seen)
                 if isinstance(plan, Fold):
                     editor.targets[node] = plan.into
                 if isinstance(plan, Merge):

@@ -59,13 +59,18 @@ class MergedTensor(ir.LazyTensor):
         rows = max(1, self._block // max(1, int(np.prod(shape[1:]))))
         for start in range(0, shape[0], rows):
             stop = min(shape[0], start + rows)
-            kernels = [(np.asarray(array[start:stop], dtype=np.float64) * _rows(factor, start, stop), offset)
-                       for array, (_, factor, offset) in zip(sources, self.kernels)]
-            diagonals = [(multiplier[start:stop], offset, window) for multiplier, offset, window in self.diagonals]
-            out[start:stop] = affine.merge_rows(shape, start, stop, kernels, diagonals)  # the one rounding
+            out[start:stop] = self.rows(sources, start, stop)  # the one rounding
             for array in sources:
                 self._release(array)
         return ir.Tensor(out, dtype=self.dtype)
+
+    def rows(self, sources: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (output channels) of the merged kernel, in float64, from the
+        branch kernels' arrays ``sources``."""
+        kernels = [(np.asarray(array[start:stop], dtype=np.float64) * _rows(factor, start, stop), offset)
+                   for array, (_, factor, offset) in zip(sources, self.kernels)]
+        diagonals = [(multiplier[start:stop], offset, window) for multiplier, offset, window in self.diagonals]
+        return affine.merge_rows(tuple(self.shape.numpy()), start, stop, kernels, diagonals)
 
 
 def _rows(factor: np.ndarray, start: int, stop: int) -> np.ndarray:

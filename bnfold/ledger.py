@@ -7,10 +7,11 @@ match on these codes, so they are part of the public interface (see docs/ledger.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-LEDGER_SCHEMA_VERSION = 2
+LEDGER_SCHEMA_VERSION = 3
 
 #: Why a BN was kept. Keys are stable codes; values explain them to a person.
 REASONS: dict[str, str] = {
@@ -41,6 +42,7 @@ REASONS: dict[str, str] = {
     "sequential-branch": "a branch applies two convs in a row (1x1 -> BN -> kxk): no single kernel, unless its padding carries the BN-shifted value",
     "avgpool-borders": "an average-pool branch divides its border by fewer elements (count_include_pad=0 with padding, ceil_mode): no conv computes that",
     "unproven-crossing": "an op on the route (a pool, Resize, Slice, Gather, Split, Pad, Concat, ...) works on the channels or has facts that cannot be proven",
+    "kept-on-request": "the site was named by --keep (say, because folding it would hurt a --target's precision)",
 }
 
 
@@ -94,6 +96,14 @@ class LedgerEntry:
     #: Inference-readiness problems of a BN (codes from ``health.PROBLEMS``) and their details.
     problems: list[str] = field(default_factory=list)
     problem_details: list[str] = field(default_factory=list)
+    #: With --target: what the fold does to each target's precision (``precision.Precision``:
+    #: each written tensor's figures, and problems with codes from ``precision.PROBLEMS``);
+    #: None without a target, and for a site that was not folded.
+    precision: object | None = None
+
+    @property
+    def precision_problems(self) -> list:
+        return list(self.precision.problems) if self.precision is not None else []
 
     @property
     def folded(self) -> bool:
@@ -109,7 +119,18 @@ class LedgerEntry:
         return self.op == "BatchNormalization"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return json_safe(dataclasses.asdict(self))
+
+
+def json_safe(value):
+    """JSON has no inf/nan: write them as the strings "inf", "-inf", "nan" (as verify's report)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
 
 
 @dataclass
@@ -118,6 +139,8 @@ class Ledger(Sequence):
     (``ledger[0]``, ``ledger[-1]``, slices give lists)."""
 
     entries: list[LedgerEntry] = field(default_factory=list)
+    #: The --target formats the folded tensors were measured for (empty: not measured).
+    targets: list[str] = field(default_factory=list)
 
     def __getitem__(self, index):
         return self.entries[index]
@@ -153,6 +176,7 @@ class Ledger(Sequence):
             "other_kept": sum(e.status == STATUS_KEPT for e in others),
             "merged": sum(e.status == STATUS_MERGED for e in others),
             "with_problems": sum(bool(e.problems) for e in bns),
+            "with_precision_problems": sum(bool(e.precision_problems) for e in self.entries),
         }
 
     def to_dict(self, **context) -> dict:
@@ -163,6 +187,7 @@ class Ledger(Sequence):
             "schema_version": LEDGER_SCHEMA_VERSION,
             "bnfold_version": __version__,
             **context,
+            "targets": list(self.targets),
             "summary": self.summary(),
             "entries": [e.to_dict() for e in self.entries],
         }

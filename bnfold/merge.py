@@ -69,6 +69,11 @@ class Merge:
     detail: str
     channels: int
     convert: bool = False
+    #: What ``into`` had before the merge (for the precision figures): its weight and bias,
+    #: their names and the conv's.
+    weight_before: ir.TensorProtocol | None = None
+    bias_before: np.ndarray | None = None
+    names: tuple[str, str, str] = ("", "", "")
 
 
 def is_sum(node: ir.Node, consts: Constants) -> bool:
@@ -107,11 +112,15 @@ def plan_merge(site: Site, ctx: Context) -> Merge | Keep | None:
             continue
         return None  # the larger expression merges, when its sum is planned
     try:
-        return _analyse(site.node, ctx, site)
+        merge = _analyse(site.node, ctx, site)
     except _NotCandidate:
         return None
     except NoMatch as no:
         return None if above else Keep(site, no.reason, no.detail)
+    named = [n.name for n in (site.node, merge.into, *merge.nodes) if n.name and n.name in ctx.options.keep]
+    if named:
+        return Keep(site, "kept-on-request", f"--keep {', '.join(named)}: the branches stay apart", merge.channels)
+    return merge
 
 
 def _roots_above(node: ir.Node, consts: Constants) -> list[ir.Node]:
@@ -148,14 +157,17 @@ def _analyse(root: ir.Node, ctx: Context, site: Site) -> Merge:
     geometry = _Geometry(convs, x, consts)
     ref = geometry.reference()
     kernels, diagonals, names = _placed(terms, geometry, ref, consts)
-    weight = weight_and_bias(ref, consts)[0]
+    weight, old_bias = weight_and_bias(ref, consts)
     _require_fits(kernels, diagonals, weight.dtype, root)
     bias = _cast(terms.bias, weight.dtype, "merged bias", root)
     nodes = tuple(t.node for t in _all_terms(tree) if t.node is not None and t.node is not ref)
     absorbed = tuple(n for n in nodes if n.op_type == "BatchNormalization")
     detail = f"merged {len(names)} branches ({', '.join(names)}) into {describe(ref)}"
     return Merge(site, ref, tuple(weight.shape), weight.dtype, tuple(kernels), tuple(diagonals), bias, nodes,
-                 absorbed, f"merge({'+'.join(names)})", detail, terms.channels)
+                 absorbed, f"merge({'+'.join(names)})", detail, terms.channels, weight_before=weight,
+                 bias_before=None if old_bias is None else np.asarray(old_bias.numpy()),
+                 names=(ref.inputs[1].name, ref.inputs[2].name if len(ref.inputs) > 2 and ref.inputs[2] is not None
+                        else "", describe(ref)))
 
 
 def _placed(terms: _Terms, geometry: _Geometry, ref: ir.Node, consts: Constants) -> tuple[list, list, list[str]]:

@@ -27,7 +27,7 @@ from bnfold import affine
 from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants, rank_of, static_dims
 from bnfold.errors import InputError
-from bnfold.folded import compose
+from bnfold.folded import FoldedTensor, compose
 from bnfold.ledger import NoMatch
 from bnfold.patterns import LinearMatch, describe, require_resolved
 from bnfold.patterns.elementwise import ElementwiseSite, as_site, channel_vector, scale_shift
@@ -51,6 +51,22 @@ class FoldOptions:
     to_inference: bool = False
     #: Merge parallel conv branches of one tensor that meet in a sum into one conv (exact).
     merge_branches: bool = True
+    #: --target: the next step's formats ("fp16", "bf16", "int8", ``precision.TARGETS``);
+    #: each folded tensor gets their figures and problems (``bnfold.assess``). Folding
+    #: itself does not change; without a target nothing is measured.
+    targets: tuple[str, ...] = ()
+    #: --keep: names of sites (BN, Mul/Add/Sub/Div nodes) to leave as they are.
+    keep: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))
+        object.__setattr__(self, "keep", frozenset(self.keep))
+        if self.targets:
+            from bnfold.precision import TARGETS
+
+            unknown = [t for t in self.targets if t not in TARGETS]
+            if unknown:
+                raise InputError(f"--target {unknown[0]!r}: expected one of {', '.join(TARGETS)}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,19 @@ class WeightEdit:
     index: int
     source: ir.TensorProtocol
     factor: np.ndarray
+    #: The weight axis of the op's output channels, and which channels this fold scales
+    #: ("output" or "input") along which axes of ``factor``'s own (empty: a uniform map).
+    out_axis: int = 0
+    scaled: str = "output"
+    scaled_axes: tuple[int, ...] = ()
+    #: The factor an earlier fold in this run gave the weight (None: the input's weight).
+    prior: np.ndarray | None = None
+    #: With targets: the weight before and after the fold, measured while planning read it
+    #: to prove the folded weight fits its dtype (``precision.measure_weight``'s views).
+    measured: list | None = None
+    #: The input's name of the weight and what the linear op is, for reports.
+    name: str = ""
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +153,10 @@ class BiasEdit:
     after: ir.Node | None = None
     #: Gemm: beta was folded into the new C, so it becomes 1.
     reset_beta: bool = False
+    #: The bias the linear op had (None: none), its name and the op's, for reports.
+    before: np.ndarray | None = None
+    name: str = ""
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -302,7 +335,15 @@ def plan_site(site: Site, ctx: Context) -> Plan | None:
     """Decide, without changing anything, whether and how ``site`` folds.
 
     None for a Mul/Add with no linear op behind it: that is not a folding site at all.
+    A site named by ``--keep`` that would fold stays, with the reason "kept-on-request".
     """
+    plan = _plan_site(site, ctx)
+    if isinstance(plan, Fold) and site.node.name in ctx.options.keep:
+        return Keep(site, "kept-on-request", f"--keep {site.node.name}", plan.channels, plan.convert)
+    return plan
+
+
+def _plan_site(site: Site, ctx: Context) -> Plan | None:
     convert = False
     channels = None
     try:
@@ -347,7 +388,7 @@ def _plan_elementwise(site: Site, ctx: Context) -> Plan | None:
         vector = constant.astype(np.float64).reshape(1) if uniform else channel_vector(constant, root.channel)
         scale, shift = scale_shift(site.elementwise, vector)
         return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale,
-                           root.channel)
+                           root.channel, measure=ctx.options.targets)
     except NoMatch as after:
         try:
             return _plan_elementwise_before(site, ctx)
@@ -403,7 +444,7 @@ def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:
         if not uniform:
             _require_bn_channels(site, root.channel, stats.channels)
         return _plan_after(site, upstream_route(root, scale, shift, site.kind, uniform=uniform), scale,
-                           root.channel, convert)
+                           root.channel, convert, measure=ctx.options.targets)
     except NoMatch as after:
         try:
             return _plan_before(site, stats, scale, shift, ctx, convert)
@@ -448,10 +489,12 @@ def _require_no_broadcast(data: ir.Value, shape: tuple[int, ...], node: ir.Node)
                                                   f"{data.name!r} to a larger shape")
 
 
-def _plan_after(site: Site, route: Route, scale: np.ndarray, channel: Channel | None, convert: bool = False) -> Fold:
+def _plan_after(site: Site, route: Route, scale: np.ndarray, channel: Channel | None, convert: bool = False,
+                measure: tuple[str, ...] = ()) -> Fold:
     """``W' = s (.)_out W``, ``b' = s * (beta * b) + t`` for each producer, on its share of
-    the map; every result checked before anything changes."""
-    parts = tuple(_after_part(leg.match, leg.scale, leg.shift) for leg in route.legs)
+    the map; every result checked before anything changes. ``measure``: the targets each
+    folded tensor is measured for (``bnfold.precision``)."""
+    parts = tuple(_after_part(leg.match, leg.scale, leg.shift, measure) for leg in route.legs)
     channels = scale.size if scale.size > 1 else max(leg.scale.size for leg in route.legs)
     return Fold(site, "after", route.pattern, channels, scale, into=route.into, parts=parts, route=route.text,
                 convert=convert, channel_axis=_axis(channel))
@@ -462,26 +505,61 @@ def _axis(channel: Channel | None) -> int | None:
     return None if channel is None else (channel.normalized() or channel).axis
 
 
-def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray) -> Part:
+def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray, measure: tuple[str, ...] = ()) -> Part:
     weight = match.weight
     _require_nonempty(weight, scale, match.node)
-    source, factor = compose(weight, affine.output_channel_factor(tuple(weight.shape), scale, match.out_axis,
-                                                                  match.groups))
-    _require_weight_fits(match.node, source, factor)
+    new = affine.output_channel_factor(tuple(weight.shape), scale, match.out_axis, match.groups)
+    source, factor = compose(weight, new)
+    measured = _require_weight_fits(match.node, source, factor, _measuring(weight, match.out_axis, measure))
     # beta = 0: onnxruntime ignores C, so the fold must too (0 * inf would be NaN).
     old_bias = None
     if match.bias is not None and match.bias_factor != 0:
         old_bias = _finite(match.bias.numpy().astype(np.float64), match.node, "bias") * match.bias_factor
     bias_dtype = (match.bias if match.bias is not None else weight).dtype
     new_bias = _cast(affine.shifted_bias(old_bias, scale, shift), bias_dtype, "folded bias", match.node)
-    edit = WeightEdit(match.node, match.weight_index, source, factor)
+    edit = _weight_edit(match.node, match.weight_index, weight, source, factor, new, match.out_axis, "output",
+                        measured)
+    before, name, label = _old_bias(match.bias, match.bias_node, match.bias_index, measure)
     if match.bias_node is not None:
-        return Part(edit, BiasEdit(new_bias, match.bias_node, match.bias_index, reset_beta=match.bias_factor != 1.0))
+        return Part(edit, BiasEdit(new_bias, match.bias_node, match.bias_index, reset_beta=match.bias_factor != 1.0,
+                                   before=before, name=name, label=label))
     if not np.any(new_bias != 0):
         return Part(edit, None)
     # A new Add after the op, shaped to broadcast along its channel axis (counted from the end).
     trailing = -match.channel_axis - 1 if match.channel_axis < 0 else 0
-    return Part(edit, BiasEdit(new_bias.reshape([-1] + [1] * trailing), after=match.node))
+    return Part(edit, BiasEdit(new_bias.reshape([-1] + [1] * trailing), after=match.node,
+                               label=describe(match.node) if measure else ""))
+
+
+def _weight_edit(node: ir.Node, index: int, weight: ir.TensorProtocol, source: ir.TensorProtocol,
+                 factor: np.ndarray, new: np.ndarray, out_axis: int, scaled: str, measured) -> WeightEdit:
+    """The edit; with targets (``measured``: its measurement), what the figures say about
+    it: the factor before this fold, the axes this fold's factor runs along, names."""
+    if measured is None:
+        return WeightEdit(node, index, source, factor, out_axis=out_axis, scaled=scaled)
+    prior = weight.factor if isinstance(weight, FoldedTensor) else None
+    axes = tuple(a for a, size in enumerate(np.shape(new)) if size > 1)
+    return WeightEdit(node, index, source, factor, out_axis=out_axis, scaled=scaled, scaled_axes=axes, prior=prior,
+                      measured=measured, name=node.inputs[index].name if node.inputs[index] is not None else "",
+                      label=describe(node))
+
+
+def _measuring(weight: ir.TensorProtocol, out_axis: int, targets: tuple[str, ...]) -> tuple | None:
+    """What ``_require_weight_fits`` measures the weight for besides: the targets, the
+    factor the weight had before this fold, its output axis (None without targets)."""
+    if not targets:
+        return None
+    return targets, weight.factor if isinstance(weight, FoldedTensor) else None, out_axis
+
+
+def _old_bias(bias: ir.TensorProtocol | None, node: ir.Node | None, index: int | None,
+              measure: tuple[str, ...]) -> tuple[np.ndarray | None, str, str]:
+    """The bias an op had, its name and the op's, for the precision figures (only when measured)."""
+    if not measure:
+        return None, "", ""
+    value = node.inputs[index] if node is not None and index is not None and index < len(node.inputs) else None
+    return (None if bias is None else np.asarray(bias.numpy()), value.name if value is not None else "",
+            describe(node) if node is not None else "")
 
 
 def _plan_before(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, ctx: Context,
@@ -501,10 +579,11 @@ def _fold_down(site: Site, root, scale: np.ndarray, shift: np.ndarray, ctx: Cont
     ``x + t/s`` and only the scale travels: padding ``x + t/s`` and scaling by s pads
     ``s*x + t`` with zeros."""
     shift_refused = None
+    measure = ctx.options.targets
     try:
         route = downstream_route(root, scale, shift, site.kind)
         if all(leg.match.exact_shift for leg in route.legs) or not np.any(shift != 0):
-            parts = tuple(_before_part(leg, leg.match.exact_shift) for leg in route.legs)
+            parts = tuple(_before_part(leg, leg.match.exact_shift, measure) for leg in route.legs)
             return Fold(site, "before", route.pattern, scale.size, scale, into=route.into, parts=parts,
                         route=route.text, convert=convert, channel_axis=_axis(root.channel))
         padded = next(leg.match.node for leg in route.legs if not leg.match.exact_shift)
@@ -521,7 +600,7 @@ def _fold_down(site: Site, root, scale: np.ndarray, shift: np.ndarray, ctx: Cont
         raise NoMatch("zero-scale", f"the shift cannot reach every linear op ({where}) and a BN scale is 0, "
                                     "so it cannot stay as an Add")
     route = downstream_route(root, scale, np.zeros_like(shift), site.kind)
-    parts = tuple(_before_part(leg, False) for leg in route.legs)
+    parts = tuple(_before_part(leg, False, measure) for leg in route.legs)
     data = site.node.inputs[site.data_index]
     # A conv reading the site directly knows its input's rank (the site may sit in a function).
     direct = [r.match.input_channel.rank for r in root.readers if r.match.node.op_type == "Conv"]
@@ -536,16 +615,17 @@ def _fold_down(site: Site, root, scale: np.ndarray, shift: np.ndarray, ctx: Cont
                 route=route.text, convert=convert, detail=detail, channel_axis=_axis(root.channel))
 
 
-def _before_part(leg: Leg, with_shift: bool) -> Part:
+def _before_part(leg: Leg, with_shift: bool, measure: tuple[str, ...] = ()) -> Part:
     """One linear op's share of a map before it: the scale into its input axis and, with
     the shift, ``W t`` into its bias."""
     consumer = leg.match
     weight = consumer.weight
     _require_nonempty(weight, leg.scale, consumer.node)
-    source, factor = compose(weight, affine.input_channel_factor(tuple(weight.shape), leg.scale, consumer.in_axis,
-                                                                 consumer.groups))
-    _require_weight_fits(consumer.node, source, factor)
-    edit = WeightEdit(consumer.node, consumer.weight_index, source, factor)
+    new = affine.input_channel_factor(tuple(weight.shape), leg.scale, consumer.in_axis, consumer.groups)
+    source, factor = compose(weight, new)
+    measured = _require_weight_fits(consumer.node, source, factor, _measuring(weight, consumer.out_axis, measure))
+    edit = _weight_edit(consumer.node, consumer.weight_index, weight, source, factor, new, consumer.out_axis,
+                        "input", measured)
     if not with_shift:
         return Part(edit, None)
     weight_values = _finite(np.asarray(weight.numpy(), dtype=np.float64), consumer.node, "weight")
@@ -555,10 +635,12 @@ def _before_part(leg: Leg, with_shift: bool) -> Part:
         old_bias = _finite(consumer.bias.numpy().astype(np.float64), consumer.node, "bias") * consumer.bias_factor
     bias_dtype = (consumer.bias if consumer.bias is not None else weight).dtype
     new_bias = _cast(old_bias + consumer.shift_factor * extra, bias_dtype, "folded bias", consumer.node)
+    before, name, label = _old_bias(consumer.bias, consumer.bias_node, consumer.bias_index, measure)
     if consumer.bias_node is not None:
         return Part(edit, BiasEdit(new_bias, consumer.bias_node, consumer.bias_index,
-                                   reset_beta=consumer.bias_factor != 1.0))
-    return Part(edit, BiasEdit(new_bias, after=consumer.node) if np.any(new_bias != 0) else None)
+                                   reset_beta=consumer.bias_factor != 1.0, before=before, name=name, label=label))
+    return Part(edit, BiasEdit(new_bias, after=consumer.node, label=describe(consumer.node) if measure else "")
+                if np.any(new_bias != 0) else None)
 
 
 def _plan_decompose(site: Site, stats: BNStats, scale: np.ndarray, shift: np.ndarray, convert: bool,
@@ -592,15 +674,26 @@ def _require_nonempty(weight: ir.TensorProtocol, scale: np.ndarray, node: ir.Nod
         raise NoMatch("zero-size", f"the weight of {describe(node)} has shape {list(weight.shape)}")
 
 
-def _require_weight_fits(node: ir.Node, weight: ir.TensorProtocol, factor: np.ndarray) -> None:
+def _require_weight_fits(node: ir.Node, weight: ir.TensorProtocol, factor: np.ndarray,
+                         measure: tuple | None = None):
     """The folded weight is finite and fits its dtype: decided from the largest magnitude
-    per factor cell, so nothing can overflow later while the weight is written."""
+    per factor cell, so nothing can overflow later while the weight is written. With
+    ``measure`` (``_measuring``), the same read measures the weight before and after the
+    fold for the targets: the measurement is returned."""
     source = weight_array(weight)
-    peak = affine.peak_by_factor(source, factor, done=lambda: release_pages(source))
+    measured = None
+    if measure is None:
+        peak = affine.peak_by_factor(source, factor, done=lambda: release_pages(source))
+    else:
+        from bnfold.precision import measure_weight
+
+        targets, prior, out_axis = measure
+        peak, measured = measure_weight(source, [prior, factor], out_axis, targets, done=lambda: release_pages(source))
     if not np.all(np.isfinite(peak)):
         raise NoMatch("non-finite-params", f"the weight of {describe(node)} holds NaN or infinity")
     if affine.cast_checked(peak * np.abs(factor), np.dtype(weight.dtype.numpy())) is None:
         raise NoMatch("dtype-overflow", f"the folded weight of {describe(node)} exceeds the range of {weight.dtype.name}")
+    return measured
 
 
 def weight_array(tensor: ir.TensorProtocol) -> np.ndarray:

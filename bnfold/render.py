@@ -100,16 +100,108 @@ def _mib(size: int) -> str:
 
 def render_ledger(ledger, out: Path, console, sizes: tuple[int | None, int | None] | None = None,
                   op_changes: dict | None = None) -> None:
-    """The fold ledger: a table on a terminal, plain lines otherwise; then the summary.
-    ``sizes``: bytes on disk of the input and of OUT, each with its external data."""
+    """The fold ledger: a table on a terminal, plain lines otherwise; with targets, the
+    precision figures and problems; then the summary. ``sizes``: bytes on disk of the
+    input and of OUT, each with its external data."""
     if console.is_terminal:
         _ledger_table(ledger, console)
     else:
         _print_lines(console, [ledger_title(ledger), *(_ascii_safe(console, line) for line in ledger_lines(ledger))])
+    if ledger.targets:
+        render_precision(list(ledger), ledger.targets, console)
+        flagged = [e for e in ledger if e.precision_problems]
+        if flagged:
+            from bnfold.verdict import precision_codes
+
+            _print_lines(console, [f"warning: {len(flagged)} folded site(s) with precision problems for "
+                                   f"{', '.join(ledger.targets)} ({', '.join(precision_codes(flagged))}); "
+                                   "--strict fails on them"])
     tail = readiness_lines(ledger)
     tail.append(size_line(ledger, sizes, op_changes))
     tail.append(f"wrote {out}")
     _print_lines(console, [_ascii_safe(console, line) for line in tail])
+
+
+# --- precision (--target) ---------------------------------------------------------------
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else ("inf" if value == float("inf") else f"{value:.3g}x")
+
+
+def _db(value) -> str:
+    return "n/a" if value is None else ("exact" if value == float("inf") else f"{value:.1f}")
+
+
+def _change(change, show, arrow: str, unit: str = "") -> str:
+    return f"{show(change.before)} {arrow} {show(change.after)}{unit}"
+
+
+def tensor_name(figures) -> str:
+    """``'conv1.weight'``, or what a new tensor is (``new bias``)."""
+    return repr(figures.tensor) if figures.tensor else f"new {figures.role}"
+
+
+def figure_parts(figures, arrow: str = "->") -> list[str]:
+    """A measured tensor's figures, before and after the fold, a few words each."""
+    parts = []
+    if figures.growth is not None:
+        parts.append(f"growth {_ratio(figures.growth)}")
+    if figures.spread is not None:
+        parts.append(f"spread ({figures.scaled} channels) {_change(figures.spread, _ratio, arrow)}")
+    for name in ("fp16", "bf16"):
+        counts = getattr(figures, name)
+        if counts is not None:
+            parts.append(f"{name} overflow {_change(counts.overflow, str, arrow)}, "
+                         f"underflow {_change(counts.underflow, str, arrow)}")
+    if figures.int8 is not None:
+        parts.append(f"int8 SQNR per tensor {_change(figures.int8.per_tensor_sqnr_db, _db, arrow, ' dB')}")
+        parts.append(f"per channel {_change(figures.int8.per_channel_sqnr_db, _db, arrow, ' dB')}")
+    return parts
+
+
+def precision_lines(entries) -> list[str]:
+    """One plain line per measured tensor of every folded site: what folded it, the tensor,
+    its figures before and after the fold."""
+    lines = []
+    for e in entries:
+        if e.precision is None:
+            continue
+        for t in e.precision.tensors:
+            shape = "x".join(str(d) for d in t.shape)
+            lines.append(f"precision: {e.label or e.node or e.op}: {t.op} {t.node!r} {t.role} {tensor_name(t)} "
+                         f"[{shape}]: " + "; ".join(figure_parts(t)))
+    return lines
+
+
+def precision_problem_lines(entries) -> list[str]:
+    """Each precision problem in full (code, tensor, channels, facts), then what to do."""
+    from bnfold.precision import hints
+
+    problems = [p for e in entries for p in e.precision_problems]
+    return [f"{p.code}: {p.detail}" for p in problems] + hints(p.code for p in problems)
+
+
+def render_precision(entries, targets, console) -> None:
+    """The precision figures of every measured tensor (a table on a terminal, a line each
+    otherwise), then the problems and hints."""
+    if console.is_terminal:
+        arrow = "→" if can_encode(console, "→") else "->"
+        rows = []
+        for e in entries:
+            if e.precision is None:
+                continue
+            for t in e.precision.tensors:
+                below = f"{t.role} of {t.op} {t.node!r}"
+                rows.append((t.tensor or f"new {t.role}", below, [_ratio(t.growth), "\n".join(figure_parts(t, arrow)[1:]
+                             if t.growth is not None else figure_parts(t, arrow))],
+                             "red" if any(p.tensor == t.tensor for p in e.precision_problems) else None))
+        if rows:
+            _two_line_table(console, f"precision for {', '.join(targets)}: before {arrow} after the fold",
+                            ["tensor: what it is", "growth", "figures"], rows, 24)
+    else:
+        _print_lines(console, [_ascii_safe(console, line) for line in precision_lines(entries)])
+    _print_lines(console, [_ascii_safe(console, line) for line in precision_problem_lines(entries)])
 
 
 def middle_ellipsis(text: str, width: int) -> str:
@@ -173,9 +265,11 @@ def _ledger_table(ledger, console) -> None:
 
 
 def findings_lines(findings) -> list[str]:
+    from bnfold.verdict import precision_notes
+
     lines = []
     for f in findings:
-        problems = "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))
+        problems = "; ".join([f"{p}: {d}" for p, d in zip(f.problems, f.details)] + precision_notes(f))
         lines.append("  ".join(filter(None, [f.bn, f.graph, "ready" if f.ok else "NOT-READY", problems, f.plan])))
     return lines
 
@@ -185,22 +279,27 @@ def findings_title(findings) -> str:
     return f"bnfold inspect: {ready} of {len(findings)} BatchNormalization inference-ready"
 
 
-def render_findings(findings, console, model: Path | None = None) -> None:
+def render_findings(findings, console, model: Path | None = None, ledger=None) -> None:
     """The inspect findings; ``model`` names the file when several are audited; then a
-    hint for each kind of problem found."""
+    hint for each kind of problem found; with targets (``ledger.targets``) the precision
+    figures and problems of every planned fold."""
     from bnfold.health import hints
+    from bnfold.verdict import precision_notes
 
     title = findings_title(findings) + (f" in {model}" if model is not None else "")
     advice = hints(p for f in findings for p in f.problems)
     if not console.is_terminal:
         _print_lines(console, [_ascii_safe(console, title), *(_ascii_safe(console, x) for x in findings_lines(findings)),
                                *advice])
-        return
-    rows = [(f.bn, "  ".join(filter(None, [f.plan, None if f.graph == "main" else f"in {f.graph}"])),
-             ["yes" if f.ok else "NO", "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))],
-             None if f.ok else "red") for f in findings]
-    _two_line_table(console, title, ["BN: fold plan", "ready", "problems"], rows, 20)
-    _print_lines(console, advice)
+    else:
+        rows = [(f.bn, "  ".join(filter(None, [f.plan, None if f.graph == "main" else f"in {f.graph}"])),
+                 ["yes" if f.ok else "NO", "; ".join([f"{p}: {d}" for p, d in zip(f.problems, f.details)]
+                                                     + precision_notes(f))],
+                 None if f.ok and not f.precision_problems else "red") for f in findings]
+        _two_line_table(console, title, ["BN: fold plan", "ready", "problems"], rows, 20)
+        _print_lines(console, advice)
+    if ledger is not None and ledger.targets:
+        render_precision(list(ledger), ledger.targets, console)
 
 
 def zoo_lines(entries, out) -> list[str]:

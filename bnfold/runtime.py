@@ -49,3 +49,18 @@ def runtime_notes() -> list[str]:
         return []
     return [f"both {' and '.join(builds)} are installed; they share the module onnxruntime and overwrite each "
             "other's files: pip uninstall -y onnxruntime onnxruntime-gpu, then " + INSTALL_HINT]
+
+
+#: `verify --precision fp16` converts models with onnxconverter-common (the [precision] extra).
+CONVERTER_HINT = "pip install '.[precision]' (onnxconverter-common; from a clone of bnfold)"
+
+
+class ConverterMissing(BnfoldError):
+    """onnxconverter-common is not installed: exit 2 from the CLI, with the install command."""
+
+
+def require_converter(option: str) -> None:
+    """Raise ConverterMissing if onnxconverter-common, which converts models to fp16, is absent."""
+    if importlib.util.find_spec("onnxconverter_common") is None:
+        raise ConverterMissing(f"{option} converts the models with onnxconverter-common, which is not installed: "
+                               f"{CONVERTER_HINT}")

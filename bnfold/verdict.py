@@ -102,19 +102,36 @@ def outstanding_problems(entry: LedgerEntry) -> list[tuple[str, str]]:
 
 def site_detail(entry: LedgerEntry) -> str:
     """A site's route, detail and the problems its output still has, without repeating a
-    problem that is also the reason it was kept (a kept training-mode BN says so once)."""
+    problem that is also the reason it was kept (a kept training-mode BN says so once);
+    its precision problems in short (``precision_lines`` has them in full)."""
     problems = [f"{p}: {d}" for p, d in outstanding_problems(entry) if (p, d) != (entry.reason, entry.detail)]
-    return "; ".join(filter(None, [entry.route, entry.detail, *problems]))
+    return "; ".join(filter(None, [entry.route, entry.detail, *problems, *precision_notes(entry)]))
+
+
+def precision_notes(entry: LedgerEntry) -> list[str]:
+    """Each precision problem of a site in a few words: code, tensor, channels."""
+    from bnfold.precision import channel_list
+
+    return [f"{p.code} ({p.tensor or 'new tensor'}" + (f", channel(s) {channel_list(p.channels)})" if p.channels else ")")
+            for p in entry.precision_problems]
+
+
+def precision_codes(entries) -> list[str]:
+    """The precision problem codes of these entries, sorted, once each."""
+    return sorted({p.code for e in entries for p in e.precision_problems})
 
 
 def fold_verdict(ledger, subject: str, *, strict: bool, verification=None) -> Verdict:
     """``fold``: with ``strict``, a BN that is kept or still not inference-ready fails;
     with ``verification`` (a VerifyReport), a mismatch fails. Otherwise a kept site is
     skipped with its reason, and problems are details (printed as a warning)."""
-    cases, kept, troubled = [], [], []
+    cases, kept, troubled, imprecise = [], [], [], []
     for e in ledger:
         problems = outstanding_problems(e)
         failing = []
+        if strict and e.precision_problems:  # only measured with --target
+            failing.append("precision: " + ", ".join(precision_codes([e])))
+            imprecise.append(e)
         if strict and e.is_bn:
             if e.status == STATUS_KEPT:
                 failing.append(f"kept: {e.reason}")
@@ -124,8 +141,9 @@ def fold_verdict(ledger, subject: str, *, strict: bool, verification=None) -> Ve
                 failing.append(", ".join(codes))
                 troubled.append((e, codes))
         skipped = f"kept: {e.reason} ({e.detail})" if e.status == STATUS_KEPT else None
+        text = "\n".join([site_detail(e), *(p.detail for p in e.precision_problems)])
         cases.append(Case(f"bnfold.fold.{e.graph}", e.label or e.node or e.op, "; ".join(failing) or None,
-                          skipped, site_detail(e)))
+                          skipped, text))
     reasons, parts = [], []
     bn_total = len(ledger.batch_norms)
     if kept:
@@ -134,9 +152,17 @@ def fold_verdict(ledger, subject: str, *, strict: bool, verification=None) -> Ve
         codes = sorted({p for _, problems in troubled for p in problems})
         parts.append(f"{len(troubled)}{'' if kept else f' of {bn_total} BatchNormalization'} not inference-ready "
                      f"({', '.join(codes)})")
+    if imprecise:
+        parts.append(f"{len(imprecise)} folded site(s) with precision problems for {', '.join(ledger.targets)} "
+                     f"({', '.join(precision_codes(imprecise))})")
     if parts:
         reasons.append("--strict: " + ", ".join(parts))
     passed_text = f"{ledger.summary()['folded']} of {bn_total} BatchNormalization folded"
+    if ledger.targets:
+        flagged = [e for e in ledger if e.precision_problems]
+        passed_text += f"; {', '.join(ledger.targets)}: " + (
+            f"{len(flagged)} site(s) with precision problems ({', '.join(precision_codes(flagged))})" if flagged
+            else "no precision problem")
     if verification is not None:
         verified = verify_verdict(verification, subject)
         cases += verified.cases
@@ -148,18 +174,35 @@ def fold_verdict(ledger, subject: str, *, strict: bool, verification=None) -> Ve
 # --- inspect, verify, recalibrate ------------------------------------------------------
 
 
-def inspect_verdict(findings, subject: str) -> Verdict:
-    """``inspect``: a BN that is not inference-ready fails."""
-    cases = [Case(f"bnfold.inspect.{f.graph}", f.bn, ", ".join(f.problems) or None, None,
-                  "; ".join(f"{p}: {d}" for p, d in zip(f.problems, f.details))) for f in findings]
+def inspect_verdict(findings, subject: str, sites=(), targets=()) -> Verdict:
+    """``inspect``: a BN that is not inference-ready fails; with ``targets``, so does a
+    planned fold with a precision problem (``sites``: the non-BN sites' ledger entries)."""
+    cases = []
+    for f in findings:
+        codes = f.problems + [p.code for p in f.precision_problems]
+        text = [f"{p}: {d}" for p, d in zip(f.problems, f.details)] + [p.detail for p in f.precision_problems]
+        cases.append(Case(f"bnfold.inspect.{f.graph}", f.bn, ", ".join(dict.fromkeys(codes)) or None, None,
+                          "; ".join(text)))
+    for e in sites:
+        if e.precision_problems:
+            cases.append(Case(f"bnfold.inspect.{e.graph}", e.label or e.node or e.op, ", ".join(precision_codes([e])),
+                              None, "; ".join(p.detail for p in e.precision_problems)))
     not_ready = [f for f in findings if not f.ok]
     reasons = []
     if not_ready:
         codes = sorted({p for f in not_ready for p in f.problems})
         reasons.append(f"{len(not_ready)} of {len(findings)} BatchNormalization not inference-ready "
                        f"({', '.join(codes)})")
+    imprecise = [f for f in findings if f.precision_problems] + [e for e in sites if e.precision_problems]
+    if imprecise:
+        codes = sorted({p.code for x in imprecise for p in x.precision_problems})
+        reasons.append(f"{len(imprecise)} planned fold(s) with precision problems for {', '.join(targets)} "
+                       f"({', '.join(codes)})")
     ready = len(findings) - len(not_ready)
-    return Verdict("inspect", subject, cases, reasons, f"{ready} of {len(findings)} BatchNormalization inference-ready")
+    passed = f"{ready} of {len(findings)} BatchNormalization inference-ready"
+    if targets:
+        passed += f"; {', '.join(targets)}: no precision problem"
+    return Verdict("inspect", subject, cases, reasons, passed)
 
 
 def verify_verdict(report, subject: str) -> Verdict:

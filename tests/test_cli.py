@@ -91,7 +91,7 @@ def test_fold_json_ledger(keeps_one, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(report.read_text())
     assert data["schema"] == "bnfold.ledger"
-    assert data["schema_version"] == 2
+    assert data["schema_version"] == 3
     assert data["input"] == str(keeps_one) and data["output"] == str(out)
     assert {k: data["summary"][k] for k in ("bn_total", "folded", "kept")} == {"bn_total": 2, "folded": 1, "kept": 1}
     by_bn = {e["node"]: e for e in data["entries"] if e["op"] == "BatchNormalization"}
@@ -174,7 +174,7 @@ def test_inspect_healthy_model_exits_0(folds_all, tmp_path):
     assert result.exit_code == 0, result.output
     assert "1 of 1" in result.stdout
     data = json.loads(report.read_text())
-    assert data["schema"] == "bnfold.inspect" and data["schema_version"] == 1
+    assert data["schema"] == "bnfold.inspect" and data["schema_version"] == 2
     assert {k: data["summary"][k] for k in ("bn_total", "ready", "not_ready")} == {"bn_total": 1, "ready": 1, "not_ready": 0}
     assert data["findings"][0]["ok"] is True and data["findings"][0]["problems"] == []
 

@@ -4,14 +4,17 @@ from pathlib import Path
 
 from bnfold.health import PROBLEMS
 from bnfold.ledger import REASONS
+from bnfold.precision import PROBLEMS as PRECISION_PROBLEMS
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def test_every_ledger_reason_and_inspect_problem_is_documented():
     text = (DOCS / "ledger.md").read_text()
-    missing = [code for code in [*REASONS, *PROBLEMS] if f"| `{code}` |" not in text]
+    missing = [code for code in [*REASONS, *PROBLEMS, *PRECISION_PROBLEMS] if f"| `{code}` |" not in text]
     assert missing == []
+    precision = (DOCS / "precision.md").read_text()
+    assert [code for code in PRECISION_PROBLEMS if f"`{code}`" not in precision] == []
 
 
 # --- the documentation's Python examples run as written ----------------------------------------------

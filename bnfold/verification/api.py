@@ -25,8 +25,8 @@ from bnfold import __version__
 from bnfold._ort_worker import CPU, CUDA
 from bnfold.errors import InputError
 from bnfold.load import external_data_files, load_model, load_source
-from bnfold.runtime import require_onnxruntime, runtime_notes
-from bnfold.verification.compare import channel_axis_of, compare_arrays, resolve_tolerance, top1
+from bnfold.runtime import require_converter, require_onnxruntime, runtime_notes
+from bnfold.verification.compare import channel_axis_of, compare_arrays, precision_drift, resolve_tolerance, top1
 from bnfold.verification.feeds import (
     ModelSignature,
     feeds_from_npz,
@@ -44,6 +44,7 @@ from bnfold.verification.report import (
     OPTIMIZATION_DISABLED,
     STORED,
     OutputComparison,
+    PrecisionComparison,
     RunId,
     VerifyReport,
 )
@@ -54,6 +55,8 @@ DEFAULT_SAMPLES = 1
 DEFAULT_SEED = 0
 PROVIDER_ALIASES = {"cpu": CPU, "cuda": CUDA}
 METRICS = ("top1",)
+#: --precision: the lower precisions ORIGINAL and CANDIDATE can be converted to.
+PRECISIONS = ("fp16",)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class VerifyOptions:
     #: --noise-factor: how many times ORIGINAL's own drift (default against disabled
     #: optimisations) a float comparison allows on top of its tolerance (default 4; 0: none).
     noise_factor: float | None = None
+    #: --precision: also run both models converted to these (``PRECISIONS``) and fail where
+    #: CANDIDATE drifts from ORIGINAL's float32 outputs more than ORIGINAL does.
+    precision: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         for name in ("samples", "batch"):
@@ -104,6 +110,9 @@ class VerifyOptions:
         unknown = [metric for metric in self.metrics if metric not in METRICS]
         if unknown:
             raise InputError(f"--metric {unknown[0]!r}: expected one of {', '.join(METRICS)}")
+        unknown = [target for target in self.precision if target not in PRECISIONS]
+        if unknown:
+            raise InputError(f"--precision {unknown[0]!r}: expected {', '.join(PRECISIONS)}")
         if self.inputs is not None:
             given = [f"--{name}" for name in ("samples", "batch", "seed") if getattr(self, name) is not None]
             given += ["--shape"] if self.shapes else []
@@ -221,6 +230,10 @@ def _verify(
     require_onnxruntime("bnfold verify")
     if original is None and not stored:
         raise InputError("give an ORIGINAL model to compare with, or --reference-outputs REF.npz")
+    if options.precision:
+        require_converter("--precision fp16")
+        if original is None:
+            raise InputError("--precision compares CANDIDATE's fp16 drift with ORIGINAL's: give ORIGINAL too")
     providers = parse_providers(options.providers)
     with worker_ahead():  # onnxruntime's process starts while the models are read
         return _run_and_compare(original, candidate, options, providers)
@@ -324,6 +337,8 @@ def _run_and_compare(original, candidate, options: VerifyOptions, providers: dic
                                         {CPU: True} | {provider: True for provider in noisy}))
             for provider in noisy:
                 judged[provider] = _provider_comparisons(provider, outputs, options, graph_axes, stored)
+        if options.precision and "original" in paths:
+            _precision_runs(report, options, paths, mapped, folder, outputs, graph_axes, run_sessions)
     for provider in report.providers:
         report.comparisons += judged[provider][0]
         report.noise_floor += judged[provider][1]
@@ -332,6 +347,41 @@ def _run_and_compare(original, candidate, options: VerifyOptions, providers: dic
         if saved is not None:
             write_npz(Path(options.save_outputs), saved, "output")
     return report
+
+
+def _precision_runs(report: VerifyReport, options: VerifyOptions, paths: dict, mapped: dict, folder: str,
+                    outputs: dict, graph_axes: Mapping[str, int], run_sessions) -> None:
+    """--precision fp16: ORIGINAL and CANDIDATE converted (``fp16.convert_fp16``) and run
+    unoptimised on every provider, each output compared with ORIGINAL's own unoptimised run."""
+    from bnfold.verification.fp16 import CONVERT_ARGUMENTS, convert_fp16, converter_version
+
+    arguments = ", ".join(f"{key}={value}" for key, value in CONVERT_ARGUMENTS.items())
+    report.precision_targets = list(options.precision)
+    report.converter = f"onnxconverter-common {converter_version()} convert_float_to_float16({arguments})"
+    for model in ("original", "candidate"):
+        paths[f"{model}-fp16"] = convert_fp16(paths[model], Path(folder), model)
+        mapped[f"{model}-fp16"] = None
+    runs = [RunId(f"{model}-fp16", provider, OPTIMIZATION_DISABLED) for provider in report.providers
+            for model in ("original", "candidate")]
+    outputs.update(run_sessions(runs, {provider: True for provider in report.providers}))
+    for provider in report.providers:
+        reference = outputs[RunId("original", provider, OPTIMIZATION_DISABLED)]
+        original = outputs[RunId("original-fp16", provider, OPTIMIZATION_DISABLED)]
+        candidate = outputs[RunId("candidate-fp16", provider, OPTIMIZATION_DISABLED)]
+        for name, arrays in reference.items():
+            if name not in candidate or arrays[0].dtype.kind != "f":
+                continue  # an output only one model has (a signature mismatch), or not a float
+            problems = [f"{who} fp16 output is {got[0].dtype}, shape {list(got[0].shape)}" for who, got in
+                        (("ORIGINAL", original.get(name)), ("CANDIDATE", candidate.get(name)))
+                        if got is None or len(got) != len(arrays) or
+                        any(g.shape != a.shape for g, a in zip(got, arrays))] if name in original else \
+                ["ORIGINAL's fp16 model lacks it"]
+            drift = None
+            if not problems:
+                axis = channel_axis_of(arrays[0].shape,
+                                       options.channel_axes.get(name, options.channel_axes.get("*", graph_axes.get(name, 1))))
+                drift = precision_drift(arrays, original[name], candidate[name], axis, "fp16")
+            report.precision.append(PrecisionComparison(name, provider, "fp16", problems, drift))
 
 
 def _signature(path) -> tuple[ModelSignature, dict | None]:
@@ -401,6 +451,8 @@ def preflight(model, path, options: VerifyOptions) -> None:
     feed ``model``: onnxruntime is installed, dynamic dimensions resolve, ranges name
     inputs, npz files read."""
     require_onnxruntime("fold --verify")
+    if options.precision:
+        require_converter("--precision fp16")
     signature = model_signature(model, path)
     if options.inputs is not None:
         feeds, _ = feeds_from_npz(Path(options.inputs), signature.inputs)

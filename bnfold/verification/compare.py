@@ -392,3 +392,86 @@ def top1(reference: Sequence[np.ndarray], subject: Sequence[np.ndarray], axis: i
             limit = tolerance.atol + tolerance.rtol * np.abs(top2.take(1, axis=axis))
             near_ties += int(((gap <= 2 * limit) & ~same).sum())
     return Top1(axis=axis, predictions=predictions, agreeing=agreeing, near_ties=near_ties)
+
+
+# --- verify --precision fp16: did the fold make fp16 worse? --------------------------------
+
+#: A CANDIDATE channel converted to fp16 may drift this many times ORIGINAL's own fp16
+#: drift there (or one fp16 rounding of its values, if more) before the fold is said to make
+#: fp16 worse. Correct folds of 14 digits-trained models measured at most 2.2x
+#: (bench/precision_factor.py, docs/precision.md); a fold that overflows fp16 gives inf/NaN.
+PRECISION_FACTOR = 4.0
+#: fp16's unit roundoff and smallest normal: the floor of a channel's allowance is one fp16
+#: rounding of its values, and no less than a subnormal per element.
+FP16_UNIT = 2.0**-11
+FP16_SMALLEST_NORMAL = 2.0**-14
+
+
+@dataclass
+class ChannelDrift:
+    """One channel's drift from the float32 reference, relative L2 (``||x_c - ref_c|| / ||ref_c||``)."""
+
+    channel: int
+    original: float
+    candidate: float
+    #: Elements that are inf or NaN in the fp16 run and finite in the reference.
+    original_nonfinite: int = 0
+    candidate_nonfinite: int = 0
+
+
+@dataclass
+class PrecisionDrift:
+    """ORIGINAL and CANDIDATE, both converted to a lower precision, against ORIGINAL's
+    float32 output: whether the fold made that precision worse, channel by channel."""
+
+    target: str
+    factor: float
+    channel_axis: int | None
+    channels: int
+    original_max: float
+    candidate_max: float
+    original_nonfinite: int
+    candidate_nonfinite: int
+    #: Channels where CANDIDATE drifts more than ``factor`` x ORIGINAL's drift (or its floor),
+    #: or has more non-finite elements.
+    channels_worse: int
+    #: Up to WORST_CHANNELS, the worst relative to their allowance first.
+    worst_channels: list[ChannelDrift] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.channels_worse == 0
+
+
+def precision_drift(reference: Sequence[np.ndarray], original: Sequence[np.ndarray], candidate: Sequence[np.ndarray],
+                    channel_axis: int | None, target: str = "fp16", factor: float = PRECISION_FACTOR) -> PrecisionDrift:
+    """Per channel along ``channel_axis`` (all runs pooled): ``||orig_c - ref_c||`` and
+    ``||cand_c - ref_c||`` over the elements finite in all three; a channel is worse when
+    CANDIDATE's drift exceeds ``factor`` times the largest of ORIGINAL's drift, one fp16
+    rounding of the reference (``FP16_UNIT * ||ref_c||``) and a subnormal per element,
+    or when CANDIDATE has more non-finite elements there than ORIGINAL."""
+    shapes = [tuple(np.shape(a)) for a in reference]
+    axis = pooled_channel_axis(shapes, channel_axis)
+    ref, orig, cand = (_by_channel(arrays, axis).astype(np.float64) for arrays in (reference, original, candidate))
+    known = np.isfinite(ref)
+    orig_bad = (known & ~np.isfinite(orig)).sum(axis=1)
+    cand_bad = (known & ~np.isfinite(cand)).sum(axis=1)
+    usable = known & np.isfinite(orig) & np.isfinite(cand)
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm = np.sqrt(np.where(usable, ref**2, 0.0).sum(axis=1))
+        drift_o = np.sqrt(np.where(usable, (orig - ref) ** 2, 0.0).sum(axis=1))
+        drift_c = np.sqrt(np.where(usable, (cand - ref) ** 2, 0.0).sum(axis=1))
+    floor = np.maximum(FP16_UNIT * norm, FP16_SMALLEST_NORMAL * np.sqrt(usable.sum(axis=1)))
+    allowed = factor * np.maximum(drift_o, floor)
+    worse = (drift_c > allowed) | (cand_bad > orig_bad)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_o = np.where(drift_o == 0, 0.0, drift_o / norm)
+        rel_c = np.where(drift_c == 0, 0.0, drift_c / norm)
+        score = np.where(cand_bad > orig_bad, np.inf, np.where(allowed > 0, drift_c / allowed, 0.0))
+    order = np.argsort(-score, kind="stable")[:WORST_CHANNELS]
+    worst = [ChannelDrift(int(c), float(rel_o[c]), float(rel_c[c]), int(orig_bad[c]), int(cand_bad[c]))
+             for c in order if worse[c]]
+    return PrecisionDrift(target=target, factor=factor, channel_axis=axis, channels=int(ref.shape[0]),
+                          original_max=float(rel_o.max(initial=0.0)), candidate_max=float(rel_c.max(initial=0.0)),
+                          original_nonfinite=int(orig_bad.sum()), candidate_nonfinite=int(cand_bad.sum()),
+                          channels_worse=int(worse.sum()), worst_channels=worst)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK
-from bnfold.verification.compare import Difference, Tolerance, Top1
+from bnfold.verification.compare import Difference, PrecisionDrift, Tolerance, Top1
 from bnfold.verification.feeds import InputData
 
 #: Version of the JSON report layout documented in docs/verify.md. Version 2 added the
-#: per-channel fields, top-1, input ranges and stored reference outputs.
+#: per-channel fields, top-1, input ranges and stored reference outputs; ``precision``
+#: (--precision fp16) was added within version 2.
 REPORT_SCHEMA_VERSION = 2
 
 #: Optimisation levels a run can use: the reference is always "disabled".
@@ -61,6 +62,22 @@ class OutputComparison:
 
 
 @dataclass
+class PrecisionComparison:
+    """One output on one provider: ORIGINAL and CANDIDATE converted to ``target``, against
+    ORIGINAL's own unoptimised output (``--precision``)."""
+
+    output: str
+    provider: str
+    target: str
+    problems: list[str]
+    drift: PrecisionDrift | None
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and self.drift is not None and self.drift.passed
+
+
+@dataclass
 class VerifyReport:
     """Everything the verdict rests on; ``to_dict`` is the versioned JSON schema."""
 
@@ -89,10 +106,15 @@ class VerifyReport:
     reference: str = "original"
     reference_outputs: str | None = None
     metrics: list[str] | None = None
+    #: --precision: the targets, how the models were converted, and each output's drift.
+    precision_targets: list[str] | None = None
+    converter: str | None = None
+    precision: list[PrecisionComparison] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return not self.signature_mismatches and bool(self.comparisons) and all(c.passed for c in self.comparisons)
+        return (not self.signature_mismatches and bool(self.comparisons) and all(c.passed for c in self.comparisons)
+                and all(p.passed for p in self.precision))
 
     @property
     def verdict(self) -> str:
@@ -111,7 +133,9 @@ class VerifyReport:
         if self.passed:
             outputs = sorted({comparison.output for comparison in self.comparisons})
             against = " against the stored outputs" if self.reference == STORED else ""
-            return f"PASS: {len(outputs)} output(s) match{against} on {', '.join(self.providers)}{self._within_noise()}"
+            targets = f"; {', '.join(self.precision_targets)} no worse than ORIGINAL's" if self.precision_targets else ""
+            return (f"PASS: {len(outputs)} output(s) match{against} on {', '.join(self.providers)}{targets}"
+                    f"{self._within_noise()}")
         reasons = list(self.signature_mismatches)
         for comparison in self.failures():
             reason = f"output {comparison.output!r}: {comparison.subject.describe()} differs"
@@ -119,6 +143,13 @@ class VerifyReport:
             if difference is not None and difference.channels_failing and difference.channel_axis is not None:
                 reason += f" ({difference.channels_failing} of {difference.channels} channels)"
             reasons.append(reason)
+        for precision in self.precision:
+            if not precision.passed:
+                reason = f"output {precision.output!r}: {precision.target} makes CANDIDATE drift more than ORIGINAL"
+                drift = precision.drift
+                if drift is not None and drift.channel_axis is not None:
+                    reason += f" ({drift.channels_worse} of {drift.channels} channels)"
+                reasons.append(reason)
         if not reasons:
             reasons.append("nothing was compared")
         return "FAIL: " + "; ".join(reasons) + self._within_noise()
@@ -143,6 +174,8 @@ class VerifyReport:
                 entry["passed"] = comparison.passed
                 if comparison.top1 is not None:
                     entry["top1"]["agreement"] = comparison.top1.agreement
+        for entry, precision in zip(data["precision"], self.precision):
+            entry["passed"] = precision.passed
         return _json_safe(data)
 
 
@@ -202,6 +235,8 @@ def render_report(report: VerifyReport, console) -> None:
         console.print(_comparison_table(title, report.comparisons))
     if report.noise_floor:
         console.print(_comparison_table(NOISE_FLOOR_TITLE, report.noise_floor))
+    for line in precision_lines(report):
+        say(f"[red]{escape(line)}[/red]" if "  WORSE" in line else escape(line))
     colour = "green" if report.passed else "red"
     say(f"[bold {colour}]{escape(report.summary())}[/bold {colour}]")
 
@@ -218,7 +253,36 @@ def report_lines(report: VerifyReport) -> list[str]:
     lines += [f"mismatch: {problem}" for problem in report.signature_mismatches]
     lines += [comparison_line(comparison) for comparison in report.comparisons]
     lines += [f"noise floor: {comparison_line(comparison, judged=False)}" for comparison in report.noise_floor]
+    lines += precision_lines(report)
     lines.append(report.summary())
+    return lines
+
+
+def precision_lines(report: VerifyReport) -> list[str]:
+    """--precision: how the models were converted, then one line per output and provider:
+    ``TARGET: OUTPUT PROVIDER PASS|WORSE  drifts``."""
+    if not report.precision_targets:
+        return []
+    lines = [f"converted to {', '.join(report.precision_targets)} with {report.converter}"]
+    for p in report.precision:
+        where = p.provider.removesuffix("ExecutionProvider")
+        if p.drift is None:
+            lines.append(f"{p.target}: {p.output}  {where}  not compared: {'; '.join(p.problems)}")
+            continue
+        d = p.drift
+        text = (f"{p.target}: {p.output}  {where}  {'PASS' if p.passed else 'WORSE'}"
+                + (f" ({d.channels_worse} of {d.channels} channels)" if d.channels_worse else "")
+                + f"  drift from ORIGINAL float32, max per channel: ORIGINAL {d.original_max:.3g}, "
+                  f"CANDIDATE {d.candidate_max:.3g} (allowed {d.factor:g}x ORIGINAL's)")
+        if d.original_nonfinite or d.candidate_nonfinite:
+            text += f"; inf/NaN: ORIGINAL {d.original_nonfinite}, CANDIDATE {d.candidate_nonfinite}"
+        if d.worst_channels:
+            axis = "whole output" if d.channel_axis is None else f"axis {d.channel_axis}"
+            text += f"; worst ({axis}): " + ", ".join(
+                f"channel {c.channel} {c.original:.3g} -> {c.candidate:.3g}"
+                + (f" ({c.candidate_nonfinite} inf/NaN)" if c.candidate_nonfinite > c.original_nonfinite else "")
+                for c in d.worst_channels)
+        lines.append(text)
     return lines
 
 

@@ -1,0 +1,402 @@
+"""--target: the precision figures of folded tensors and their problems, against direct
+computations, onnxruntime's QuantizeLinear/DequantizeLinear and the fp16 converter.
+
+The hazard models (``bnfold.train.hazards``) are trained on digits once per session."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import bnfold
+from bnfold import affine, precision as P
+from cli_runner import invoke
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+HEALTHY = ["cnn_ts13", "cnn_dynamo18", "resnet_ts13", "mlp_ts13", "mlp-inputnorm_ts13", "autoencoder_ts13",
+           "seq1d_ts13", "clip3d_ts13"]
+ALL = ("fp16", "bf16", "int8")
+
+
+@pytest.fixture(scope="session")
+def hazards(tmp_path_factory):
+    pytest.importorskip("torch")
+    from bnfold.train import hazards as H
+    from bnfold.train.data import load_digits_split
+
+    folder = tmp_path_factory.mktemp("hazards")
+    digits = load_digits_split()
+    return {name: H.build(name, folder, digits=digits) for name in H.HAZARDS}
+
+
+def problems(result) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for entry in result.ledger:
+        for problem in entry.precision_problems:
+            found.setdefault(problem.code, []).append((entry.label, problem))
+    return found
+
+
+# --- the thresholds are what the casts do ------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, cast", [(P.FP16, np.float16), (P.BF16, ml_dtypes.bfloat16)])
+@pytest.mark.parametrize("source", [np.float32, np.float64])
+def test_overflow_and_underflow_thresholds_are_the_casts(fmt, cast, source):
+    rng = np.random.default_rng(0)
+    edges = []
+    for edge in (fmt.overflow_from, fmt.largest, fmt.zero_up_to, 2 * fmt.zero_up_to, fmt.smallest_normal):
+        x = source(edge)
+        edges += [x, np.nextafter(x, source(0)), np.nextafter(x, source(np.inf))]
+    values = np.array(edges + list(rng.standard_normal(20000) * np.exp(rng.uniform(-100, 90, 20000))), dtype=np.float64)
+    with np.errstate(over="ignore"):
+        values = values.astype(source)
+    values = np.concatenate([values[np.isfinite(values)], -values[np.isfinite(values)]])
+    with np.errstate(over="ignore"):
+        cast_values = values.astype(cast).astype(np.float64)
+    expected = (int(np.isinf(cast_values).sum()), int(((cast_values == 0) & (values != 0)).sum()))
+    assert expected[0] > 0 and expected[1] > 0
+    assert fmt.classify(values) == expected
+
+
+# --- the scan against a direct computation ------------------------------------------------
+
+
+def direct(weight: np.ndarray, factor, out_axis: int) -> dict:
+    """The figures of ``cast(weight * factor)``, materialised, in float64 with float32 quantisation."""
+    values = (weight.astype(np.float64) * (1.0 if factor is None else factor)).astype(weight.dtype).astype(np.float64)
+    axes = tuple(a for a in range(values.ndim) if a != out_axis)
+
+    def noise(step):
+        step = np.where(step > 0, step, 1.0)
+        quantised = np.rint((values / step).astype(np.float32)) * step
+        return float(((values - quantised) ** 2).sum())
+
+    return {"signal": float((values ** 2).sum()), "pt": noise(np.abs(values).max() / 127),
+            "pc": noise(np.abs(values).max(axis=axes, keepdims=True) / 127),
+            "fp16": P.FP16.classify(values), "max": np.abs(values).max(axis=axes)}
+
+
+CASES = [((16, 8, 3, 3), 0, (16, 1, 1, 1)), ((16, 8, 3, 3), 0, (1, 8, 1, 1)), ((32, 24), 1, (1, 24)),
+         ((32, 24), 1, (32, 1)), ((8, 4, 3, 3), 1, (8, 4, 1, 1)), ((40, 1, 3, 3), 0, (40, 1, 1, 1))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("shape, out_axis, factor_shape", CASES)
+def test_scan_matches_the_folded_tensor_quantised_directly(dtype, shape, out_axis, factor_shape):
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal(shape) * 0.05).astype(dtype)
+    weight.reshape(-1)[:40] *= dtype(1e-4)  # values that fp16 flushes once folded
+    prior = rng.uniform(0.5, 2, factor_shape)
+    factor = prior * rng.uniform(1e-3, 3000 if dtype != np.float16 else 3, factor_shape)
+    peak, views = P.measure_weight(weight, [prior, factor], out_axis, ALL, block_elements=100)
+    coarse = np.max(peak, axis=tuple(a for a, size in enumerate(factor_shape) if size == 1), keepdims=True)
+    assert np.array_equal(coarse, affine.peak_by_factor(weight, factor))  # planning's overflow check reads it
+    for view, f in zip(views, [prior, factor]):
+        want = direct(weight, f, out_axis)
+        assert view.signal.sum() == pytest.approx(want["signal"], rel=1e-5)
+        assert view.pt_noise == pytest.approx(want["pt"], rel=1e-4)
+        assert view.pc_noise.sum() == pytest.approx(want["pc"], rel=1e-4, abs=1e-30)
+        assert tuple(view.counts["fp16"]) == want["fp16"]
+        assert np.array_equal(view.channel_max, want["max"])
+
+
+@pytest.mark.parametrize("shape, out_axis", [((512, 256, 3, 3), 0), ((2048, 640), 1)])
+def test_a_big_weights_int8_figures_come_from_a_sample_within_01_db(shape, out_axis):
+    """Structure a sample could miss: channel ranges 30x apart and a fold scaling them up to
+    55x, input channels (rows of the MatMul weight, sampled whole) e^+-1 apart, a centre
+    tap 3x the others in each kernel."""
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal(shape) * 0.02
+    weight *= np.exp(rng.uniform(0, np.log(30), shape[out_axis])).reshape(
+        [-1 if a == out_axis else 1 for a in range(len(shape))])
+    weight *= np.exp(rng.uniform(-1, 1, shape[1 - out_axis])).reshape(
+        [-1 if a == 1 - out_axis else 1 for a in range(len(shape))])
+    if len(shape) == 4:
+        weight[:, :, 1, 1] *= 3
+    weight = weight.astype(np.float32)
+    factor = np.exp(rng.uniform(-2, 2, [shape[a] if a == out_axis else 1 for a in range(len(shape))]))
+    _, sampled = P.measure_weight(weight, [None, factor], out_axis, ("int8",))
+    _, whole = P.measure_weight(weight, [None, factor], out_axis, ("int8",), sample_limit=weight.size)
+    assert sampled[0].pc_noise.sum() != whole[0].pc_noise.sum()  # a sample indeed
+    for a, b in zip(sampled, whole):
+        for noise in ("pt_noise", "pc_noise"):
+            db = lambda v: P.sqnr_db(float(v.signal.sum()), float(np.sum(getattr(v, noise))))
+            assert abs(db(a) - db(b)) < 0.1
+
+
+def test_spread_and_growth():
+    assert P.spread(np.array([1.0, 2.0, 0.0, 4.0])) == 2.0  # median of the nonzero ranges
+    assert P.spread(np.zeros(3)) is None
+    assert P.sqnr_db(1.0, 0.0) == math.inf and P.sqnr_db(0.0, 1.0) is None
+
+
+# --- the models show their problems, healthy ones none ------------------------------------
+
+
+@pytest.mark.parametrize("name", HEALTHY)
+def test_healthy_zoo_models_have_no_precision_problem(name):
+    result = bnfold.fold(MODELS / f"{name}.onnx", targets=ALL)
+    assert problems(result) == {}
+    measured = [e for e in result.ledger if e.folded and e.is_bn]
+    assert measured and all(e.precision is not None and e.precision.tensors for e in measured)
+
+
+@pytest.mark.train
+def test_the_depthwise_stack_spreads_int8_ranges(hazards):
+    found = problems(bnfold.fold(hazards["depthwise"]["onnx"], targets=ALL))
+    assert set(found) == {"int8-range-spread"}
+    (label, problem), = found["int8-range-spread"]
+    assert "output channels" in problem.detail and problem.channels
+
+
+@pytest.mark.train
+def test_a_tiny_variance_channel_overflows_fp16(hazards):
+    result = bnfold.fold(hazards["tiny-variance"]["onnx"], targets=ALL)
+    found = problems(result)
+    assert set(found) == {"fp16-overflow", "int8-range-spread"}
+    assert "per-channel quantisation does not help" in found["int8-range-spread"][0][1].detail
+    assert not problems(bnfold.fold(hazards["tiny-variance"]["onnx"], targets=("bf16", "int8"))).get("fp16-overflow")
+
+
+@pytest.mark.train
+def test_a_dead_channel_underflows_fp16(hazards):
+    found = problems(bnfold.fold(hazards["dead-channel"]["onnx"], targets=ALL))
+    assert set(found) == {"fp16-underflow"}
+    assert len(found["fp16-underflow"][0][1].channels) == 2
+
+
+def test_the_zoo_dead_pixel_model_spreads_its_input_channels():
+    found = problems(bnfold.fold(MODELS / "mlp-deadpixel_dynamo18.onnx", targets=ALL))
+    assert set(found) == {"int8-range-spread"}
+    assert "input channels" in found["int8-range-spread"][0][1].detail
+
+
+def test_inspect_reports_the_plan_fold_measures():
+    path = MODELS / "mlp-deadpixel_dynamo18.onnx"
+    folded = bnfold.fold(path, targets=ALL).ledger
+    findings = bnfold.inspect(path, targets=ALL)
+    assert [json.dumps(f.to_dict()["precision"], sort_keys=True, default=str) for f in findings] == \
+        [json.dumps(e.to_dict()["precision"], sort_keys=True, default=str) for e in folded.batch_norms]
+
+
+# --- agreement with onnxruntime -------------------------------------------------------------
+
+
+def ort_sqnr(weight: np.ndarray, axis: int | None) -> float:
+    """SQNR of ``weight`` through QuantizeLinear/DequantizeLinear (int8, zero point 0) in onnxruntime."""
+    import onnxruntime as ort
+
+    if axis is None:
+        scale = np.array(np.abs(weight).max() / 127, dtype=np.float32)
+        attrs = {}
+    else:
+        peak = np.abs(weight).max(axis=tuple(a for a in range(weight.ndim) if a != axis))
+        scale = np.where(peak > 0, peak / 127, 1).astype(np.float32)
+        attrs = {"axis": axis}
+    zero = np.zeros(scale.shape, dtype=np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"], **attrs),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs)], "qdq",
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, list(weight.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(weight.shape))],
+        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    y = session.run(None, {"w": weight.astype(np.float32)})[0].astype(np.float64)
+    w = weight.astype(np.float64)
+    return 10 * math.log10((w ** 2).sum() / ((w - y) ** 2).sum())
+
+
+def folded_weights(result):
+    """(figures, the folded weight as saved) of every measured weight."""
+    proto = result.to_proto()
+    initializers = {t.name: t for t in proto.graph.initializer}
+    for entry in result.ledger:
+        for figures in entry.precision.tensors if entry.precision else []:
+            if figures.role == "weight":
+                node = next(n for n in proto.graph.node if n.name == figures.node)
+                yield figures, numpy_helper.to_array(initializers[node.input[figures.input]])
+
+
+#: The int8 figures and onnxruntime's QuantizeLinear/DequantizeLinear agree within this
+#: (weights below INT8_SAMPLE elements: only float32 rounding of near-ties differs).
+INT8_AGREEMENT_DB = 0.01
+
+
+@pytest.mark.parametrize("name", ["cnn_ts13", "resnet_ts13", "mlp-deadpixel_dynamo18", "seq1d_ts13"])
+def test_int8_figures_agree_with_onnxruntime_qdq(name):
+    result = bnfold.fold(MODELS / f"{name}.onnx", targets=("int8",))
+    checked = 0
+    for figures, weight in folded_weights(result):
+        for mode, axis in (("per_tensor_sqnr_db", None), ("per_channel_sqnr_db", figures.channel_axis)):
+            assert abs(getattr(figures.int8, mode).after - ort_sqnr(weight, axis)) < INT8_AGREEMENT_DB, (figures, mode)
+            checked += 1
+    assert checked >= 4
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("name", ["depthwise", "tiny-variance", "dead-channel"])
+def test_int8_figures_of_the_hazards_agree_with_onnxruntime_qdq(hazards, name):
+    result = bnfold.fold(hazards[name]["onnx"], targets=("int8",))
+    for figures, weight in folded_weights(result):
+        for mode, axis in (("per_tensor_sqnr_db", None), ("per_channel_sqnr_db", figures.channel_axis)):
+            value = getattr(figures.int8, mode).after
+            assert abs(value - ort_sqnr(weight, axis)) < INT8_AGREEMENT_DB, (figures.tensor, mode)
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("name", ["tiny-variance", "dead-channel", "depthwise"])
+def test_fp16_counts_are_what_the_converter_writes(hazards, name, tmp_path):
+    """The folded model converted to fp16 (as verify --precision converts it) holds exactly
+    the infs and zeros the ledger counts."""
+    pytest.importorskip("onnxconverter_common")
+    from bnfold.verification.fp16 import convert_fp16
+
+    result = bnfold.fold(hazards[name]["onnx"], targets=("fp16",))
+    result.save(tmp_path / "folded.onnx")
+    converted = onnx.load(convert_fp16(tmp_path / "folded.onnx", tmp_path, "folded"))
+    fp16 = {t.name: numpy_helper.to_array(t) for t in converted.graph.initializer}
+    for figures, weight in folded_weights(result):
+        node = next(n for n in converted.graph.node if n.name == figures.node)
+        half = fp16[node.input[figures.input]].astype(np.float64)
+        assert figures.fp16.overflow.after == int(np.isinf(half).sum())
+        assert figures.fp16.underflow.after == int(((half == 0) & (weight != 0)).sum())
+
+
+@pytest.mark.train
+def test_verify_precision_agrees_with_the_findings(hazards, tmp_path):
+    """A fold that overflows fp16 makes the converted model compute NaN where the original's
+    fp16 computes its logits: verify --precision fp16 fails; the healthy zoo model passes."""
+    pytest.importorskip("onnxconverter_common")
+    built = hazards["tiny-variance"]
+    out = tmp_path / "tiny.folded.onnx"
+    assert invoke("fold", built["onnx"], "-o", out, "-q").exit_code == 0
+    result = invoke("verify", built["onnx"], out, "--inputs", built["inputs"], "--precision", "fp16",
+                    "--json", tmp_path / "v.json")
+    assert result.exit_code == 1, result.output
+    assert "fp16 makes CANDIDATE drift more than ORIGINAL" in result.output
+    (comparison,) = json.loads((tmp_path / "v.json").read_text())["precision"]
+    assert comparison["drift"]["candidate_nonfinite"] > 0 and comparison["drift"]["original_nonfinite"] == 0
+    healthy = tmp_path / "cnn.folded.onnx"
+    assert invoke("fold", MODELS / "cnn_ts13.onnx", "-o", healthy, "-q").exit_code == 0
+    result = invoke("verify", MODELS / "cnn_ts13.onnx", healthy, "--inputs", MODELS / "cnn_ts13.npz",
+                    "--precision", "fp16")
+    assert result.exit_code == 0, result.output
+    assert "fp16 no worse than ORIGINAL's" in result.output
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+@pytest.mark.train
+def test_strict_fails_on_precision_problems_only_with_a_target(hazards, tmp_path):
+    model = hazards["dead-channel"]["onnx"]
+    out = tmp_path / "out.onnx"
+    assert invoke("fold", model, "-o", out, "--strict", "-q").exit_code == 0
+    result = invoke("fold", model, "-o", out, "--strict", "--target", "fp16", "--json", tmp_path / "l.json",
+                    "--junit", tmp_path / "j.xml")
+    assert result.exit_code == 1
+    line = "bnfold: FAIL: --strict: 1 folded site(s) with precision problems for fp16 (fp16-underflow)"
+    assert line in result.output
+    report = json.loads((tmp_path / "l.json").read_text())
+    assert report["schema_version"] == 3 and report["targets"] == ["fp16"]
+    assert report["summary"]["with_precision_problems"] == 1
+    assert report["failures"][0]["message"] == "precision: fp16-underflow"
+    assert "fp16-underflow" in (tmp_path / "j.xml").read_text()
+    relaxed = invoke("fold", model, "-o", out, "--target", "fp16")
+    assert relaxed.exit_code == 0
+    assert "warning: 1 folded site(s) with precision problems for fp16 (fp16-underflow)" in relaxed.output
+    assert "hint: fp16-underflow:" in relaxed.output
+
+
+@pytest.mark.train
+def test_inspect_fails_on_precision_problems_only_with_a_target(hazards, tmp_path):
+    model = hazards["dead-channel"]["onnx"]
+    assert invoke("inspect", model).exit_code == 0
+    result = invoke("inspect", model, "--target", "fp16", "--json", tmp_path / "i.json")
+    assert result.exit_code == 1
+    assert "1 planned fold(s) with precision problems for fp16 (fp16-underflow)" in result.output
+    report = json.loads((tmp_path / "i.json").read_text())
+    assert report["schema_version"] == 2 and report["summary"]["with_precision_problems"] == 1
+    assert [p["code"] for f in report["findings"] if f["precision"] for p in f["precision"]["problems"]] == \
+        ["fp16-underflow"]
+
+
+def test_the_json_block_and_plain_lines(tmp_path):
+    out = tmp_path / "out.onnx"
+    result = invoke("fold", MODELS / "mlp-deadpixel_dynamo18.onnx", "-o", out, "--target", "int8", "--target",
+                    "fp16", "--json", "-")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    block = next(e["precision"] for e in report["entries"] if e["precision"] and e["precision"]["problems"])
+    weight = next(t for t in block["tensors"] if t["role"] == "weight")
+    assert set(weight) >= {"growth", "spread", "fp16", "int8", "scaled", "channel_axis", "tensor", "node"}
+    assert weight["spread"]["after"] > P.SPREAD_THRESHOLD > weight["spread"]["before"]
+    assert block["problems"][0]["code"] == "int8-range-spread" and block["problems"][0]["channels"]
+    lines = invoke("fold", MODELS / "mlp-deadpixel_dynamo18.onnx", "-o", out, "--target", "int8").output.splitlines()
+    measured = [line for line in lines if line.startswith("precision: ")]
+    assert len(measured) == sum(len(e["precision"]["tensors"]) for e in report["entries"] if e["precision"])
+    assert any(line.startswith("int8-range-spread: ") for line in lines)
+    assert any(line.startswith("hint: int8-range-spread: quantise weights per channel") for line in lines)
+
+
+def test_keep_leaves_the_named_site(tmp_path):
+    model = MODELS / "cnn_ts13.onnx"
+    name = bnfold.fold(model).ledger[0].node
+    result = invoke("fold", model, "-o", tmp_path / "out.onnx", "--keep", name, "--json", tmp_path / "l.json", "-q")
+    assert result.exit_code == 0
+    entry = json.loads((tmp_path / "l.json").read_text())["entries"][0]
+    assert (entry["status"], entry["reason"]) == ("kept", "kept-on-request")
+    missing = invoke("fold", model, "-o", tmp_path / "out.onnx", "--keep", "no-such-bn")
+    assert missing.exit_code == 2
+    assert missing.stderr.strip().splitlines() == [
+        "bnfold: error: models/cnn_ts13.onnx: --keep no-such-bn: no BatchNormalization or affine site has that "
+        "name (`bnfold inspect` lists them)".replace("models/cnn_ts13.onnx", str(model))]
+
+
+def test_an_unknown_target_is_one_line_and_exit_2(tmp_path):
+    for command in (["fold", MODELS / "cnn_ts13.onnx", "-o", tmp_path / "o.onnx"], ["inspect", MODELS / "cnn_ts13.onnx"]):
+        result = invoke(*command, "--target", "int4")
+        assert result.exit_code == 2
+        assert result.stderr.strip().splitlines() == ["bnfold: error: --target 'int4': expected one of fp16, bf16, int8"]
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_verify_precision_without_the_converter_is_one_line_and_exit_2(tmp_path, monkeypatch):
+    import importlib.util
+
+    from bnfold import runtime
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(runtime.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxconverter_common" else real(name, *a))
+    model = MODELS / "cnn_ts13.onnx"
+    result = invoke("verify", model, model, "--precision", "fp16")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "bnfold: error: --precision fp16 converts the models with onnxconverter-common, which is not installed: "
+        "pip install '.[precision]' (onnxconverter-common; from a clone of bnfold)"]
+    folded = invoke("fold", model, "-o", tmp_path / "o.onnx", "--verify", "--precision", "fp16")
+    assert folded.exit_code == 2 and not (tmp_path / "o.onnx").exists()
+
+
+def test_without_a_target_nothing_is_measured():
+    """Zero cost by default: a fold without a target never loads the precision code."""
+    code = ("import sys, bnfold; r = bnfold.fold(sys.argv[1]); "
+            "assert all(e.precision is None for e in r.ledger) and r.ledger.targets == []; "
+            "assert 'bnfold.precision' not in sys.modules and 'bnfold.assess' not in sys.modules, sorted(sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(MODELS / "cnn_ts13.onnx")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
