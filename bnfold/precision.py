@@ -325,17 +325,6 @@ def _take(sample: _Sample, energy: np.ndarray | None, block: np.ndarray, start: 
             energy += sums
 
 
-def _take(sample: _Sample, energy: np.ndarray | None, block: np.ndarray, start: int, reduced, cells) -> None:
-    """Set aside a block's sampled elements, and add its signal energy per cell if measured."""
-    sample.take(block, start)
-    if energy is not None:
-        sums = _square_sums(block, reduced)
-        if cells[0] > 1:
-            energy[start:start + block.shape[0]] += sums
-        else:
-            energy += sums
-
-
 def _square_sums(block: np.ndarray, reduced: tuple[int, ...]) -> np.ndarray:
     """``sum w^2`` over the ``reduced`` axes of a block, keeping them as size 1, in float64."""
     kept = [a for a in range(block.ndim) if a not in reduced]
