@@ -54,16 +54,17 @@ class Finding:
         return {**asdict(self), "ok": self.ok}
 
 
-def inspect(model, targets: Sequence[str] = ()) -> list[Finding]:
+def inspect(model, targets: Sequence[str] = (), merge_branches: bool = True) -> list[Finding]:
     """Audit every BN of the model (a path, ModelProto, onnx_ir Model or Source); nothing
-    given is changed. ``targets``: measure each planned fold for them, as ``fold`` does."""
-    return audit(model, targets)[0]
+    given is changed. ``targets``: measure each planned fold for them, as ``fold`` does;
+    ``merge_branches`` False: plan as ``fold --no-merge-branches`` does."""
+    return audit(model, targets, merge_branches)[0]
 
 
-def audit(model, targets: Sequence[str] = ()) -> tuple[list[Finding], Ledger]:
+def audit(model, targets: Sequence[str] = (), merge_branches: bool = True) -> tuple[list[Finding], Ledger]:
     """The findings of every BN, and the run's ledger (every site, BN or not, and with
     targets its precision block)."""
-    _, ledger = run(as_source(model), FoldOptions(targets=tuple(targets)))
+    _, ledger = run(as_source(model), FoldOptions(targets=tuple(targets), merge_branches=merge_branches))
     findings = []
     for entry in ledger.batch_norms:
         finding = Finding(bn=entry.node, graph=entry.graph, problems=list(entry.problems),

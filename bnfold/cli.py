@@ -494,6 +494,8 @@ def inspect(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the findings as JSON to this file (- for stdout)."),
     junit: Optional[Path] = JUNIT,
     target: Optional[list[str]] = TARGET,
+    no_merge_branches: bool = typer.Option(
+        False, "--no-merge-branches", help="Plan as `fold --no-merge-branches` does: parallel branches stay."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors."),
 ) -> None:
     """Audit every BatchNormalization: inference mode, statistics health, fold plan.
@@ -522,7 +524,7 @@ def inspect(
         try:
             source = naming_input(model, lambda: load_source(model))
             refuse_overwriting_input(model, source, [("JSON report", p) for p in [json_path, junit] if p])
-            findings, ledger = naming_input(model, lambda: audit(source, targets))
+            findings, ledger = naming_input(model, lambda: audit(source, targets, not no_merge_branches))
         except BnfoldError as exc:
             if not several:
                 raise

@@ -22,6 +22,7 @@ reparameterised export.
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -319,6 +320,25 @@ def test_no_merge_branches_keeps_them(tmp_path):
     assert not [e for e in result.ledger if e.status == "merged"]
     assert count_ops(result.to_proto(), "Conv") == 2
     assert count_ops(bnfold.fold(tmp_path / "m.onnx").to_proto(), "Conv") == 1
+
+
+def test_inspect_plans_as_fold_does_with_and_without_merges(tmp_path):
+    """inspect reports the plan fold carries out, --no-merge-branches included."""
+    from cli_runner import invoke
+
+    model, _ = two_branches(lambda b, x: b.bn(b.node("Conv", [x, b.random([4, 4, 1, 1])], name="one"), 4,
+                                              name="the_bn"))
+    onnx.save(model, tmp_path / "m.onnx")
+    dense = next(n.name for n in model.graph.node if n.op_type == "Conv" and n.name != "one")
+    for flags, into in (([], dense), (["--no-merge-branches"], "one")):
+        report = tmp_path / "inspect.json"
+        result = invoke("inspect", tmp_path / "m.onnx", "--json", report, "-q", *flags)
+        assert result.exit_code == 0, result.output
+        (finding,) = json.loads(report.read_text())["findings"]
+        (entry,) = [e for e in bnfold.fold(tmp_path / "m.onnx", merge_branches=not flags).ledger
+                    if e.node == "the_bn"]
+        assert entry.into == into  # the BN went into its branch's conv, which the merge made the 3x3
+        assert f"'{into}'" in finding["plan"]
 
 
 def test_a_residual_of_another_tensor_is_no_site(tmp_path):
