@@ -66,12 +66,12 @@ def kept(result, folded_model, original, reason: str):
 # --- crossing upstream: Conv -> op -> BN -------------------------------------------
 
 
-def producer_then(op: str, sign=1.0, channels: int = 4, **attrs):
-    """``Conv(4 channels) -> op -> BN(channels)``."""
+def producer_then(op: str, sign=1.0, channels: int = 4, inputs=(), **attrs):
+    """``Conv(4 channels) -> op -> BN(channels)``; ``inputs``: the op's constant inputs."""
     def build(b: GraphBuilder):
         y = conv(b, b.input(list(SHAPE)))
-        inputs = [y] + ["" if v is None else b.const(np.asarray(v)) for v in attrs.pop("inputs", [])]
-        return bn(b, b.node(op, inputs, **attrs), channels, sign)
+        operands = [y] + ["" if v is None else b.const(np.asarray(v)) for v in inputs]
+        return bn(b, b.node(op, operands, **attrs), channels, sign)
     return build
 
 
@@ -262,12 +262,12 @@ def test_the_same_conv_reached_twice_is_kept(tmp_path):
 # --- downstream: BN -> op -> linear ops ---------------------------------------------
 
 
-def then_conv(op: str, sign=1.0, **attrs):
-    """``Relu -> BN -> op -> Conv 1x1``."""
+def then_conv(op: str, sign=1.0, inputs=(), **attrs):
+    """``Relu -> BN -> op -> Conv 1x1``; ``inputs``: the op's constant inputs."""
     def build(b: GraphBuilder):
         y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4, sign)
-        inputs = [y] + ["" if v is None else b.const(np.asarray(v)) for v in attrs.pop("inputs", [])]
-        return conv(b, b.node(op, inputs, **attrs))
+        operands = [y] + ["" if v is None else b.const(np.asarray(v)) for v in inputs]
+        return conv(b, b.node(op, operands, **attrs))
     return build
 
 
