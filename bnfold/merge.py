@@ -136,8 +136,6 @@ def _analyse(root: ir.Node, ctx: Context, site: Site) -> Merge:
                                                  else 1.0) for i, v in enumerate(root.inputs)])
     leaves = list(_leaves(tree))
     x = _shared_input(leaves, consts)
-    if len(leaves) < 2:
-        raise _NotCandidate
     convs = [leaf.node for leaf in leaves if leaf.kind == "conv"]
     for term in _all_terms(tree):
         if term.node is not None:
