@@ -15,6 +15,7 @@ import onnx
 import pytest
 
 import bnfold
+from bnfold.errors import InputError
 from builders import GraphBuilder, count_ops, fold_and_compare, run
 
 SHAPE = (2, 4, 8, 8)
@@ -619,3 +620,125 @@ def test_inspect_reports_the_route_fold_takes(tmp_path):
     entry = the_bn(bnfold.fold(tmp_path / "m.onnx"))
     assert entry.route == "through MaxPool 'p' (all 4 scales > 0)"
     assert entry.route in finding.plan
+
+
+# --- the router's own refusals -------------------------------------------------------
+
+
+@pytest.mark.parametrize("hops, status", [(20, "folded"), (40, "kept")])
+def test_routes_are_bounded(tmp_path, hops, status):
+    """Planning time is bounded: a map crosses a long chain of ops, but not an unbounded one."""
+    b = GraphBuilder(seed=90)
+    y = conv(b, b.input(list(SHAPE)))
+    for _ in range(hops):
+        y = b.node("Identity", [y])
+    b.output(bn(b, y, 4))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    if status == "kept":
+        kept(result, out, model, "no-linear-producer")
+    else:
+        folded(result, out)
+
+
+def channels_last(b: GraphBuilder, x: str) -> str:
+    """A MatMul of a (2, 4, 4, 4) tensor: its channels are the last axis, not axis 1."""
+    return b.node("MatMul", [x, b.random([4, 4])])
+
+
+@pytest.mark.parametrize("join", ["Add", "Concat"])
+def test_joined_operands_with_channels_on_different_axes_stay(tmp_path, join):
+    """A sum or Concat of a conv (channels on axis 1) and a MatMul (channels last): no one
+    channel axis for the map to split along."""
+    b = GraphBuilder(seed=91)
+    x = b.input([2, 4, 4, 4])
+    joined = b.node(join, [conv(b, x), channels_last(b, b.node("Relu", [x]))], **({"axis": 1} if join == "Concat"
+                                                                                   else {}))
+    model_bn = bn(b, joined, 8 if join == "Concat" else 4)
+    b.output(model_bn)
+    model = b.model(18)
+    result, out = fold(model, tmp_path, shape=(2, 4, 4, 4))
+    kept(result, out, model, "unproven-layout")
+
+
+def invalid(tmp_path, build) -> Exception:
+    b = GraphBuilder(seed=92)
+    b.output(build(b), shape=None)
+    onnx.save(b.model(18), tmp_path / "bad.onnx")
+    with pytest.raises(InputError) as raised:
+        bnfold.fold(tmp_path / "bad.onnx")
+    return raised.value
+
+
+def test_invalid_concats_and_channel_counts_are_refused_as_invalid(tmp_path):
+    """Shapes a valid model cannot have are bad input (exit 2), not a reason to keep."""
+    x = list(SHAPE)
+    assert "invalid model" in str(invalid(tmp_path, lambda b: bn(b, b.node("Concat", [conv(b, b.input(x)),
+                                                                                      conv(b, b.input(x, "y"))],
+                                                                           axis=4), 4)))
+    assert "invalid model" in str(invalid(tmp_path, lambda b: bn(b, b.node("Concat", [
+        conv(b, b.input(x)), conv(b, b.input(x, "y"), c_out=8)], axis=2), 4)))
+    assert "invalid model" in str(invalid(tmp_path, lambda b: conv(b, bn(b, b.node("Relu", [b.input(x)]), 4),
+                                                                   c_in=8)))
+    assert "invalid model" in str(invalid(tmp_path, lambda b: b.node("Gemm", [
+        b.node("Flatten", [bn(b, b.node("Relu", [b.input([2, 4, 2, 2])]), 4)]), b.random([15, 3])])))
+
+
+@pytest.mark.parametrize("other", ["graph-output", "two-gemms", "reshape"])
+def test_a_flattened_map_must_lead_to_one_matrix_op(tmp_path, other):
+    """``BN -> Flatten -> Gemm`` folds only when the flattened features go to that Gemm alone."""
+    b = GraphBuilder(seed=93)
+    flat = b.node("Flatten", [bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4)])
+    if other == "reshape":
+        flat = b.node("Reshape", [flat, b.const(np.array([2, 256]))])
+    b.output(b.node("Gemm", [flat, b.random([256, 3])]))
+    if other == "graph-output":
+        b.output(flat)
+    elif other == "two-gemms":
+        b.output(b.node("Gemm", [flat, b.random([256, 5])]))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    kept(result, out, model, {"graph-output": "graph-output", "two-gemms": "fan-out",
+                              "reshape": "no-linear-producer"}[other])
+
+
+def test_a_map_concatenated_along_another_axis_stays(tmp_path):
+    """``Concat(BN(x), y, axis=2) -> Conv``: the conv reads y's rows too, which carry no map."""
+    b = GraphBuilder(seed=94)
+    x = b.input(list(SHAPE))
+    y = b.node("Concat", [bn(b, b.node("Relu", [x]), 4), b.node("Sigmoid", [x])], axis=2)
+    b.output(conv(b, y))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    kept(result, out, model, "unproven-crossing")
+
+
+def test_a_map_concatenated_with_inputs_of_unknown_channel_count_stays(tmp_path):
+    """Where the map's channels start in the Concat's output depends on the other inputs'
+    channel counts: unknown ones stop the route."""
+    b = GraphBuilder(seed=95)
+    other = b.input(["N", "C", 8, 8], name="y")
+    y = b.node("Concat", [other, bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4)], axis=1)
+    b.output(b.node("Conv", [y, b.random([3, 6, 1, 1])]), shape=["N", 3, 8, 8])
+    model = b.model(18)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(SHAPE).astype(np.float32), "y": rng.standard_normal((2, 2, 8, 8))
+             .astype(np.float32)}
+    result, out = fold_and_compare(model, feeds, tmp_path)
+    kept(result, out, model, "unproven-crossing")
+
+
+def test_a_scalar_map_into_a_concat_of_unknown_shape_stays(tmp_path):
+    """``x * 2 -> Concat -> Conv`` with x of unknown shape: which channels of the Concat the
+    map covers cannot be told."""
+    b = GraphBuilder(seed=96)
+    x = b.input(None)
+    y = b.node("Concat", [b.node("Mul", [x, b.const(np.float32(2.0))], name="the_bn"), b.node("Relu", [x])], axis=1)
+    b.output(conv(b, y, c_in=8), shape=None)
+    model = b.model(18)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)}
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-6)
+    kept(result, onnx.load(tmp_path / "out.onnx"), model, "unproven-crossing")
