@@ -356,3 +356,22 @@ def test_timm_repvgg_a0_train_form_folds_to_its_deploy_form(tmp_path):
     scale = max(1.0, float(np.abs(expected).max()))
     np.testing.assert_allclose(run(tmp_path / "folded.onnx", feeds)[0], expected, rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(run(tmp_path / "deploy.onnx", feeds)[0], expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+# --- sums that are no merge of linear branches, and more refusals ----------------------------
+
+
+@pytest.mark.parametrize("other", ["x*x", "2/x", "training-dropout", "sum-with-a-constant"])
+def test_a_branch_that_is_no_linear_map_of_x_makes_no_merge_site(tmp_path, other):
+    """``conv(x) + x*x`` (and ``2/x``, a training-mode Dropout of x, ``Sum(x, c)``) is no sum
+    of linear branches the merge knows: no ledger entry at all, as for a Relu branch, and
+    certainly not "fan-out: read elsewhere" (that branch is read by the sum alone)."""
+    def second(b, x):
+        return {"x*x": lambda: b.node("Mul", [x, x]), "2/x": lambda: b.node("Div", [b.const(np.float32(2.0)), x]),
+                "training-dropout": lambda: b.node("Dropout", [x, b.const(np.array(0.0, np.float32)),
+                                                               b.const(np.array(True))]),
+                "sum-with-a-constant": lambda: b.node("Sum", [x, b.const(np.float32(0.5))])}[other]()
+    model, feeds = two_branches(second)
+    result, folded = fold_and_compare(model, feeds, tmp_path)
+    assert not [e for e in result.ledger if e.op == "Add"], [(e.reason, e.detail) for e in result.ledger]
+    assert count_ops(folded, "Conv") == 1 and count_ops(folded, "Add") == 1
