@@ -84,8 +84,6 @@ def apply_factor(source: np.ndarray, factor: np.ndarray, dtype: np.dtype, block_
     ``peak_by_factor``, that the result fits ``dtype``.
     """
     dtype = np.dtype(dtype)
-    if source.ndim == 0:
-        return (source.astype(np.float64) * factor).astype(dtype)
     out = np.empty(source.shape, dtype=dtype)
     row = max(1, source[0].size)
     rows = max(1, block_elements // row)
@@ -111,8 +109,6 @@ def peak_by_factor(weight: np.ndarray, factor: np.ndarray, block_elements: int =
     of the weight is made. Read in blocks along axis 0, so a huge weight is touched one
     block at a time; ``done()`` runs after each block.
     """
-    if weight.ndim == 0:
-        return np.abs(np.asarray(weight, dtype=np.float64))
     axes = tuple(a for a in range(weight.ndim) if factor.shape[a] == 1)
     rows = max(1, block_elements // max(1, weight[0].size))
     parts = []
@@ -145,7 +141,7 @@ def max_relative_change(scale: np.ndarray) -> float:
     Every weight element is multiplied by one ``s``, so its relative change is exactly
     ``|s - 1|`` whatever its value; no need to read the weights to report it.
     """
-    return float(np.max(np.abs(np.asarray(scale, dtype=np.float64) - 1.0))) if np.size(scale) else 0.0
+    return float(np.max(np.abs(np.asarray(scale, dtype=np.float64) - 1.0)))
 
 
 def cast_checked(values: np.ndarray, dtype: np.dtype) -> np.ndarray | None:

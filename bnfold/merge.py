@@ -145,8 +145,6 @@ def _analyse(root: ir.Node, ctx: Context, site: Site) -> Merge:
                                                  else 1.0) for i, v in enumerate(root.inputs)])
     leaves = list(_leaves(tree))
     x = _shared_input(leaves, consts)
-    if len(leaves) < 2:
-        raise _NotCandidate
     for term in _all_terms(tree):
         if term.node is not None:
             require_resolved(term.node)
@@ -280,7 +278,8 @@ def _shared_input(leaves: list[_Term], consts: Constants) -> ir.Value:
         if leaf.kind == "conv" and _leads_to_conv_of(data, x):
             raise NoMatch("sequential-branch", f"{describe(leaf.node)} reads {data.name!r}, which another conv "
                                                f"computes from {x.name!r}: two convs in a row are no single kernel")
-        if leaf.kind == "value" and before is not None and before.op_type in _OPS and x in before.inputs:
+        shared = consts.is_output(data) or consts.sole_reader(data) is None  # why _child stopped there
+        if leaf.kind == "value" and shared and before is not None and before.op_type in _OPS and x in before.inputs:
             where = "a graph output" if consts.is_output(data) else "read elsewhere too"
             raise NoMatch("graph-output" if consts.is_output(data) else "fan-out",
                           f"the branch {describe(before)} reads {x.name!r}, but its output {data.name!r} is {where}")

@@ -230,7 +230,8 @@ class Editor:
             if not dead:
                 break
             for node in dead:
-                self.remove_node(node)
+                if node.graph is not None:  # not already pruned with an unused input (an Identity branch)
+                    self.remove_node(node)
                 pending.remove(node)
         self.drop_unused([old_weight, old_bias])
         return _entry(plan, STATUS_MERGED, pattern=plan.pattern, into=conv.name, into_op=conv.op_type,

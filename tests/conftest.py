@@ -1,4 +1,5 @@
-"""Hypothesis profiles: ``ci`` (default) and ``nightly``; pick one with HYPOTHESIS_PROFILE.
+"""Hypothesis profiles: ``ci`` (default), ``nightly``, ``dev`` and ``mutation`` (bench/mutation.py);
+pick one with HYPOTHESIS_PROFILE.
 
 Property tests that do not fix ``max_examples`` themselves (the random-graph
 equivalence suite) take it from the profile: ``ci`` runs 1,000 random graphs per run,
@@ -14,6 +15,9 @@ COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_
 settings.register_profile("ci", max_examples=1000, **COMMON)
 settings.register_profile("nightly", max_examples=20000, **COMMON)
 settings.register_profile("dev", max_examples=100, **COMMON)
+# bench/mutation.py: every run draws the same examples and replays none from .hypothesis/,
+# so a mutant's verdict depends on the mutant alone.
+settings.register_profile("mutation", max_examples=50, derandomize=True, database=None, **COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The composed fuzzer runs in a child process (tests/test_fuzz_isolated.py), so that an

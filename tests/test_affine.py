@@ -122,3 +122,95 @@ def test_apply_factor_releases_after_every_block():
     calls = []
     affine.apply_factor(weight, np.ones((6, 1)), np.dtype(np.float32), block_elements=4, done=lambda: calls.append(1))
     assert len(calls) == 3
+
+
+@given(st.sampled_from([np.float32, np.float16]), seeds)
+@settings(max_examples=20)
+def test_the_algebra_runs_in_float64_whatever_the_parameters_dtype(dtype, seed):
+    """bnfold computes in float64 and casts once: parameters stored as float32 or float16
+    give exactly what their float64 values give, never a float32 computation."""
+    rng = np.random.default_rng(seed)
+    gamma, beta, mean = (rng.standard_normal((3, 5)) * 3).astype(dtype)
+    var = rng.uniform(0.01, 4.0, 5).astype(dtype)
+    wide = [np.asarray(a, np.float64) for a in (gamma, beta, mean, var)]
+    for got, want in zip(affine.bn_scale_shift(gamma, beta, mean, var, 1e-5), affine.bn_scale_shift(*wide, 1e-5)):
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)
+    s, t, b = (rng.standard_normal(5).astype(dtype) for _ in range(3))
+    for got, want in [(affine.shifted_bias(None, s, t), t.astype(np.float64)),
+                      (affine.shifted_bias(b, s, t), b.astype(np.float64) * s.astype(np.float64) + t)]:
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)
+    for factor in (affine.output_channel_factor((5, 2, 3), s, axis=0), affine.input_channel_factor((2, 5), s, 1)):
+        assert factor.dtype == np.float64
+        np.testing.assert_array_equal(factor.reshape(-1), s.astype(np.float64))
+    assert affine.max_relative_change(s) == np.max(np.abs(s.astype(np.float64) - 1.0))
+
+
+def test_input_scaling_and_shift_of_ungrouped_consumers():
+    """``W (.)_in s`` and ``W t`` for a Gemm weight (features on axis 0) and a Conv weight
+    (axis 1), against the consumer evaluated on ``s*x`` and on a constant input ``t``."""
+    rng = np.random.default_rng(3)
+    s, t, x = rng.standard_normal((3, 4))
+    gemm = rng.standard_normal((4, 6))  # (K, N): y = x @ W
+    np.testing.assert_allclose(x @ affine.scale_input_channels(gemm, s, in_axis=0), (s * x) @ gemm, rtol=1e-12)
+    np.testing.assert_allclose(affine.input_shift_bias(gemm, t, in_axis=0, out_axis=1), t @ gemm, rtol=1e-12)
+    conv = rng.standard_normal((3, 4, 2, 2))  # (M, C, kh, kw), a 2x2 window with no padding
+    window = rng.standard_normal((4, 2, 2))
+    scaled = affine.scale_input_channels(conv, s, in_axis=1)
+    np.testing.assert_allclose(np.einsum("mchw,chw->m", scaled, window),
+                               np.einsum("mchw,chw->m", conv, s[:, None, None] * window), rtol=1e-12)
+    np.testing.assert_allclose(affine.input_shift_bias(conv, t, in_axis=1, out_axis=0),
+                               np.einsum("mchw,c->m", conv, t), rtol=1e-12)
+
+
+def test_grouped_conv_output_channels_are_the_weight_rows():
+    """A grouped Conv's output channel m is its weight row m whatever the groups (only
+    ConvTranspose lays its output channels out per group)."""
+    rng = np.random.default_rng(4)
+    weight, scale = rng.standard_normal((6, 2, 3, 3)), rng.standard_normal(6)
+    np.testing.assert_array_equal(affine.scale_output_channels(weight, scale, axis=0, groups=3),
+                                  weight * scale[:, None, None, None])
+
+
+def test_chunked_factor_application_along_a_later_axis():
+    """A weight folded along an axis other than 0 (a Gemm's N, a consumer Conv's input
+    channels) written in many blocks equals the one-shot product."""
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((7, 3, 2)).astype(np.float32)
+    factor = affine.input_channel_factor(weight.shape, rng.standard_normal(3), in_axis=1)
+    chunked = affine.apply_factor(weight, factor, np.dtype(np.float32), block_elements=6)
+    np.testing.assert_array_equal(chunked, (weight.astype(np.float64) * factor).astype(np.float32))
+
+
+def test_peak_by_factor_reads_every_block_along_a_later_axis():
+    """The overflow check sees the weight's largest element even when it lies in the last
+    of two blocks and the factor runs along another axis than the blocks."""
+    weight = np.ones((4, 3), np.float16)
+    weight[3, 1] = 40000
+    factor = affine.input_channel_factor(weight.shape, np.array([1.0, 2.0, 1.0]), in_axis=1)
+    peak = affine.peak_by_factor(weight, factor, block_elements=6)  # 2 rows a block: two blocks
+    np.testing.assert_array_equal(peak, [[1.0, 40000.0, 1.0]])
+    assert affine.cast_checked(peak * np.abs(factor), np.dtype(np.float16)) is None
+
+
+def test_merged_kernel_rows_computed_in_blocks_equal_the_whole():
+    """A merged conv kernel written a block of output channels at a time (large kernels)
+    equals the kernel computed at once: kernel terms, the identity and an average pool."""
+    rng = np.random.default_rng(6)
+    shape = (6, 3, 3, 3)  # groups 2: 6 output channels, 3 input channels per group
+    kernel, small = rng.standard_normal(shape), rng.standard_normal((6, 3, 1, 1))
+    identity, pool = rng.standard_normal(6), rng.standard_normal(6)
+
+    def rows(start, stop):
+        return affine.merge_rows(shape, start, stop, [(kernel[start:stop], (0, 0)), (small[start:stop], (1, 1))],
+                                 [(identity[start:stop], (1, 1), (1, 1)), (pool[start:stop], (0, 0), (3, 3))])
+
+    whole = rows(0, 6)
+    np.testing.assert_array_equal(np.concatenate([rows(0, 2), rows(2, 5), rows(5, 6)]), whole)
+    expected = kernel.copy()
+    expected[:, :, 1:2, 1:2] += small
+    for o in range(6):
+        expected[o, o % 3, 1, 1] += identity[o]
+        expected[o, o % 3] += pool[o] / 9
+    np.testing.assert_allclose(whole, expected, rtol=1e-12)

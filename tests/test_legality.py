@@ -6,7 +6,7 @@ import onnx.helper as oh
 import pytest
 
 import bnfold
-from builders import GraphBuilder, count_ops, fold_and_compare
+from builders import GraphBuilder, count_ops, fold_and_compare, run
 
 
 def conv_bn(b: GraphBuilder, x: str, c_out: int = 4, c_in: int = 3) -> tuple[str, str]:
@@ -232,3 +232,98 @@ def _poison(model: onnx.ModelProto, name: str, value: float) -> None:
     array = onnx.numpy_helper.to_array(init).copy()
     array[0] = value
     init.CopyFrom(onnx.numpy_helper.from_array(array, name))
+
+
+def fold_and_run(model: onnx.ModelProto, feeds, tmp_path):
+    """Fold a model onnx's full check would refuse (values with no shape at all), and
+    compare the outputs in onnxruntime."""
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    for want, got in zip(run(tmp_path / "m.onnx", feeds), run(tmp_path / "out.onnx", feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    return result, onnx.load(tmp_path / "out.onnx")
+
+
+@pytest.mark.parametrize("role", ["weight", "bias"])
+def test_non_finite_linear_parameters_keep_the_bn(tmp_path, role):
+    """A fold would write NaN or infinity into the weights: the BN stays."""
+    b = GraphBuilder(seed=30)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3]), b.random([4])], pads=[1, 1, 1, 1])
+    b.output(b.bn(y, 4, name="the_bn"))
+    model = b.model()
+    conv = model.graph.node[0]
+    _poison(model, conv.input[1] if role == "weight" else conv.input[2], np.inf if role == "weight" else np.nan)
+    assert_kept(bnfold.fold(_ir(model)), "non-finite-params")
+
+
+def test_a_producer_whose_one_channel_was_squeezed_away(tmp_path):
+    """``Conv(1 channel) -> Squeeze(1) -> BN(8)``: the BN normalises what was the height."""
+    b = GraphBuilder(seed=31)
+    y = b.node("Conv", [b.input([2, 3, 8, 8]), b.random([1, 3, 1, 1])])
+    y = b.node("Squeeze", [y, b.const(np.array([1]))])
+    b.output(b.bn(y, 8, name="the_bn"))
+    result, folded = fold_and_compare(b.model(), feeds_for(b, (2, 3, 8, 8)), tmp_path)
+    assert_kept(result, "channel-axis-mismatch", folded)
+
+
+def test_a_constant_add_whose_shift_cannot_cross_stays(tmp_path):
+    """``x + c`` before an AveragePool that counts its zero padding and a conv: the shift
+    would not reach the border, and a Mul/Add site cannot leave it behind as an Add."""
+    b = GraphBuilder(seed=32)
+    y = b.node("Add", [b.input([2, 3, 5, 5]), b.const(np.arange(1, 4, dtype=np.float32).reshape(1, 3, 1, 1))],
+               name="the_bn")
+    y = b.node("AveragePool", [y], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)
+    b.output(b.node("Conv", [y, b.random([4, 3, 1, 1])]))
+    result, folded = fold_and_compare(b.model(), feeds_for(b), tmp_path)
+    assert_kept(result, "shift-not-crossing")
+    assert count_ops(folded, "Add") == 1
+
+
+def positive_bn(b: GraphBuilder, x: str, c: int) -> str:
+    params = [b.const(a.astype(np.float32)) for a in (b.rng.uniform(0.5, 2, c), b.rng.standard_normal(c),
+                                                      b.rng.standard_normal(c), b.rng.uniform(0.5, 2, c))]
+    return b.node("BatchNormalization", [x, *params], name="the_bn")
+
+
+def test_the_shift_left_behind_needs_a_known_rank(tmp_path):
+    """``BN -> MaxPool -> padded Conv`` on a tensor of unknown rank: the shift would stay
+    as an Add shaped for that rank, which cannot be proven: the BN stays."""
+    b = GraphBuilder(seed=33)
+    y = b.node("MaxPool", [positive_bn(b, b.input(None), 3)], kernel_shape=[2, 2])
+    b.output(b.node("Conv", [y, b.random([4, 3, 3, 3])], pads=[1, 1, 1, 1]), shape=None)
+    result, _ = fold_and_run(b.model(), feeds_for(b, (2, 3, 6, 6)), tmp_path)
+    assert_kept(result, "unknown-rank")
+
+
+def test_decompose_needs_the_rank(tmp_path):
+    """--decompose-standalone writes constants shaped for the BN's input rank: with the rank
+    unknown the BN is kept, never decomposed with a guessed shape."""
+    b = GraphBuilder(seed=34)
+    b.output(b.node("Relu", [b.bn(b.node("Relu", [b.input(None)]), 3, name="the_bn")]), shape=None)
+    model = b.model()
+    onnx.save(model, tmp_path / "m.onnx")
+    assert_kept(bnfold.fold(tmp_path / "m.onnx", decompose_standalone=True), "no-linear-producer")
+    b2 = GraphBuilder(seed=34)
+    b2.output(b2.node("Relu", [b2.bn(b2.node("Relu", [b2.input([2, 3, 4, 4])]), 3, name="the_bn")]))
+    result, folded = fold_and_compare(b2.model(), feeds_for(b2, (2, 3, 4, 4)), tmp_path)
+    assert count_ops(folded, "BatchNormalization") == 1  # decomposing is opt-in
+    onnx.save(b2.model(), tmp_path / "m2.onnx")
+    (entry,) = [e for e in bnfold.fold(tmp_path / "m2.onnx", decompose_standalone=True).ledger if e.node == "the_bn"]
+    assert entry.status == "decomposed"
+
+
+def test_a_channel_constant_on_a_tensor_of_unknown_rank_before_a_matmul_stays(tmp_path):
+    """``x * c -> MatMul`` with ``c`` of shape [4] and ``x`` of unknown rank: ``x`` may be
+    ``[.., 1]`` and the Mul broadcast it to ``[.., 4]``, so removing the Mul could change the
+    output's shape: the Mul stays (a scalar constant folds)."""
+    for constant, status in ((np.array([0.5, 2.0, -1.5, 3.0], np.float32), "kept"), (np.float32(1.5), "folded")):
+        b = GraphBuilder(seed=35)
+        y = b.node("Mul", [b.input(None), b.const(constant)], name="the_bn")
+        b.output(b.node("MatMul", [y, b.random([4, 3])]), shape=None)
+        result, folded = fold_and_run(b.model(), feeds_for(b, (5, 4)), tmp_path)
+        (entry,) = [e for e in result.ledger if e.node == "the_bn"]
+        assert entry.status == status, entry.detail
+        assert count_ops(folded, "Mul") == (status == "kept")
+        if status == "kept":
+            assert entry.reason == "non-channel-constant"

@@ -399,3 +399,181 @@ def test_planning_a_merge_computes_no_folded_weight(tmp_path, monkeypatch):
     _, ledger = run(load_source(tmp_path / "m.onnx"))
     assert [e.status for e in ledger if e.op == "Add"] == ["merged"]
     assert computed == []
+
+
+# --- sums that are no merge of linear branches, and more refusals ----------------------------
+
+
+@pytest.mark.parametrize("other", ["x*x", "2/x", "training-dropout", "sum-with-a-constant"])
+def test_a_branch_that_is_no_linear_map_of_x_makes_no_merge_site(tmp_path, other):
+    """``conv(x) + x*x`` (and ``2/x``, a training-mode Dropout of x, ``Sum(x, c)``) is no sum
+    of linear branches the merge knows: no ledger entry at all, as for a Relu branch, and
+    certainly not "fan-out: read elsewhere" (that branch is read by the sum alone)."""
+    def second(b, x):
+        return {"x*x": lambda: b.node("Mul", [x, x]), "2/x": lambda: b.node("Div", [b.const(np.float32(2.0)), x]),
+                "training-dropout": lambda: b.node("Dropout", [x, b.const(np.array(0.0, np.float32)),
+                                                               b.const(np.array(True))]),
+                "sum-with-a-constant": lambda: b.node("Sum", [x, b.const(np.float32(0.5))])}[other]()
+    model, feeds = two_branches(second)
+    result, folded = fold_and_compare(model, feeds, tmp_path)
+    assert not [e for e in result.ledger if e.op == "Add"], [(e.reason, e.detail) for e in result.ledger]
+    assert count_ops(folded, "Conv") == 1 and count_ops(folded, "Add") == 1
+
+
+def merged(tmp_path, model, feeds, pattern: str | None = None):
+    result, folded = fold_and_compare(model, feeds, tmp_path)
+    entries = [e for e in result.ledger if e.status == "merged"]
+    assert len(entries) == 1, [(e.op, e.status, e.reason, e.detail) for e in result.ledger]
+    if pattern is not None:
+        assert entries[0].pattern == pattern
+    assert count_ops(folded, "Conv") == 1 and count_ops(folded, "Add") + count_ops(folded, "Sub") == 0
+    return entries[0]
+
+
+@pytest.mark.parametrize("second, pattern", [
+    (lambda b, x: b.node("Identity", [x]), "merge(3x3+identity)"),
+    (lambda b, x: b.node("Neg", [b.node("Conv", [x, b.random([4, 4, 1, 1])])]), "merge(3x3+1x1)"),
+    (lambda b, x: b.node("Add", [x, b.const(np.arange(4, dtype=np.float32).reshape(1, 4, 1, 1))]),
+     "merge(3x3+identity)"),
+    (lambda b, x: b.node("Sub", [b.const(np.float32(0.25)), x]), "merge(3x3+identity)"),
+    (lambda b, x: b.node("Sub", [x, b.const(np.float32(0.25))]), "merge(3x3+identity)"),
+    (lambda b, x: b.node("Div", [x, b.const(np.array([2.0, -4.0, 0.5, 8.0], np.float32).reshape(1, 4, 1, 1))]),
+     "merge(3x3+identity)"),
+    (lambda b, x: b.node("Conv", [x, b.random([4, 4, 1, 1])], auto_pad="VALID"), "merge(3x3+1x1)"),
+    (lambda b, x: b.node("Identity", [b.node("Conv", [x, b.random([4, 4, 1, 1])])]), "merge(3x3+1x1)"),
+], ids=["identity", "neg-conv", "x-plus-c", "c-minus-x", "x-minus-c", "x-over-c", "valid-1x1", "identity-of-a-conv"])
+def test_linear_branches_of_every_form_merge(tmp_path, second, pattern):
+    """Identity, negation, ``x + c``, ``c - x``, ``x - c``, ``x / c``: each is a linear map of
+    x, so ``conv3x3(x) + branch`` is one conv (checked in onnxruntime)."""
+    model, feeds = two_branches(second)
+    merged(tmp_path, model, feeds, pattern)
+
+
+def nested(outer_other, inner_other):
+    """``(conv3x3(x) + inner) + outer``: two sums, the inner one's expression inside the outer's."""
+    b = GraphBuilder(seed=20)
+    x = b.input([2, 4, 8, 8])
+    first = b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[1, 1, 1, 1], name="first")
+    inner = b.node("Add", [first, inner_other(b, x)], name="inner")
+    b.output(b.node("Add", [inner, outer_other(b, x)], name="outer"))
+    return b.model(), {"x": np.random.default_rng(20).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+
+
+def test_a_sum_above_that_cannot_merge_leaves_the_one_below_to_merge(tmp_path):
+    grouped = lambda b, x: b.node("Conv", [x, b.random([4, 1, 3, 3])], pads=[1, 1, 1, 1], group=4)  # noqa: E731
+    one = lambda b, x: b.node("Conv", [x, b.random([4, 4, 1, 1])])  # noqa: E731
+    model, feeds = nested(grouped, one)
+    result, folded = fold_and_compare(model, feeds, tmp_path)
+    assert [(e.node, e.status, e.reason) for e in result.ledger if e.op == "Add"] == [
+        ("inner", "merged", None), ("outer", "kept", "branch-mismatch")]
+    assert count_ops(folded, "Conv") == 2
+
+
+def test_when_no_sum_can_merge_only_the_largest_says_why(tmp_path):
+    """Both sums refuse: the ledger names the refusal once, at the outer sum, whose
+    expression holds the inner one."""
+    grouped = lambda b, x: b.node("Conv", [x, b.random([4, 1, 3, 3])], pads=[1, 1, 1, 1], group=4)  # noqa: E731
+    dilated = lambda b, x: b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[2, 2, 2, 2],  # noqa: E731
+                                  dilations=[2, 2])
+    model, feeds = nested(grouped, dilated)
+    result, _ = fold_and_compare(model, feeds, tmp_path)
+    assert [(e.node, e.status, e.reason) for e in result.ledger if e.op == "Add"] == [
+        ("outer", "kept", "branch-mismatch")]
+
+
+def shaped(second, opset: int = 17, seed: int = 26):
+    """``conv3x3(x) + second(b, x)`` with the sum's shape given (inference cannot give it)."""
+    b = GraphBuilder(seed=seed)
+    x = b.input([2, 4, 8, 8])
+    first = b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[1, 1, 1, 1])
+    b.output(b.node("Add", [first, second(b, x)], name="sum"), shape=[2, 4, 8, 8])
+    return b.model(opset), {"x": np.random.default_rng(seed).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+
+
+def tiny(second, seed=21, channels=4, shape=(2, 4, 1, 1), first_attrs=None):
+    """``conv1x1(x) + second(b, x)`` on a 1x1 map, where strides change no output size."""
+    b = GraphBuilder(seed=seed)
+    x = b.input(list(shape))
+    first = b.node("Conv", [x, b.random([channels, shape[1], 1, 1])], **(first_attrs or {}))
+    b.output(b.node("Add", [first, second(b, x)], name="sum"))
+    return b.model(), {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: tiny(lambda b, x: x, shape=(2, 1, 1, 1)), "branch-mismatch"),  # x broadcast over 4 channels
+    (lambda: tiny(lambda b, x: b.node("Conv", [x, b.random([1, 4, 1, 1])])), "branch-mismatch"),  # 1 vs 4 channels
+    (lambda: tiny(lambda b, x: b.node("Conv", [x, b.random([4, 4, 1, 1])], strides=[2, 2])), "branch-mismatch"),
+    (lambda: tiny(lambda b, x: x, first_attrs={"strides": [2, 2]}), "branch-mismatch"),  # identity at stride 2
+    (lambda: tiny(lambda b, x: b.node("AveragePool", [x], kernel_shape=[1, 1], strides=[2, 2])), "branch-mismatch"),
+    (lambda: two_branches(lambda b, x: b.node("Mul", [x, b.const(np.array([1, np.nan, 1, 1], np.float32)
+                                                                .reshape(1, 4, 1, 1))])), "non-finite-params"),
+    (lambda: two_branches(lambda b, x: b.node("Div", [x, b.const(np.array([1, 0, 1, 1], np.float32)
+                                                                .reshape(1, 4, 1, 1))])), "non-finite-params"),
+    (lambda: shaped(lambda b, x: b.node("BatchNormalization", [x, *b.bn_params(4)], n_out=3, training_mode=1)[0]),
+     "training-mode"),
+    (lambda: shaped(lambda b, x: b.node("AveragePool", [x], kernel_shape=[3, 3], pads=[2, 2, 2, 2],
+                                        count_include_pad=1, dilations=[2, 2]), opset=19), "branch-mismatch"),
+], ids=["identity-broadcast", "fewer-channels", "strides", "identity-stride-2", "pool-strides", "nan-scale",
+        "division-by-zero", "training-bn", "dilated-pool"])
+def test_more_branches_that_are_not_one_conv_stay(tmp_path, build, reason):
+    model, feeds = build()
+    refused(tmp_path, model, feeds, reason)
+
+
+def test_a_pool_inside_a_dilated_kernel_stays(tmp_path):
+    """An average pool's window is contiguous; a dilated 3x3 conv's taps are not."""
+    b = GraphBuilder(seed=23)
+    x = b.input([2, 4, 8, 8])
+    first = b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[2, 2, 2, 2], dilations=[2, 2])
+    pool = b.node("AveragePool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)
+    b.output(b.node("Add", [first, pool], name="sum"))
+    refused(tmp_path, b.model(), {"x": np.random.default_rng(23).standard_normal((2, 4, 8, 8)).astype(np.float32)},
+            "branch-mismatch")
+
+
+@pytest.mark.parametrize("pads, reason", [({"auto_pad": "SAME_UPPER"}, "unknown-rank"),
+                                          ({"pads": [0, 0, 1, 1]}, "branch-mismatch")])
+def test_windows_over_a_map_of_unknown_size(tmp_path, pads, reason):
+    """tf2onnx's stride-2 SAME block on an input of unknown height and width: SAME padding
+    cannot be resolved, and explicit (0, 1) pads against none give outputs of one size only
+    for some sizes: both stay."""
+    b = GraphBuilder(seed=24)
+    x = b.input(["N", 3, "H", "W"])
+    big = b.node("Conv", [x, b.random([8, 3, 3, 3])], strides=[2, 2], **pads)
+    small = b.node("Conv", [x, b.random([8, 3, 1, 1])], strides=[2, 2],
+                   **({"auto_pad": "SAME_UPPER"} if "auto_pad" in pads else {}))
+    b.output(b.node("Add", [big, small], name="sum"), shape=["N", 8, "h", "w"])
+    refused(tmp_path, b.model(), {"x": np.random.default_rng(24).standard_normal((2, 3, 16, 16)).astype(np.float32)},
+            reason)
+
+
+def test_a_branch_through_another_op_before_its_conv_is_no_merge(tmp_path):
+    """``conv3x3(x) + conv1x1(relu(conv1x1(x)))``: the second branch is no linear map of x."""
+    model, feeds = two_branches(lambda b, x: b.node("Conv", [b.node("Relu", [b.node("Conv", [
+        x, b.random([4, 4, 1, 1])])]), b.random([4, 4, 1, 1])]))
+    result, _ = fold_and_compare(model, feeds, tmp_path)
+    assert not [e for e in result.ledger if e.op == "Add"]
+
+
+def test_two_convs_in_a_row_through_a_pad_stay(tmp_path):
+    """DBB's ``1x1 -> Pad -> kxk`` branch: two convs in sequence, no single kernel."""
+    model, feeds = two_branches(lambda b, x: b.node("Conv", [b.node("Pad", [b.node("Identity", [b.node("Conv", [
+        x, b.random([4, 4, 1, 1])])]), b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))]), b.random([4, 4, 3, 3])]))
+    refused(tmp_path, model, feeds, "sequential-branch")
+
+
+def test_a_branch_kernel_with_nan_stays(tmp_path):
+    model, feeds = two_branches(lambda b, x: b.node("Conv", [x, b.const(np.full((4, 4, 1, 1), np.nan, np.float32))]))
+    refused(tmp_path, model, feeds, "non-finite-params")
+
+
+def test_a_merged_float16_kernel_that_may_overflow_stays(tmp_path):
+    """Each branch fits float16, their sum (up to 80000) would not: kept."""
+    b = GraphBuilder(dtype=np.float16, seed=25)
+    x = b.input([1, 2, 4, 4])
+    first = b.node("Conv", [x, b.const(np.full((2, 2, 3, 3), 40000, np.float16))], pads=[1, 1, 1, 1])
+    second = b.node("Conv", [x, b.const(np.full((2, 2, 1, 1), 40000, np.float16))])
+    b.output(b.node("Add", [first, second], name="sum"))
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    assert [(e.status, e.reason) for e in result.ledger if e.op == "Add"] == [("kept", "dtype-overflow")]

@@ -425,3 +425,259 @@ def test_all_transposes_of_rank_3_through_pairs():
         b.output(b.bn(y, 4))
         (entry,) = bnfold.fold(ir.serde.deserialize_model(b.model())).ledger
         assert entry.folded, (perm, entry)
+
+
+
+# --- 7. the layout proofs, one op at a time ----------------------------------------------
+# ``layout.through``: where a tensor's channel axis lies after a layout op, or why that
+# cannot be proven (the fold then keeps the BN: a wrong axis would scale the wrong elements).
+
+from bnfold.constant_eval import Constants  # noqa: E402
+from bnfold.ledger import NoMatch  # noqa: E402
+from bnfold.patterns import elementwise, layout  # noqa: E402
+from bnfold.patterns.layout import Channel  # noqa: E402
+
+
+def one_op(op: str, shape, inputs=(), opset: int = 18, **attrs):
+    """The node of a one-op graph (``x`` of ``shape``, constant ``inputs``; "p": an int64
+    graph input), analysed as fold analyses it, with its Constants."""
+    b = GraphBuilder(seed=0)
+    x = b.input(shape)
+    operands = [x] + ["" if v is None else (v if isinstance(v, str) else b.const(np.asarray(v))) for v in inputs]
+    if "p" in inputs:
+        b.inputs.append(oh.make_tensor_value_info("p", onnx.TensorProto.INT64, [None]))
+    b.output(b.node(op, operands, **attrs), shape=None)
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(b.model(opset)))
+    node = next(n for n in model.graph if n.op_type == op)
+    return node, Constants(model.ir_version, graphs=[model.graph])
+
+
+LAYOUT_CASES = {
+    # name: (op, input shape, constant inputs, attributes, channel in, channel out; None: unproven)
+    "identity": ("Identity", [2, 8, 3], (), {}, Channel(3, 1, 8), Channel(3, 1, 8)),
+    "transpose-no-perm": ("Transpose", [2, 8, 3, 5], (), {}, Channel(4, 1, 8), Channel(4, 2, 8)),
+    "transpose-no-perm-rank-unknown": ("Transpose", [2, 8, 3, 5], (), {}, Channel(None, -3, 8), None),
+    "transpose-perm-of-another-rank": ("Transpose", [2, 8, 3, 5], (), {"perm": [0, 2, 1]}, Channel(4, 1, 8), None),
+    "transpose-one-channel": ("Transpose", [2, 1, 3, 5], (), {"perm": [0, 2, 3, 1]}, Channel(4, None, 1),
+                              Channel(4, None, 1)),
+    "transpose-cycle": ("Transpose", [2, 8, 3, 5], (), {"perm": [2, 0, 3, 1]}, Channel(4, 1, 8), Channel(4, 3, 8)),
+    "unsqueeze-front": ("Unsqueeze", [2, 8, 3], ([0],), {}, Channel(3, 1, 8), Channel(4, 2, 8)),
+    "unsqueeze-negative": ("Unsqueeze", [2, 8, 3], ([-1, 1],), {}, Channel(3, 1, 8), Channel(5, 2, 8)),
+    "unsqueeze-outside": ("Unsqueeze", [2, 8, 3], ([5],), {}, Channel(3, 1, 8), None),
+    "unsqueeze-axes-fed": ("Unsqueeze", [2, 8, 3], ("p",), {}, Channel(3, 1, 8), None),
+    "unsqueeze-rank-unknown": ("Unsqueeze", [2, 8, 3], ([0],), {}, Channel(None, -2, 8), None),
+    "unsqueeze-one-channel": ("Unsqueeze", [2, 1, 3], ([0],), {}, Channel(3, None, 1), Channel(4, None, 1)),
+    "unsqueeze-11-attribute": ("Unsqueeze", [2, 8, 3], (), {"axes": [3], "opset": 11}, Channel(3, 1, 8),
+                               Channel(4, 1, 8)),
+    "squeeze": ("Squeeze", [2, 8, 1, 3], ([2],), {}, Channel(4, 1, 8), Channel(3, 1, 8)),
+    "squeeze-before-the-channels": ("Squeeze", [1, 8, 1, 3], ([0, -2],), {}, Channel(4, 1, 8), Channel(2, 0, 8)),
+    "squeeze-static-ones": ("Squeeze", [1, 8, 1, 3], (), {}, Channel(4, 1, 8), Channel(2, 0, 8)),
+    "squeeze-symbolic-dim": ("Squeeze", ["N", 8, 1, 3], (), {}, Channel(4, 1, 8), None),  # N may be 1
+    "squeeze-outside": ("Squeeze", [2, 8, 1, 3], ([4],), {}, Channel(4, 1, 8), None),
+    "squeeze-rank-unknown": ("Squeeze", [2, 8, 1, 3], ([2],), {}, Channel(None, -3, 8), None),
+    "squeeze-one-channel": ("Squeeze", [2, 1, 1, 3], ([1],), {}, Channel(4, 1, 1), Channel(3, None, 1)),
+    "squeeze-the-channels": ("Squeeze", [2, 1, 1, 3], ([1],), {}, Channel(4, 1, 4), None),
+    "reshape-trailing": ("Reshape", [2, 8, 3, 5], ([2, 8, 15],), {}, Channel(4, 1, 8), Channel(3, 1, 8)),
+    "reshape-symbolic-batch": ("Reshape", ["N", 8, 3, 5], ([-1, 8, 15],), {}, Channel(4, 1, 8), Channel(3, 1, 8)),
+    "reshape-zero-copies": ("Reshape", [2, 8, 3, 5], ([0, 0, -1],), {}, Channel(4, 1, 8), Channel(3, 1, 8)),
+    "reshape-allowzero": ("Reshape", [2, 8, 3, 5], ([2, 0, 8, 15],), {"allowzero": 1}, Channel(4, 1, 8), None),
+    "reshape-merging": ("Reshape", [2, 8, 3, 5], ([16, 15],), {}, Channel(4, 1, 8), None),
+    "reshape-inserting": ("Reshape", [2, 8, 3, 5], ([2, 1, 8, 15],), {}, Channel(4, 1, 8), Channel(4, 2, 8)),
+    "reshape-target-fed": ("Reshape", [2, 8, 3, 5], ("p",), {}, Channel(4, 1, 8), None),
+    "reshape-one-channel": ("Reshape", [2, 1, 3, 5], ([2, 3, 5],), {}, Channel(4, None, 1), Channel(3, None, 1)),
+    "flatten-head": ("Flatten", [2, 8, 1, 1], (), {"axis": 1}, Channel(4, 1, 8), Channel(2, 1, 8)),
+    "flatten-merging": ("Flatten", [2, 8, 3, 5], (), {"axis": 2}, Channel(4, 1, 8), None),
+    "flatten-negative-axis": ("Flatten", [8, 3, 5], (), {"axis": -2}, Channel(3, 0, 8), Channel(2, 0, 8)),
+    "flatten-axis-past-the-rank": ("Flatten", [2, 8, 3, 5], (), {"axis": 5}, Channel(4, 1, 8), None),
+    "flatten-symbolic": ("Flatten", ["N", 8, 3, 5], (), {"axis": 1}, Channel(4, 1, 8), None),
+    "flatten-one-channel": ("Flatten", [2, 1, 3, 5], (), {"axis": 1}, Channel(4, 1, 1), Channel(2, None, 1)),
+}
+
+
+@pytest.mark.parametrize("case", LAYOUT_CASES)
+def test_layout_op_moves_the_channel_axis(case):
+    op, shape, inputs, attrs, channel, expected = LAYOUT_CASES[case]
+    node, consts = one_op(op, shape, inputs, **attrs)
+    if expected is None:
+        with pytest.raises(NoMatch) as refused:
+            layout.through(node, channel, consts)
+        assert refused.value.reason == "unproven-layout"
+    else:
+        assert layout.through(node, channel, consts) == expected
+
+
+# --- 8. constant Mul / Div / Add / Sub as (s, t), and which constants are per channel ----
+
+
+def site_of(op: str, constant, constant_first: bool = False, shape=(2, 4, 3, 3)):
+    b = GraphBuilder(seed=0)
+    x, c = b.input(list(shape)), b.const(np.asarray(constant))
+    b.output(b.node(op, [c, x] if constant_first else [x, c]))
+    model = ir.serde.deserialize_model(b.model())
+    node = next(iter(model.graph))
+    return elementwise.as_site(node, Constants(model.ir_version, graphs=[model.graph]))
+
+
+@pytest.mark.parametrize("op, first, expected", [
+    ("Mul", False, lambda c: (c, 0 * c)), ("Mul", True, lambda c: (c, 0 * c)),
+    ("Div", False, lambda c: (1 / c, 0 * c)),
+    ("Add", False, lambda c: (1 + 0 * c, c)), ("Add", True, lambda c: (1 + 0 * c, c)),
+    ("Sub", False, lambda c: (1 + 0 * c, -c)), ("Sub", True, lambda c: (-1 + 0 * c, c)),
+])
+def test_elementwise_sites_are_affine_maps(op, first, expected):
+    """``x*c, c*x, x/c, x+c, c+x, x-c, c-x`` are ``s*x + t`` with these (s, t), checked on values."""
+    c = np.array([0.5, -2.0, 3.0, 1.5])
+    site = site_of(op, c.astype(np.float32), first)
+    assert site.data_index == (1 if first else 0)
+    s, t = elementwise.scale_shift(site, c)
+    x = np.linspace(-3, 3, 4)
+    direct = {"Mul": x * c, "Div": x / c, "Add": x + c, "Sub": c - x if first else x - c}[op]
+    np.testing.assert_allclose(s * x + t, direct, rtol=1e-15)
+    for got, want in zip((s, t), expected(c)):
+        np.testing.assert_allclose(got, want, rtol=1e-15)
+
+
+def test_what_is_no_elementwise_site():
+    """``c / x`` is no affine map of x; an integer constant is no scale of floats."""
+    assert site_of("Div", np.float32(2.0), constant_first=True) is None
+    assert site_of("Mul", np.array([1, 2, 3, 4]).reshape(1, 4, 1, 1)) is None
+    assert site_of("Mul", np.float32(2.0)) is not None
+
+
+@pytest.mark.parametrize("constant", [np.array([1.0, 0.0, 2.0, 1.0]), np.array([1.0, np.nan, 2.0, 1.0])])
+def test_a_division_by_zero_or_a_nan_constant_is_no_map(constant):
+    with pytest.raises(NoMatch) as refused:
+        elementwise.scale_shift(site_of("Div", constant.astype(np.float32)), constant)
+    assert refused.value.reason == "non-finite-params"
+
+
+CHANNEL_VECTOR_CASES = {
+    # name: (constant shape, channel, per-channel vector or None: not one value per channel)
+    "scalar": ((), Channel(4, 1, 4), True),
+    "channel-first-layout": ((4, 1, 1), Channel(4, 1, 4), True),
+    "full-rank": ((1, 4, 1, 1), Channel(4, 1, 4), True),
+    "one-value": ((1, 1, 1), Channel(4, 1, 4), True),
+    "along-the-last-axis": ((4,), Channel(4, 1, 4), None),
+    "another-count": ((2, 1, 1), Channel(4, 1, 4), None),
+    "higher-rank": ((1, 1, 4, 1, 1), Channel(4, 1, 4), None),
+    "two-axes": ((4, 3, 1), Channel(4, 1, 4), None),
+    "last-axis-rank-unknown": ((4,), Channel(None, -1, 4), True),
+    "last-axis-rank-unknown-one-value": ((1,), Channel(None, -1, 4), True),
+    "last-axis-rank-unknown-another-count": ((3,), Channel(None, -1, 4), None),
+    "rank-unknown-two-dims": ((1, 4), Channel(None, -1, 4), None),
+    "second-to-last-rank-unknown": ((4,), Channel(None, -2, 4), None),
+    "axis-1-rank-unknown": ((4,), Channel(None, 1, 4), None),
+    "scalar-rank-unknown": ((), Channel(None, 1, 4), True),
+}
+
+
+@pytest.mark.parametrize("case", CHANNEL_VECTOR_CASES)
+def test_a_constant_is_per_channel_only_along_the_channel_axis(case):
+    shape, channel, ok = CHANNEL_VECTOR_CASES[case]
+    constant = np.arange(1, 1 + int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    if ok is None:
+        with pytest.raises(NoMatch) as refused:
+            elementwise.channel_vector(constant, channel)
+        assert refused.value.reason == "non-channel-constant"
+    else:
+        vector = elementwise.channel_vector(constant, channel)
+        np.testing.assert_array_equal(vector, np.broadcast_to(constant.reshape(-1), (4,)))
+
+
+# --- 9. MatMul biases and flattened maps: where the fold must stop -----------------------
+
+
+@pytest.mark.parametrize("reader", ["graph-output", "another-reader"])
+def test_a_matmul_bias_add_whose_matmul_output_is_read_elsewhere(tmp_path, reader):
+    """``MatMul -> Add(bias) -> BN``: folding changes the MatMul's weight, so its own output
+    must be read by the bias Add alone."""
+    b = GraphBuilder(seed=40)
+    mm = b.node("MatMul", [b.input([3, 4]), b.random([4, 5])])
+    b.output(b.bn(b.node("Add", [mm, b.random([5])]), 5, name="the_bn"))
+    b.output(mm if reader == "graph-output" else b.node("Relu", [mm]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (3, 4)), tmp_path)
+    (entry,) = [e for e in result.ledger if e.node == "the_bn"]
+    assert (entry.status, entry.reason) == ("kept", "graph-output" if reader == "graph-output" else "fan-out")
+    assert count_ops(folded, "BatchNormalization") == 1
+
+
+def test_a_batched_matmul_weight_is_no_channel_weight(tmp_path):
+    """A 3-D MatMul weight holds one matrix per batch: no single output-channel axis."""
+    b = GraphBuilder(seed=41)
+    y = b.node("MatMul", [b.input([2, 3, 4]), b.random([2, 4, 5])])
+    b.output(b.node("Mul", [y, channel_const(b, 5, [5])], name="the_bn"))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 3, 4)), tmp_path)
+    assert ("Mul", "kept", "channel-axis-mismatch") in entries(result)
+    assert count_ops(folded, "Mul") == 1
+
+
+@pytest.mark.parametrize("bias", ["graph-input", "not-per-channel"])
+def test_an_add_after_a_matmul_that_is_no_bias_slot(tmp_path, bias):
+    """BN -> MatMul -> Add: the Add holds the MatMul's bias only if it is a per-channel
+    constant; otherwise W t goes into a new Add and the old one stays as it was."""
+    b = GraphBuilder(seed=42)
+    y = b.node("MatMul", [b.bn(b.input([3, 4]), 4), b.random([4, 5])])
+    other = b.input([3, 5], name="z") if bias == "graph-input" else b.random([3, 5])
+    b.output(b.node("Add", [y, other]))
+    model = b.model()
+    feed = {**feeds(b, (3, 4)), **({"z": b.rng.standard_normal((3, 5)).astype(np.float32)} if bias == "graph-input"
+                                   else {})}
+    result, folded = fold_and_compare(model, feed, tmp_path)
+    assert entries(result)[0] == ("BatchNormalization", "folded", "bn-matmul")
+    assert ops(folded) == ["MatMul", "Add", "Add"]
+
+
+FLATTEN_CASES = {
+    # name: (what flattens the map, reason it stays)
+    "flatten-axis-2": (lambda b, y: b.node("Flatten", [y], axis=2), "no-linear-producer"),
+    "reshape-merging-the-batch": (lambda b, y: b.node("Reshape", [y, b.const(np.array([4, 8]))]),
+                                  "unproven-layout"),
+}
+
+
+@pytest.mark.parametrize("case", FLATTEN_CASES)
+def test_a_map_flattened_other_than_from_the_channel_axis_stays(tmp_path, case):
+    """``BN -> Flatten/Reshape -> Gemm`` folds only when each channel becomes consecutive
+    features of one row (Flatten(axis=1) or a Reshape proven to be one)."""
+    flatten, reason = FLATTEN_CASES[case]
+    b = GraphBuilder(seed=43)
+    y = flatten(b, b.bn(b.node("Relu", [b.input([2, 4, 2, 2])]), 4, name="the_bn"))
+    width = 4 if case == "flatten-axis-2" else 8
+    b.output(b.node("Gemm", [y, b.random([width, 3])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 4, 2, 2)), tmp_path)
+    assert ("BatchNormalization", "kept", reason) in entries(result)
+    assert count_ops(folded, "BatchNormalization") == 1
+
+
+def test_a_map_along_the_last_axis_flattened_into_a_gemm_stays(tmp_path):
+    """``x * c`` with c along the last axis, then Flatten(axis=1) -> Gemm: the channels
+    interleave in the features, which the fold does not lay out: the Mul stays."""
+    b = GraphBuilder(seed=44)
+    y = b.node("Mul", [b.node("Relu", [b.input([2, 2, 2, 4])]), channel_const(b, 4, [4])], name="the_bn")
+    b.output(b.node("Gemm", [b.node("Flatten", [y]), b.random([16, 3])]))
+    result, folded = fold_and_compare(b.model(), feeds(b, (2, 2, 2, 4)), tmp_path)
+    assert not [e for e in result.ledger if e.status == "folded"]
+    assert count_ops(folded, "Mul") == 1
+
+
+def test_a_weight_computed_in_the_graph_with_an_invalid_shape_is_refused(tmp_path):
+    """A Conv weight from a constant subgraph (the loader cannot size it) of rank 2: bad
+    input, one line, exit 2 (InputError)."""
+    from bnfold.errors import InputError
+
+    b = GraphBuilder(seed=45)
+    weight = b.node("Identity", [b.random([4, 3])])
+    b.output(b.bn(b.node("Conv", [b.input([2, 3, 5, 5]), weight]), 4), shape=None)
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    with pytest.raises(InputError, match="invalid node"):
+        bnfold.fold(tmp_path / "m.onnx")
+
+
+def test_a_gemm_bias_that_does_not_broadcast_is_refused(tmp_path):
+    from bnfold.errors import InputError
+
+    b = GraphBuilder(seed=46)
+    b.output(b.bn(b.node("Gemm", [b.input([3, 4]), b.random([4, 5]), b.random([7])]), 5), shape=None)
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    with pytest.raises(InputError, match="does not broadcast"):
+        bnfold.fold(tmp_path / "m.onnx")

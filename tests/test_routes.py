@@ -15,7 +15,8 @@ import onnx
 import pytest
 
 import bnfold
-from builders import GraphBuilder, count_ops, fold_and_compare
+from bnfold.errors import InputError
+from builders import GraphBuilder, count_ops, fold_and_compare, run
 
 SHAPE = (2, 4, 8, 8)
 SCALES = np.array([1, 1, 2, 2], np.float32)
@@ -66,12 +67,12 @@ def kept(result, folded_model, original, reason: str):
 # --- crossing upstream: Conv -> op -> BN -------------------------------------------
 
 
-def producer_then(op: str, sign=1.0, channels: int = 4, **attrs):
-    """``Conv(4 channels) -> op -> BN(channels)``."""
+def producer_then(op: str, sign=1.0, channels: int = 4, inputs=(), **attrs):
+    """``Conv(4 channels) -> op -> BN(channels)``; ``inputs``: the op's constant inputs."""
     def build(b: GraphBuilder):
         y = conv(b, b.input(list(SHAPE)))
-        inputs = [y] + ["" if v is None else b.const(np.asarray(v)) for v in attrs.pop("inputs", [])]
-        return bn(b, b.node(op, inputs, **attrs), channels, sign)
+        operands = [y] + ["" if v is None else b.const(np.asarray(v)) for v in inputs]
+        return bn(b, b.node(op, operands, **attrs), channels, sign)
     return build
 
 
@@ -207,6 +208,197 @@ def test_spatial_split_with_another_piece_read_is_kept(tmp_path):
     kept(result, out, model, "fan-out")
 
 
+# --- each crossing rule's conditions, one case each ------------------------------------
+# Conv -> op -> BN where the op is written the way each opset and exporter writes it;
+# a fold is checked in onnxruntime, a kept BN leaves the model as it was.
+
+ALL_SPATIAL = np.array([2, 4, 16, 16])
+RULE_CASES = {
+    # name: (build, pattern that folds or ("kept", reason), opset)
+    "dropout-training-mode-true": (producer_then("Dropout", inputs=[np.array(0.0, np.float32), np.array(True)]),
+                                   ("kept", "unproven-crossing"), 18),
+    "reducemean-noop-without-axes": (producer_then("ReduceMean", noop_with_empty_axes=1), "conv-reducemean-bn", 18),
+    "reducemax-of-everything-one-channel": (producer_then("ReduceMax", channels=1), "conv-reducemax-bn", 18),
+    "reducemean-axes-attribute": (producer_then("ReduceMean", axes=[2, 3]), "conv-reducemean-bn", 13),
+    "resize-of-the-channels": (producer_then("Resize", channels=8, inputs=[None, np.array([1, 2, 1, 1], np.float32)]),
+                               ("kept", "channel-axis-mismatch"), 18),
+    "upsample-9-scales-input": (producer_then("Upsample", inputs=[SCALES]), "conv-upsample-bn", 9),
+    "upsample-7-scales-attribute": (producer_then("Upsample", scales=[1.0, 1.0, 2.0, 2.0]), "conv-upsample-bn", 7),
+    "resize-10-scales-input": (producer_then("Resize", inputs=[SCALES]), "conv-resize-bn", 10),
+    "resize-spatial-axes": (producer_then("Resize", inputs=[None, np.array([2, 2], np.float32)], axes=[2, 3]),
+                            "conv-resize-bn", 18),
+    "resize-axes-with-channels": (producer_then("Resize", inputs=[None, np.array([1, 2, 2], np.float32)],
+                                                axes=[1, 2, 3]), "conv-resize-bn", 18),
+    "resize-sizes": (producer_then("Resize", inputs=[None, None, ALL_SPATIAL]), "conv-resize-bn", 18),
+    # not_larger scales every axis by the smallest ratio: here the channels halve
+    "resize-sizes-not-larger": (producer_then("Resize", channels=2, inputs=[None, None, np.array([2, 4, 4, 4])],
+                                              keep_aspect_ratio_policy="not_larger"),
+                                ("kept", "channel-axis-mismatch"), 18),
+    "slice-to-one-channel": (producer_then("Slice", channels=1, inputs=[[2], [3], [1]]), "conv-slice-bn", 18),
+    "slice-1-attributes": (producer_then("Slice", channels=2, starts=[1], ends=[3], axes=[1]), "conv-slice-bn", 9),
+    "gather-one-channel": (producer_then("Gather", channels=1, inputs=[np.array([2])], axis=1), "conv-gather-bn", 18),
+    "gather-along-a-later-axis": (producer_then("Gather", inputs=[np.array([0, 2, 4])], axis=3), "conv-gather-bn",
+                                  18),
+    # indices of rank 2 on the batch axis push the channels to axis 2
+    "gather-batch-with-2d-indices": (producer_then("Gather", channels=2, inputs=[np.array([[0, 1]])], axis=0),
+                                     ("kept", "channel-axis-mismatch"), 18),
+    "gather-channels-with-2d-indices": (producer_then("Gather", channels=2, inputs=[np.array([[0, 1], [2, 3]])],
+                                                      axis=1), ("kept", "unproven-crossing"), 18),
+    "pad-2-attributes-reflect": (producer_then("Pad", pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="reflect"), "conv-pad-bn",
+                                 10),
+    "pad-2-value-attribute": (producer_then("Pad", pads=[0, 0, 1, 1, 0, 0, 1, 1], value=0.0), ("kept", "pad-value"),
+                              10),
+    "pad-18-axes-input": (producer_then("Pad", inputs=[[1, 1, 1, 1], None, [2, 3]], mode="edge"), "conv-pad-bn", 18),
+    "pad-constant-value-input": (producer_then("Pad", inputs=[[0, 0, 1, 1, 0, 0, 1, 1], np.array(1.5, np.float32)]),
+                                 ("kept", "pad-value"), 18),
+}
+
+
+@pytest.mark.parametrize("case", RULE_CASES)
+def test_each_crossing_rule(tmp_path, case):
+    build, expected, opset = RULE_CASES[case]
+    b = GraphBuilder(seed=len(case) + 60)
+    b.output(build(b))
+    model = b.model(opset)
+    result, out = fold(model, tmp_path)
+    if isinstance(expected, tuple):
+        kept(result, out, model, expected[1])
+    else:
+        folded(result, out, expected)
+
+
+def split_then(pieces: int, channels: int, opset: int, **attrs):
+    """``Conv(4) -> Split(axis 1) -> BN(channels) on piece 0``; the other pieces are unread."""
+    def build(b: GraphBuilder):
+        sizes = attrs.pop("sizes", None)
+        inputs = [conv(b, b.input(list(SHAPE)))] + ([b.const(np.array(sizes))] if sizes is not None else [])
+        outs = b.node("Split", inputs, n_out=pieces, axis=1, **attrs)
+        return bn(b, outs[0], channels, sign=None)
+    return build
+
+
+@pytest.mark.parametrize("case, build, opset", [
+    ("one-channel", split_then(2, 1, 18, sizes=[1, 3]), 18),
+    ("split-attribute", split_then(2, 3, 11, split=[3, 1]), 11),
+    ("equal-parts", split_then(2, 2, 18, num_outputs=2), 18),
+])
+def test_channel_split_pieces(tmp_path, case, build, opset):
+    """Split's sizes as an input, as Split-11's attribute, and as opset 18's equal parts."""
+    b = GraphBuilder(seed=len(case) + 70)
+    b.output(build(b))
+    result, out = fold(b.model(opset), tmp_path)
+    folded(result, out, "conv-split-bn")
+
+
+@pytest.mark.parametrize("op", ["Slice", "Gather", "Pad", "Dropout", "ReduceSum"])
+def test_op_parameters_fed_at_run_time_stop_the_route(tmp_path, op):
+    """Starts, indices, pads, Dropout's training flag and the reduced axes given as graph
+    inputs: what the op does to the channels is unknown, so the BN stays."""
+    b = GraphBuilder(seed=80)
+    y = conv(b, b.input(list(SHAPE)))
+    param, value = {"Slice": (("p", [1], np.int64), np.array([0])),
+                    "Gather": (("p", [2], np.int64), np.array([0, 1])),
+                    "Pad": (("p", [8], np.int64), np.zeros(8, np.int64)),
+                    "Dropout": (("p", [], np.bool_), np.array(False)),
+                    "ReduceSum": (("p", [1], np.int64), np.array([2]))}[op]
+    b.inputs.append(onnx.helper.make_tensor_value_info(param[0], {np.int64: onnx.TensorProto.INT64,
+                                                                  np.bool_: onnx.TensorProto.BOOL}[param[2]],
+                                                       param[1]))
+    inputs = {"Slice": [y, b.const(np.array([0])), "p", b.const(np.array([3]))],
+              "Gather": [y, "p"], "Pad": [y, "p"], "Dropout": [y, "", "p"], "ReduceSum": [y, "p"]}[op]
+    attrs = {"axis": 1} if op == "Gather" else {"keepdims": 1} if op == "ReduceSum" else {}
+    channels = 2 if op == "Gather" else 4
+    b.output(bn(b, b.node(op, inputs, **attrs), channels, shift=op != "ReduceSum"), shape=["n", "c", "h", "w"])
+    model = b.model(18)
+    feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32), "p": value}
+    result, out = fold_and_compare(model, feeds, tmp_path)
+    kept(result, out, model, "unproven-crossing")
+
+
+def test_maxpool_whose_indices_are_read_stops_the_route(tmp_path):
+    """The argmax indices would move if the map's rounding changed a tie: kept."""
+    b = GraphBuilder(seed=81)
+    values, indices = b.node("MaxPool", [conv(b, b.input(list(SHAPE)))], n_out=2, kernel_shape=[2, 2])
+    b.output(bn(b, values, 4))
+    b.output(indices, dtype=np.int64)
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    kept(result, out, model, "unproven-crossing")
+
+
+def test_reduce_sum_over_dims_of_unknown_size(tmp_path):
+    """ReduceSum multiplies a shift by the number of elements summed: over symbolic dims
+    only a pure scale crosses it."""
+    for shift, expected in ((True, "shift-not-crossing"), (False, None)):
+        b = GraphBuilder(seed=82)
+        y = b.node("ReduceSum", [conv(b, b.input(["N", 4, "H", "W"])), b.const(np.array([2, 3]))], keepdims=1)
+        b.output(bn(b, y, 4, shift=shift))
+        model = b.model(18)
+        result, out = fold(model, tmp_path)
+        if expected:
+            kept(result, out, model, expected)
+        else:
+            folded(result, out, "conv-reducesum-bn")
+
+
+def test_opset_6_dropout_in_training_mode_stops_the_route(tmp_path):
+    """Dropout-6 with is_test=0 drops elements: no map crosses it (is_test=1 does)."""
+    for is_test, status in ((0, "kept"), (1, "folded")):
+        b = GraphBuilder(seed=83)
+        y = b.node("Dropout", [conv(b, b.input(list(SHAPE)))], is_test=is_test)
+        b.output(b.node("BatchNormalization", [y, *b.bn_params(4)], name="the_bn", is_test=1))
+        onnx.save(b.model(6), tmp_path / "m.onnx")
+        entry = the_bn(bnfold.fold(tmp_path / "m.onnx"))
+        assert entry.status == status, entry.detail
+        if status == "kept":
+            assert entry.reason == "unproven-crossing" and "training mode" in entry.detail
+
+
+def test_a_map_read_as_another_input_than_the_data_does_not_cross(tmp_path):
+    """``x * 2`` used as a Pad's constant value is no data the map travels with: nothing
+    folds into the conv after the Pad (the Mul is no site)."""
+    b = GraphBuilder(seed=84)
+    s = b.input([], name="s")
+    value = b.node("Mul", [s, b.const(np.array(2.0, np.float32))])
+    padded = b.node("Pad", [b.input(list(SHAPE)), b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1])), value])
+    b.output(conv(b, padded, k=3))
+    model = b.model(18)
+    feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32),
+             "s": np.array(0.7, np.float32)}
+    result, out = fold_and_compare(model, feeds, tmp_path)
+    assert count_ops(out, "Mul") == 1 and not [e for e in result.ledger if e.status == "folded"]
+
+
+def test_a_map_whose_channel_axis_is_unproven_does_not_cross_axis_ops(tmp_path):
+    """A MatMul's channels are its last axis; with its input's rank unknown, a Slice cannot
+    be proven to leave them alone: kept."""
+    b = GraphBuilder(seed=85)
+    x = b.input(None)
+    y = b.node("MatMul", [x, b.random([4, 4])])
+    y = b.node("Slice", [y, b.const(np.array([0])), b.const(np.array([1])), b.const(np.array([0]))])
+    b.output(b.node("Mul", [y, b.const(np.array([1.5, 2.0, 0.5, 3.0], np.float32))], name="the_bn"))
+    model = b.model(18)
+    onnx.save(model, tmp_path / "m.onnx")  # no shapes at all: onnx's full check would refuse it
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)}
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(model, feeds)[0], rtol=1e-5)
+    kept(result, onnx.load(tmp_path / "out.onnx"), model, "unproven-crossing")
+
+
+def test_a_pool_over_the_channel_axis_stops_the_route(tmp_path):
+    """A MatMul's channels on the last axis of a 3-D tensor are what a 1-D MaxPool pools
+    over: a per-channel map cannot cross it, even where the pool keeps the size."""
+    b = GraphBuilder(seed=86)
+    y = b.node("MatMul", [b.input([2, 8, 4]), b.random([4, 4])])
+    y = b.node("MaxPool", [y], kernel_shape=[3], pads=[1, 1])
+    b.output(b.node("Mul", [y, b.const(np.array([1.5, 2.0, 0.5, 3.0], np.float32))], name="the_bn"))
+    model = b.model(18)
+    result, out = fold_and_compare(model, {"x": np.random.default_rng(0).standard_normal((2, 8, 4))
+                                           .astype(np.float32)}, tmp_path)
+    kept(result, out, model, "channel-axis-mismatch")
+
+
 # --- sums --------------------------------------------------------------------------
 
 
@@ -262,12 +454,12 @@ def test_the_same_conv_reached_twice_is_kept(tmp_path):
 # --- downstream: BN -> op -> linear ops ---------------------------------------------
 
 
-def then_conv(op: str, sign=1.0, **attrs):
-    """``Relu -> BN -> op -> Conv 1x1``."""
+def then_conv(op: str, sign=1.0, inputs=(), **attrs):
+    """``Relu -> BN -> op -> Conv 1x1``; ``inputs``: the op's constant inputs."""
     def build(b: GraphBuilder):
         y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4, sign)
-        inputs = [y] + ["" if v is None else b.const(np.asarray(v)) for v in attrs.pop("inputs", [])]
-        return conv(b, b.node(op, inputs, **attrs))
+        operands = [y] + ["" if v is None else b.const(np.asarray(v)) for v in inputs]
+        return conv(b, b.node(op, operands, **attrs))
     return build
 
 
@@ -428,3 +620,125 @@ def test_inspect_reports_the_route_fold_takes(tmp_path):
     entry = the_bn(bnfold.fold(tmp_path / "m.onnx"))
     assert entry.route == "through MaxPool 'p' (all 4 scales > 0)"
     assert entry.route in finding.plan
+
+
+# --- the router's own refusals -------------------------------------------------------
+
+
+@pytest.mark.parametrize("hops, status", [(20, "folded"), (40, "kept")])
+def test_routes_are_bounded(tmp_path, hops, status):
+    """Planning time is bounded: a map crosses a long chain of ops, but not an unbounded one."""
+    b = GraphBuilder(seed=90)
+    y = conv(b, b.input(list(SHAPE)))
+    for _ in range(hops):
+        y = b.node("Identity", [y])
+    b.output(bn(b, y, 4))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    if status == "kept":
+        kept(result, out, model, "no-linear-producer")
+    else:
+        folded(result, out)
+
+
+def channels_last(b: GraphBuilder, x: str) -> str:
+    """A MatMul of a (2, 4, 4, 4) tensor: its channels are the last axis, not axis 1."""
+    return b.node("MatMul", [x, b.random([4, 4])])
+
+
+@pytest.mark.parametrize("join", ["Add", "Concat"])
+def test_joined_operands_with_channels_on_different_axes_stay(tmp_path, join):
+    """A sum or Concat of a conv (channels on axis 1) and a MatMul (channels last): no one
+    channel axis for the map to split along."""
+    b = GraphBuilder(seed=91)
+    x = b.input([2, 4, 4, 4])
+    joined = b.node(join, [conv(b, x), channels_last(b, b.node("Relu", [x]))], **({"axis": 1} if join == "Concat"
+                                                                                   else {}))
+    model_bn = bn(b, joined, 8 if join == "Concat" else 4)
+    b.output(model_bn)
+    model = b.model(18)
+    result, out = fold(model, tmp_path, shape=(2, 4, 4, 4))
+    kept(result, out, model, "unproven-layout")
+
+
+def invalid(tmp_path, build) -> Exception:
+    b = GraphBuilder(seed=92)
+    b.output(build(b), shape=None)
+    onnx.save(b.model(18), tmp_path / "bad.onnx")
+    with pytest.raises(InputError) as raised:
+        bnfold.fold(tmp_path / "bad.onnx")
+    return raised.value
+
+
+def test_invalid_concats_and_channel_counts_are_refused_as_invalid(tmp_path):
+    """Shapes a valid model cannot have are bad input (exit 2), not a reason to keep."""
+    x = list(SHAPE)
+    assert "invalid model" in str(invalid(tmp_path, lambda b: bn(b, b.node("Concat", [conv(b, b.input(x)),
+                                                                                      conv(b, b.input(x, "y"))],
+                                                                           axis=4), 4)))
+    assert "invalid model" in str(invalid(tmp_path, lambda b: bn(b, b.node("Concat", [
+        conv(b, b.input(x)), conv(b, b.input(x, "y"), c_out=8)], axis=2), 4)))
+    assert "invalid model" in str(invalid(tmp_path, lambda b: conv(b, bn(b, b.node("Relu", [b.input(x)]), 4),
+                                                                   c_in=8)))
+    assert "invalid model" in str(invalid(tmp_path, lambda b: b.node("Gemm", [
+        b.node("Flatten", [bn(b, b.node("Relu", [b.input([2, 4, 2, 2])]), 4)]), b.random([15, 3])])))
+
+
+@pytest.mark.parametrize("other", ["graph-output", "two-gemms", "reshape"])
+def test_a_flattened_map_must_lead_to_one_matrix_op(tmp_path, other):
+    """``BN -> Flatten -> Gemm`` folds only when the flattened features go to that Gemm alone."""
+    b = GraphBuilder(seed=93)
+    flat = b.node("Flatten", [bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4)])
+    if other == "reshape":
+        flat = b.node("Reshape", [flat, b.const(np.array([2, 256]))])
+    b.output(b.node("Gemm", [flat, b.random([256, 3])]))
+    if other == "graph-output":
+        b.output(flat)
+    elif other == "two-gemms":
+        b.output(b.node("Gemm", [flat, b.random([256, 5])]))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    kept(result, out, model, {"graph-output": "graph-output", "two-gemms": "fan-out",
+                              "reshape": "no-linear-producer"}[other])
+
+
+def test_a_map_concatenated_along_another_axis_stays(tmp_path):
+    """``Concat(BN(x), y, axis=2) -> Conv``: the conv reads y's rows too, which carry no map."""
+    b = GraphBuilder(seed=94)
+    x = b.input(list(SHAPE))
+    y = b.node("Concat", [bn(b, b.node("Relu", [x]), 4), b.node("Sigmoid", [x])], axis=2)
+    b.output(conv(b, y))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    kept(result, out, model, "unproven-crossing")
+
+
+def test_a_map_concatenated_with_inputs_of_unknown_channel_count_stays(tmp_path):
+    """Where the map's channels start in the Concat's output depends on the other inputs'
+    channel counts: unknown ones stop the route."""
+    b = GraphBuilder(seed=95)
+    other = b.input(["N", "C", 8, 8], name="y")
+    y = b.node("Concat", [other, bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4)], axis=1)
+    b.output(b.node("Conv", [y, b.random([3, 6, 1, 1])]), shape=["N", 3, 8, 8])
+    model = b.model(18)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(SHAPE).astype(np.float32), "y": rng.standard_normal((2, 2, 8, 8))
+             .astype(np.float32)}
+    result, out = fold_and_compare(model, feeds, tmp_path)
+    kept(result, out, model, "unproven-crossing")
+
+
+def test_a_scalar_map_into_a_concat_of_unknown_shape_stays(tmp_path):
+    """``x * 2 -> Concat -> Conv`` with x of unknown shape: which channels of the Concat the
+    map covers cannot be told."""
+    b = GraphBuilder(seed=96)
+    x = b.input(None)
+    y = b.node("Concat", [b.node("Mul", [x, b.const(np.float32(2.0))], name="the_bn"), b.node("Relu", [x])], axis=1)
+    b.output(conv(b, y, c_in=8), shape=None)
+    model = b.model(18)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)}
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-6)
+    kept(result, onnx.load(tmp_path / "out.onnx"), model, "unproven-crossing")

@@ -41,6 +41,7 @@ from bnfold.verification import (
     Tolerance,
     VerifyOptions,
     compare_arrays,
+    default_tolerance,
     output_scale,
     parse_shape,
     verify,
@@ -403,6 +404,139 @@ def test_minimum_passing_tolerances_are_tight(seed):
     assert not compare_arrays(reference, subject, Tolerance(min_rtol * (1 - 1e-6), tolerance.atol)).passed
     run, *index = difference.max_abs_diff_index
     assert abs(subject[run][tuple(index)] - reference[run][tuple(index)]) == difference.max_abs_diff
+
+
+def _expected_difference(ref_runs, sub_runs, noise_runs, tol):
+    """Every field of docs/verify.md's difference table, computed element by element and
+    channel by channel in plain Python (channels along axis 1 of every run)."""
+    rows = {}
+    for run, (ref, sub, again) in enumerate(zip(ref_runs, sub_runs, noise_runs)):
+        for index in np.ndindex(ref.shape):
+            rows.setdefault(index[1], []).append((run, index, float(ref[index]), float(sub[index]),
+                                                  float(again[index])))
+    channels = sorted(rows)
+    scale = {c: max(1.0, max(abs(b) for _, _, b, _, _ in rows[c])) for c in channels}
+    drift = {c: [abs(d - b) for _, _, b, _, d in rows[c]] for c in channels}
+    e = dict(elements=sum(len(v) for v in rows.values()), failing=0, alone=0, max_abs=0.0, at=None, rel=0.0,
+             min_atol=0.0, min_rtol=0.0, channels_failing=0, channels_alone=0, worst=[])
+    diffs, dots = [], [0.0, 0.0, 0.0]
+    for c in channels:
+        atol, allowance = tol.atol * scale[c], tol.noise_factor * max(drift[c])
+        diff_sq = ref_sq = 0.0
+        for run, index, b, a, _ in rows[c]:
+            d = abs(a - b)
+            diffs.append(d)
+            dots = [dots[0] + a * b, dots[1] + a * a, dots[2] + b * b]
+            e["failing"] += d > atol + tol.rtol * abs(b) + allowance
+            e["alone"] += d > atol + tol.rtol * abs(b)
+            if d > e["max_abs"]:
+                e["max_abs"], e["at"], e["values"] = d, [run, *index], [b, a]
+            e["rel"] = max(e["rel"], 0.0 if d == 0 else d / abs(b))
+            e["min_atol"] = max(e["min_atol"], (d - tol.rtol * abs(b)) / scale[c])
+            e["min_rtol"] = max(e["min_rtol"], 0.0 if d - atol <= 0 else (d - atol) / abs(b))
+            diff_sq, ref_sq = diff_sq + d * d, ref_sq + b * b
+        allowed = tol.channel_rtol * ref_sq ** 0.5 + tol.channel_atol * len(rows[c]) ** 0.5
+        noise_l2 = sum(x * x for x in drift[c]) ** 0.5
+        fails = diff_sq ** 0.5 > allowed + tol.noise_factor * noise_l2
+        e["channels_failing"] += fails
+        e["channels_alone"] += diff_sq ** 0.5 > allowed
+        e["worst"].append((diff_sq ** 0.5 / ref_sq ** 0.5, c, (ref_sq / len(rows[c])) ** 0.5,
+                           max(abs(a - b) for _, _, b, a, _ in rows[c]), not fails))
+    e["worst"].sort(key=lambda w: -w[0])
+    e["mean"] = sum(diffs) / len(diffs)
+    e["cosine"] = dots[0] / (dots[1] ** 0.5 * dots[2] ** 0.5)
+    e["atol_applied"] = [tol.atol * min(scale.values()), tol.atol * max(scale.values())]
+    e["noise_max"] = max(max(d) for d in drift.values())
+    allowances = [tol.noise_factor * max(drift[c]) for c in channels]
+    e["noise_allowance"] = [min(allowances), max(allowances)]
+    return e
+
+
+def test_every_difference_field_is_what_the_docs_define():
+    """docs/verify.md's table, field by field, on two runs of a 3-channel output with channels
+    of very different sizes, a noisy reference and a subject off by known amounts: one
+    element and one channel fail only without the noise floor, one of each fails with it."""
+    rng = np.random.default_rng(7)
+    sizes = np.array([200.0, 0.5, 3.0]).reshape(1, 3, 1)
+    ref = [rng.standard_normal((2, 3, 4)) * sizes, rng.standard_normal((1, 3, 4)) * sizes]
+    again = [r + rng.standard_normal(r.shape) * 1e-3 * sizes for r in ref]
+    sub = [r.copy() for r in ref]
+    sub[0][1, 0, 2] += 0.01  # past channel 0's atol (1e-5 x its scale) and rtol, within its noise allowance
+    sub[0][0, 1, :] *= 1.05  # channel 1 off by 5%: fails, noise or not
+    sub[1][0, 2, 3] += 0.02  # channel 2 fails its L2 criterion alone, passes with the noise floor
+    tol = default_tolerance("float32")
+    got = compare_arrays(ref, sub, tol, channel_axis=1, noise=again)
+    want = _expected_difference(ref, sub, again, tol)
+    approx = lambda x: pytest.approx(x, rel=1e-12, abs=1e-15)  # noqa: E731
+    assert got.elements == want["elements"] == 36
+    assert (got.elements_failing, got.elements_within_noise) == (want["failing"], want["alone"] - want["failing"])
+    assert got.elements_failing > 0 and got.elements_within_noise > 0
+    assert got.nonfinite_mismatches == 0
+    assert got.max_abs_diff == approx(want["max_abs"]) and got.max_abs_diff_index == want["at"]
+    assert got.max_abs_diff_values == [approx(v) for v in want["values"]]
+    assert got.max_rel_diff == approx(want["rel"]) and got.mean_abs_diff == approx(want["mean"])
+    assert got.cosine_similarity == approx(want["cosine"])
+    assert (got.reference_nan, got.reference_inf, got.subject_nan, got.subject_inf) == (0, 0, 0, 0)
+    assert got.min_passing_atol == approx(want["min_atol"]) and got.min_passing_rtol == approx(want["min_rtol"])
+    assert (got.channel_axis, got.channels) == (1, 3)
+    assert (got.channels_failing, got.channels_within_noise) == (want["channels_failing"],
+                                                                want["channels_alone"] - want["channels_failing"])
+    assert got.channels_failing == 1 and got.channels_within_noise == 1
+    assert got.max_channel_rel_diff == approx(want["worst"][0][0])
+    assert got.max_channel_rel_diff_channel == want["worst"][0][1]
+    assert got.atol_applied == [approx(v) for v in want["atol_applied"]]
+    assert [(w.channel, w.rel_diff, w.rms_reference, w.max_abs_diff, w.passed) for w in got.worst_channels] == [
+        (c, approx(r), approx(rms), approx(m), ok) for r, c, rms, m, ok in want["worst"]]
+    assert got.noise_max == approx(want["noise_max"])
+    assert got.noise_allowance == [approx(v) for v in want["noise_allowance"]]
+    assert not got.passed
+
+
+def test_top1_counts_positions_agreements_and_near_ties():
+    """Per docs/verify.md: positions over all runs, agreeing argmax along the class axis,
+    and near ties (disagreements where the reference's top two differ by less than twice
+    the element tolerance)."""
+    from bnfold.verification.compare import top1
+
+    tol = Tolerance(rtol=1e-2, atol=1e-3)
+    ref = [np.array([[1.0, 5.0, 2.0], [3.0, 0.0, 2.999], [0.0, 1.0, 4.0]]), np.array([[2.0, 1.0, 0.5]])]
+    sub = [np.array([[1.0, 5.0, 2.0], [2.0, 0.0, 3.1], [0.0, 4.5, 4.0]]), np.array([[2.0, 1.0, 0.5]])]
+    got = top1(ref, sub, 1, tol)
+    # row 2 of run 0 flips 3.0 vs 2.999 (gap 0.001 <= 2 x (1e-3 + 1e-2 x 3)): a near tie;
+    # row 3 flips 4.0 vs 1.0: a real disagreement
+    assert (got.axis, got.predictions, got.agreeing, got.near_ties) == (1, 4, 2, 1)
+    assert got.agreement == 0.5
+    assert top1([np.zeros((2, 0))], [np.zeros((2, 0))], 1, tol).agreement == 1.0  # no classes: nothing to predict
+
+
+def test_channel_axes_and_runs_of_a_comparison():
+    from bnfold.verification.compare import _run_index, channel_axis_of, pooled_channel_axis
+
+    assert [channel_axis_of((2, 3, 4), a) for a in (1, -1, -3, 3, -4, None)] == [1, 2, 0, None, None, None]
+    assert channel_axis_of((5,)) is None  # rank 1: one channel
+    assert pooled_channel_axis([(2, 3), (4, 3)], 1) == 1
+    assert pooled_channel_axis([(2, 3), (2, 4)], 1) is None  # channel count changes between runs
+    assert pooled_channel_axis([(2, 3), (2,)], 1) is None
+    # element 5 of channel 1 in runs of shapes (1, 2, 3) and (2, 2, 3): run 1, index [0, 1, 2]
+    assert _run_index(1, 5, [(1, 2, 3), (2, 2, 3)], 1) == [1, 0, 1, 2]
+    assert _run_index(0, 4, [(2, 3)], None) == [0, 1, 1]
+
+
+def test_given_tolerances_override_the_defaults_the_documented_way():
+    from bnfold.verification.compare import resolve_tolerance
+
+    default = default_tolerance("float32")
+    assert (default.rtol, default.atol, default.atol_scaled, default.channel_rtol, default.channel_atol,
+            default.noise_factor) == (1e-4, 1e-5, True, 1e-3, 1e-6, 4.0)
+    loose = resolve_tolerance("float32", 0.05, None, None)
+    assert (loose.rtol, loose.channel_rtol) == (0.05, 0.05)  # the channel rtol follows a looser rtol
+    assert resolve_tolerance("float32", 1e-6, None, None).channel_rtol == 1e-3  # and never tightens it
+    given_atol = resolve_tolerance("float32", None, 0.5, None)
+    assert (given_atol.atol, given_atol.atol_scaled, given_atol.channel_atol) == (0.5, False, 0.5)
+    assert resolve_tolerance("float32", None, None, 0.2).channel_rtol == 0.2
+    assert resolve_tolerance("float32", None, None, None, noise_factor=0.0).noise_factor == 0.0
+    exact = resolve_tolerance("int64", None, None, None, noise_factor=9.0)
+    assert (exact.rtol, exact.atol, exact.noise_factor) == (0.0, 0.0, 0.0)  # integers stay exact
 
 
 @pytest.mark.parametrize("spec", ["images=1x3x224x224", "images:1x3x224x224", "images:1,3,224,224",

@@ -152,3 +152,70 @@ def test_verify_judges_along_the_axis_the_fold_scaled(tmp_path, pattern, input_s
         difference = comparison.difference
         assert difference.max_channel_rel_diff_channel == SMALL_CHANNEL
         assert difference.max_channel_rel_diff == pytest.approx(WRONG - 1, rel=0.05)
+
+
+# --- where the channels of an output lie: the walk, case by case --------------------------
+
+import onnx_ir as ir  # noqa: E402
+
+from bnfold.constant_eval import Constants  # noqa: E402
+from bnfold.patterns.channels import channel_of  # noqa: E402
+from bnfold.patterns.layout import Channel  # noqa: E402
+
+
+def walked(build, opset: int = 18):
+    """``channel_of`` the graph's first output, analysed as verify analyses it."""
+    b = GraphBuilder(seed=0)
+    b.output(build(b), shape=None)
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(b.model(opset)))
+    return channel_of(model.graph.outputs[0], Constants(model.ir_version, graphs=[model.graph]))
+
+
+def relus(b, y, count):
+    for _ in range(count):
+        y = b.node("Relu", [y])
+    return y
+
+
+def fed(b, name, shape):
+    b.inputs.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+    return name
+
+
+WALKS = {
+    # name: (graph, the channels found; None: the walk cannot tell)
+    "graph-input": (lambda b: b.input([2, 6, 4, 4]), None),
+    "conv-through-relus": (lambda b: relus(b, conv(b, b.input([2, 3, 4, 4])), 10), Channel(4, 1, C)),
+    "conv-beyond-the-walk": (lambda b: relus(b, conv(b, b.input([2, 3, 4, 4])), 70), None),
+    "conv-with-weights-fed": (lambda b: b.node("Conv", [b.input([2, 3, 4, 4]), fed(b, "w", [5, 3, 1, 1])]),
+                              Channel(4, 1, 5)),
+    "matmul-with-weights-fed": (lambda b: b.node("MatMul", [b.input([2, 3, 4]), fed(b, "w", [4, 7])]),
+                                Channel(3, -1, 7)),
+    "instance-norm": (lambda b: b.node("InstanceNormalization", [b.input([2, 6, 4]), b.random([6]), b.random([6])]),
+                      Channel(3, 1, 6)),
+    "concat-of-convs": (lambda b: b.node("Concat", [conv(b, b.input([2, 3, 4, 4])), conv(b, b.input([2, 3, 4, 4], "y"),
+                                                                                          c=2)], axis=1),
+                        Channel(4, 1, C + 2)),
+    "concat-along-another-axis": (lambda b: b.node("Concat", [conv(b, b.input([2, 3, 4, 4])),
+                                                              conv(b, b.input([2, 3, 4, 4], "y"))], axis=2), None),
+    "concat-with-an-unknown": (lambda b: b.node("Concat", [conv(b, b.input([2, 3, 4, 4])),
+                                                           b.input([2, 6, 4, 4], "y")], axis=1), None),
+    "concat-of-different-layouts": (lambda b: b.node("Concat", [
+        conv(b, b.input([2, 3, 4, 4])), b.node("MatMul", [b.input([2, 6, 4, 4], "y"), b.random([4, 4])])], axis=1),
+        None),
+    "concat-of-unknown-counts": (lambda b: b.node("Concat", [
+        b.node("Conv", [b.input([2, 3, 4, 4]), fed(b, "w", ["M", 3, 1, 1])]), conv(b, b.input([2, 3, 4, 4], "y"))],
+        axis=1), Channel(4, 1, -1)),
+    "add-of-unknown-rank": (lambda b: b.node("Add", [conv(b, b.input([2, 3, 4, 4])), b.input(None, "y")]),
+                            Channel(4, 1, C)),
+    "one-channel-transposed-then-added": (lambda b: b.node("Relu", [b.node("Squeeze", [
+        conv(b, b.input([2, 3, 4, 4]), c=1), b.const(np.array([1]))])]), Channel(3, None, 1)),
+    "broadcast-to-a-higher-rank": (lambda b: b.node("Add", [conv(b, b.input([2, 3, 4, 4])),
+                                                            b.input([5, 1, 1, 1, 1], "y")]), Channel(5, 2, C)),
+}
+
+
+@pytest.mark.parametrize("case", WALKS)
+def test_the_walk_finds_the_channels_or_says_it_cannot(case):
+    build, expected = WALKS[case]
+    assert walked(build) == expected

@@ -94,9 +94,7 @@ def require_valid_shapes(node: ir.Node, weight: ir.TensorProtocol, bias: ir.Tens
 def weight_and_bias(node: ir.Node, consts: Constants) -> tuple[ir.TensorProtocol, ir.TensorProtocol | None]:
     """A Conv/ConvTranspose/Gemm's constant weight (input 1) and optional bias (input 2),
     shapes checked; NoMatch if they are not constants."""
-    weight = constant_param(node, 1, consts)
-    if weight is None:
-        raise NoMatch("non-constant-weights", f"{describe(node)} has no weight input")
+    weight = constant_param(node, 1, consts)  # input 1 is required (the loader's check_node)
     bias = constant_param(node, 2, consts)
     require_valid_shapes(node, weight, bias)
     return weight, bias

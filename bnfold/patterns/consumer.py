@@ -124,14 +124,14 @@ def _following_bias(matmul: ir.Node, channels: int, consts: Constants):
     if reader is None:
         return None, None, None
     add, index = reader
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.inputs) != 2:
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
         return None, None, None
     bias_index = 1 - index
     try:
         bias = constant_param(add, bias_index, consts)
     except NoMatch:
         return None, None, None
-    if bias is None or not is_channel_bias(tuple(bias.shape), channels):
+    if not is_channel_bias(tuple(bias.shape), channels):
         return None, None, None
     return add, bias_index, bias
 

@@ -39,8 +39,6 @@ def _rank_at_least_2(rank: int | None) -> int | None:
 
 def bias_operand(add: ir.Node) -> tuple[ir.Node, int] | None:
     """For an Add reading a MatMul's output: the MatMul and the Add's other input index."""
-    if len(add.inputs) != 2:
-        return None
     for mm_index in (0, 1):
         operand = add.inputs[mm_index]
         matmul = operand.producer() if operand is not None else None
@@ -79,9 +77,7 @@ def is_channel_bias(shape: tuple[int, ...], channels: int) -> bool:
 
 
 def constant_2d_weight(matmul: ir.Node, consts: Constants) -> ir.TensorProtocol:
-    weight = constant_param(matmul, 1, consts)
-    if weight is None:
-        raise NoMatch("non-constant-weights", f"{describe(matmul)} has no weight input")
+    weight = constant_param(matmul, 1, consts)  # a MatMul has its two inputs (the loader's check_node)
     if len(weight.shape) != 2:
         raise NoMatch("channel-axis-mismatch", f"{describe(matmul)} weight has shape {list(weight.shape)}, not 2-D")
     return weight
