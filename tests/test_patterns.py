@@ -11,6 +11,7 @@ import itertools
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -491,6 +492,24 @@ LAYOUT_CASES = {
     "flatten-axis-past-the-rank": ("Flatten", [2, 8, 3, 5], (), {"axis": 5}, Channel(4, 1, 8), None),
     "flatten-symbolic": ("Flatten", ["N", 8, 3, 5], (), {"axis": 1}, Channel(4, 1, 8), None),
     "flatten-one-channel": ("Flatten", [2, 1, 3, 5], (), {"axis": 1}, Channel(4, 1, 1), Channel(2, None, 1)),
+    # the edges of each op's axis range, its defaults, and dims that are unknown, symbolic or 0
+    "unsqueeze-most-negative-axis": ("Unsqueeze", [2, 8, 3], ([-4],), {}, Channel(3, 1, 8), Channel(4, 2, 8)),
+    "unsqueeze-axis-equal-to-output-rank": ("Unsqueeze", [2, 8, 3], ([4],), {}, Channel(3, 1, 8), None),
+    "squeeze-most-negative-axis": ("Squeeze", [1, 8, 1, 3], ([-4],), {}, Channel(4, 1, 8), Channel(3, 0, 8)),
+    "reshape-symbolic-batch-regrouped": ("Reshape", ["N", 8, 3, 5], ([-1, 8, 5],), {}, Channel(4, 1, 8), None),
+    "reshape-symbolic-batch-and-spatial": ("Reshape", ["N", 8, "H", 5], ([-1, 8, 5],), {}, Channel(4, 1, 8), None),
+    "reshape-unknown-dim-written-as-minus-1": ("Reshape", [-1, 8, 3, 5], ([-1, 8, 5],), {}, Channel(4, 1, 8), None),
+    "reshape-input-shape-unknown": ("Reshape", None, ([2, 8, 15],), {}, Channel(4, 1, 8), None),
+    "reshape-channel-rank-unknown": ("Reshape", [2, 8, 3, 5], ([2, 8, 15],), {}, Channel(None, -3, 8), None),
+    "reshape-one-channel-target-fed": ("Reshape", [2, 1, 3, 5], ("p",), {}, Channel(4, 1, 1), Channel(None, None, 1)),
+    "reshape-empty-prefix-of-another-shape": ("Reshape", [0, 8, 3, 5], ([0, 1, 8, 16],), {}, Channel(4, 1, 8),
+                                              Channel(4, 2, 8)),
+    "reshape-empty-suffix": ("Reshape", [2, 8, 0], ([3, 8, 0],), {}, Channel(3, 1, 8), Channel(3, 1, 8)),
+    "flatten-default-axis": ("Flatten", [2, 8, 1, 1], (), {}, Channel(4, 1, 8), Channel(2, 1, 8)),
+    "flatten-axis-0": ("Flatten", [1, 2], (), {"axis": 0}, Channel(2, 1, 2), Channel(2, 1, 2)),
+    "flatten-axis-equal-to-rank": ("Flatten", [1, 8], (), {"axis": 2}, Channel(2, 1, 8), Channel(2, 0, 8)),
+    "flatten-one-channel-shape-unknown": ("Flatten", None, (), {"axis": 1}, Channel(None, -1, 1),
+                                          Channel(2, None, 1)),
 }
 
 
@@ -680,4 +699,130 @@ def test_a_gemm_bias_that_does_not_broadcast_is_refused(tmp_path):
     b.output(b.bn(b.node("Gemm", [b.input([3, 4]), b.random([4, 5]), b.random([7])]), 5), shape=None)
     onnx.save(b.model(), tmp_path / "m.onnx")
     with pytest.raises(InputError, match="does not broadcast"):
+        bnfold.fold(tmp_path / "m.onnx")
+
+
+# --- 10. the matchers' edges: which ops, which axes, which refusals ------------------------
+
+from bnfold.errors import InputError  # noqa: E402
+from bnfold.patterns import match_producer  # noqa: E402
+
+
+@pytest.mark.parametrize("rank", [1, 3, 4])
+def test_a_negative_channel_axis_counts_from_the_end_of_a_known_rank(rank):
+    """``Channel.normalized``: every axis in [-rank, rank) names one axis, -rank the first;
+    any other, or a negative axis of an unknown rank, names none."""
+    for axis in range(-rank, rank):
+        assert Channel(rank, axis, 8).normalized() == Channel(rank, axis % rank, 8)
+    assert Channel(rank, -rank - 1, 8).normalized() is None
+    assert Channel(None, -1, 8).normalized() is None
+    assert Channel(None, 2, 8).normalized() == Channel(None, 2, 8)
+    assert Channel(rank, None, 1).normalized() == Channel(rank, None, 1)
+
+
+def test_only_standard_layout_ops_are_followed_as_layout():
+    """``is_layout``: the six ONNX ops that only move elements; not another op, and not a
+    custom-domain op that happens to share a name."""
+    for op in sorted(layout.LAYOUT_OPS):
+        assert layout.is_layout(ir.Node("", op, inputs=[])), op
+        assert not layout.is_layout(ir.Node("com.example", op, inputs=[])), op
+    for op in ("Relu", "Conv", "Concat", "Softmax"):
+        assert not layout.is_layout(ir.Node("", op, inputs=[])), op
+
+
+def test_no_linear_producer_behind_a_graph_input_or_a_custom_op():
+    """``match_producer`` matches ONNX's own Conv, never a custom-domain op of that name
+    (its weights mean what its domain says), and nothing behind a graph input."""
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 4, 4])
+    w = onh.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
+    nodes = [oh.make_node("Conv", ["x", "w"], ["onnx_conv"], name="onnx_conv"),
+             oh.make_node("Conv", ["x", "w"], ["custom_conv"], name="custom_conv", domain="com.example")]
+    outputs = [oh.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("onnx_conv", "custom_conv")]
+    proto = oh.make_model(oh.make_graph(nodes, "g", [x], outputs, [w]),
+                          opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("com.example", 1)])
+    model = ir.serde.deserialize_model(proto)
+    consts = Constants(model.ir_version, graphs=[model.graph])
+    values = {v.name: v for v in model.graph.outputs}
+    assert match_producer(values["onnx_conv"], consts).node.name == "onnx_conv"
+    for value in (values["custom_conv"], model.graph.inputs[0]):
+        with pytest.raises(NoMatch) as refused:
+            match_producer(value, consts)
+        assert refused.value.reason == "no-linear-producer"
+
+
+def unnamed(model: onnx.ModelProto) -> onnx.ModelProto:
+    for node in model.graph.node:
+        node.name = ""
+    return model
+
+
+def test_refusals_name_an_unnamed_node_by_its_output():
+    """Exporters often leave nodes unnamed: a refusal then names the op and its first
+    output (or none, for an op with no outputs) instead of failing to say where."""
+    b = GraphBuilder(seed=47)  # a producer that is no linear op
+    relu = b.node("Relu", [b.node("Conv", [b.input([2, 3, 4, 4]), b.random([4, 3, 1, 1])])])
+    b.output(b.bn(relu, 4))
+    (entry,) = bnfold.fold(ir.serde.deserialize_model(unnamed(b.model()))).ledger
+    assert entry.reason == "no-linear-producer" and f"input comes from Relu (output {relu!r})" in entry.detail
+
+    b = GraphBuilder(seed=48)  # a layout op whose proof fails
+    conv = b.node("Conv", [b.input([2, 3, 4, 4]), b.random([4, 3, 3, 3])], pads=[1, 1, 1, 1])
+    flat = b.node("Flatten", [conv], axis=2)
+    b.output(b.bn(flat, 16))
+    model = unnamed(b.model())
+    model.graph.value_info.append(oh.make_tensor_value_info(conv, onnx.TensorProto.FLOAT, [2, 4, 4, 4]))
+    (entry,) = bnfold.fold(ir.serde.deserialize_model(model)).ledger
+    assert entry.reason == "unproven-layout"
+    assert entry.detail.endswith(f"merges or splits the channel axis (Flatten output {flat!r})"), entry.detail
+
+    b = GraphBuilder(seed=49)  # a standalone BN read by a custom op with no outputs
+    y = b.bn(b.input([2, 3, 4]), 3)
+    b.output(y)
+    model = unnamed(b.model())
+    model.graph.node.append(oh.make_node("Sink", [y], [], domain="com.example"))
+    model.opset_import.append(oh.make_opsetid("com.example", 1))
+    (entry,) = bnfold.fold(ir.serde.deserialize_model(model)).ledger
+    assert entry.reason == "no-linear-producer" and "read by Sink (output '')" in entry.detail
+
+
+def test_an_overridable_weight_is_named_as_such(tmp_path):
+    """A Conv weight that is also a graph input (IR >= 4) may be overridden by the caller:
+    the BN stays, for that reason, unless overridable initializers are folded on request."""
+    b = GraphBuilder(seed=50)
+    weight = b.random([4, 3, 3, 3])
+    b.output(b.bn(b.node("Conv", [b.input([2, 3, 6, 6]), weight]), 4))
+    model = b.model()
+    model.graph.input.append(oh.make_tensor_value_info(weight, onnx.TensorProto.FLOAT, [4, 3, 3, 3]))
+    (entry,) = bnfold.fold(ir.serde.deserialize_model(model)).ledger
+    assert (entry.status, entry.reason) == ("kept", "overridable-params")
+    (entry,) = bnfold.fold(ir.serde.deserialize_model(model), fold_overridable=True).ledger
+    assert (entry.status, entry.pattern) == ("folded", "conv-bn")
+
+
+INVALID_PARAMETERS = {
+    # name: (op, input shape, weight shape, bias shape or None, attributes, what the refusal says)
+    "conv-bias-of-another-count": ("Conv", [2, 3, 5, 5], [4, 3, 1, 1], [5], {}, r"bias has shape \[5\]"),
+    "conv-bias-of-rank-2": ("Conv", [2, 3, 5, 5], [4, 3, 1, 1], [1, 4], {}, r"bias has shape \[1, 4\]"),
+    "conv-group-not-dividing": ("Conv", [2, 3, 5, 5], [4, 1, 1, 1], None, {"group": 3}, "group 3"),
+    "conv-group-0": ("Conv", [2, 3, 5, 5], [4, 3, 1, 1], None, {"group": 0}, "group 0"),
+    "gemm-weight-of-rank-3": ("Gemm", [3, 4], [1, 4, 5], None, {}, r"B has shape \[1, 4, 5\]"),
+    "gemm-bias-of-rank-3": ("Gemm", [3, 4], [4, 5], [1, 1, 5], {}, r"C of shape \[1, 1, 5\]"),
+}
+
+
+@pytest.mark.parametrize("computed", [False, True])
+@pytest.mark.parametrize("case", INVALID_PARAMETERS)
+def test_parameters_of_shapes_onnx_forbids_are_refused(tmp_path, case, computed):
+    """A weight or bias of a shape ONNX forbids for the op (given as a constant, or computed
+    in the graph where the loader cannot size it) is bad input: InputError, saying which
+    shape, before any fold could write a wrong one."""
+    op, shape, weight_shape, bias_shape, attrs, says = INVALID_PARAMETERS[case]
+    b = GraphBuilder(seed=51)
+    params = [b.random(weight_shape)] + ([] if bias_shape is None else [b.random(bias_shape)])
+    if computed:
+        params = [b.node("Identity", [p]) for p in params]
+    y = b.node(op, [b.input(shape), *params], **attrs)
+    b.output(b.bn(y, weight_shape[0] if op == "Conv" else weight_shape[-1]), shape=None)
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    with pytest.raises(InputError, match=says):
         bnfold.fold(tmp_path / "m.onnx")
