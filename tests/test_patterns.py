@@ -230,6 +230,25 @@ def test_flatten_merging_the_channel_is_not_proven(tmp_path):
     assert count_ops(folded, "BatchNormalization") == 1
 
 
+@pytest.mark.parametrize("batch", ["N", "?"])
+@pytest.mark.parametrize("regroup", ["reshape", "flatten"])
+def test_a_symbolic_batch_is_no_proof_of_an_unknown_extent(tmp_path, batch, regroup):
+    """A dynamic batch (named ``N``, or ``?`` as some exporters write it) folded into the
+    leading dim (Reshape to (-1, C, 5), Flatten(axis=2)) regroups the elements: the channel
+    axis of the result is not the Conv's, so the BN stays, whatever the batch is named."""
+    b = GraphBuilder(seed=17)
+    channels, shape = (8, [batch, 3, 3, 5]) if regroup == "reshape" else (64, [batch, 3, 8, 8])
+    conv = b.node("Conv", [b.input(shape), b.random([channels, 3, 1, 1])])
+    y = (b.node("Reshape", [conv, b.const(np.array([-1, 8, 5], np.int64))]) if regroup == "reshape"
+         else b.node("Flatten", [conv], axis=2))
+    b.output(b.bn(y, channels))
+    model = b.model()
+    model.graph.value_info.append(oh.make_tensor_value_info(conv, onnx.TensorProto.FLOAT, [batch, channels, *shape[2:]]))
+    result, folded = fold_and_compare(model, feeds(b, [2, *shape[1:]]), tmp_path)
+    assert entries(result) == [("BatchNormalization", "kept", "unproven-layout")]
+    assert count_ops(folded, "BatchNormalization") == 1
+
+
 def test_layout_intermediate_with_fan_out(tmp_path):
     b = GraphBuilder(seed=16)
     y = b.node("Conv", [b.input([2, 3, 6, 6]), b.random([4, 3, 3, 3])])

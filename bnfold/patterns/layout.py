@@ -162,6 +162,9 @@ def _same_extent(dims_a: list, dims_b: list) -> bool:
 
 
 def _output_dims(node: ir.Node, before: list | None, consts: Constants) -> list | None:
+    """The output dims as far as they are known: ints, names of symbolic dims, and None for
+    an extent that is not (Reshape's -1, a product with a symbolic dim). None, not a name:
+    a symbolic dim may be named anything, "?" included, and two equal names are one extent."""
     if node.op_type == "Flatten":
         if before is None:
             return None
@@ -178,7 +181,7 @@ def _output_dims(node: ir.Node, before: list | None, consts: Constants) -> list 
         dims = [before[i] if d == 0 else d for i, d in enumerate(dims)]
     elif 0 in dims:
         return None
-    return [("?" if d == -1 else d) for d in dims]
+    return [(None if d == -1 else d) for d in dims]
 
 
 def _product(dims: list):
@@ -188,4 +191,4 @@ def _product(dims: list):
         return dims[0]
     if all(isinstance(d, int) for d in dims):
         return math.prod(dims)
-    return "?"
+    return None
