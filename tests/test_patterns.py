@@ -744,6 +744,7 @@ def test_only_standard_layout_ops_are_followed_as_layout():
     custom-domain op that happens to share a name."""
     for op in sorted(layout.LAYOUT_OPS):
         assert layout.is_layout(ir.Node("", op, inputs=[])), op
+        assert layout.is_layout(ir.Node("ai.onnx", op, inputs=[])), op  # the same domain, spelt out
         assert not layout.is_layout(ir.Node("com.example", op, inputs=[])), op
     for op in ("Relu", "Conv", "Concat", "Softmax"):
         assert not layout.is_layout(ir.Node("", op, inputs=[])), op
