@@ -243,7 +243,8 @@ def test_a_symbolic_batch_is_no_proof_of_an_unknown_extent(tmp_path, batch, regr
          else b.node("Flatten", [conv], axis=2))
     b.output(b.bn(y, channels))
     model = b.model()
-    model.graph.value_info.append(oh.make_tensor_value_info(conv, onnx.TensorProto.FLOAT, [batch, channels, *shape[2:]]))
+    conv_shape = [batch, channels, *shape[2:]]
+    model.graph.value_info.append(oh.make_tensor_value_info(conv, onnx.TensorProto.FLOAT, conv_shape))
     result, folded = fold_and_compare(model, feeds(b, [2, *shape[1:]]), tmp_path)
     assert entries(result) == [("BatchNormalization", "kept", "unproven-layout")]
     assert count_ops(folded, "BatchNormalization") == 1
