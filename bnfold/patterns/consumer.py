@@ -71,8 +71,6 @@ def require_channel_on_features(channel: Channel, match: ConsumerMatch, node: ir
     if want.axis == -1:  # MatMul: the last axis, whatever the rank
         if known is not None and known.rank is not None and known.axis == known.rank - 1:
             return
-        if known is None and channel.axis == -1:
-            return
         if known is None or known.rank is None:
             raise NoMatch("unknown-rank", f"the rank of the map's output read by {describe(node)} cannot be proven")
         raise NoMatch("channel-axis-mismatch", f"{describe(node)} reads the last axis as features, the map's "
