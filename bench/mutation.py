@@ -610,6 +610,8 @@ def main() -> None:
     chosen = [s for s in SHARDS if not args.shard or s.name in args.shard]
     everything = SHARDS if args.report_only else chosen
     roots = {sel: prepare(sel) for sel in {s.selection for s in everything}}
+    # Shards run earlier are reported from their copies as they were run (not synced now).
+    roots.update({s.selection: WORK / s.selection for s in SHARDS if s.selection not in roots and _ran(s)})
     extras: dict[str, dict] = {}
     previous = RESULTS / "mutation.json"
     if previous.exists():
