@@ -70,7 +70,7 @@ SELECTIONS = {
              "tests/test_promises.py", "tests/test_fold.py", "tests/test_numerics.py"],
     "verify": ["tests/test_verify.py", "tests/test_verify_axes.py", "tests/test_verify_noise.py",
                "tests/test_verify_edges.py", "tests/test_verify_features.py", "tests/test_verify_mapped.py",
-               "tests/test_promises.py"],
+               "tests/test_verify_precision.py", "tests/test_promises.py"],
     "recalibrate": ["tests/test_recalibrate.py"],
 }
 SELECTIONS["write"] = SELECTIONS["fold"] + ["tests/test_lossless.py", "tests/test_wire.py", "tests/test_io.py",
