@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -248,6 +249,18 @@ def test_output_scale_is_the_largest_finite_magnitude_but_at_least_one():
     assert output_scale([np.array([0.5, -3.0], np.float32), np.array([2.0, np.nan], np.float32)]) == 3.0
     assert output_scale([np.array([0.1, -0.2], np.float32)]) == 1.0
     assert output_scale([np.array([np.inf, 4.0], np.float64)]) == 4.0
+
+
+@pytest.mark.parametrize("arrays, scale", [
+    ([], 1.0),  # no runs
+    ([np.zeros((2, 0), np.float32)], 1.0),  # no elements
+    ([np.array([np.nan, np.inf], np.float32)], 1.0),  # no finite element
+    ([np.array([7, -9], np.int64), np.array([True])], 1.0),  # integers and bool are exact: no scale
+    ([np.array([0.5, -3.0], ml_dtypes.bfloat16)], 3.0),  # bfloat16 is a float
+])
+def test_output_scale_of_outputs_with_nothing_to_scale_by_is_one(arrays, scale):
+    """``max(1, max |reference|)`` over the finite float elements: 1 where there are none."""
+    assert output_scale(arrays) == scale
 
 
 def test_tolerance_overrides_apply(conv_pair):
@@ -509,9 +522,90 @@ def test_top1_counts_positions_agreements_and_near_ties():
     assert top1([np.zeros((2, 0))], [np.zeros((2, 0))], 1, tol).agreement == 1.0  # no classes: nothing to predict
 
 
+@pytest.mark.parametrize("ref, sub, axis, tol, want", [
+    # two classes: a flip between two values 0.001 apart is a near tie
+    ([[[1.0, 1.001]]], [[[1.002, 1.001]]], 1, (1e-2, 1e-3), (1, 0, 1)),
+    # the class axis is not the last one: the top two are taken along it, position by position
+    ([[[[0.0, 10.0], [5.0, -10.0], [4.99, 0.0]]]], [[[[0.0, 10.0], [4.98, -10.0], [5.0, 0.0]]]], 1, (1e-2, 1e-3),
+     (2, 1, 1)),
+    # rtol scales with each position's own top value: 100 vs 99.5 is a near tie at rtol 1e-2, 1 vs 0.9 is not
+    ([[[100.0, 99.5, 0.0], [1.0, 0.9, 0.0]]], [[[99.0, 99.5, 0.0], [0.0, 0.9, 0.0]]], 1, (1e-2, 1e-3), (2, 0, 1)),
+    # near ties of every run add up
+    ([[[1.0, 0.999]], [[2.0, 1.999]]], [[[0.999, 1.0]], [[1.999, 2.0]]], 1, (1e-2, 1e-3), (2, 0, 2)),
+    # a gap of exactly twice the tolerance (0.5 = 2 x 0.25) is a near tie; 0.7 (< 3 x 0.25) is not
+    ([[[1.0, 0.5, 0.0], [1.0, 0.3, 0.0]]], [[[0.5, 1.0, 0.0], [0.0, 1.0, 0.0]]], 1, (0.0, 0.25), (2, 0, 1)),
+    # a run with no class axis or no classes predicts nothing; the runs after it still count
+    ([[0.0, 1.0], np.zeros((2, 0)), [[1.0, 0.999]]], [[1.0, 0.0], np.zeros((2, 0)), [[0.999, 1.0]]], 1,
+     (1e-2, 1e-3), (1, 0, 1)),
+], ids=["two-classes", "class-axis-not-last", "rtol-per-position", "runs-add-up", "exactly-twice", "no-classes"])
+def test_top1_near_ties_follow_the_definition(ref, sub, axis, tol, want):
+    """docs/verify.md: a near tie is a disagreement where the reference's top two differ by
+    at most twice the element tolerance ``atol + rtol * |top|``, counted over every run and
+    position along the class axis."""
+    from bnfold.verification.compare import top1
+
+    got = top1([np.asarray(r, np.float64) for r in ref], [np.asarray(s, np.float64) for s in sub], axis,
+               Tolerance(rtol=tol[0], atol=tol[1]))
+    assert (got.predictions, got.agreeing, got.near_ties) == want
+
+
+def test_top1_of_a_float16_output_measures_the_tie_exactly():
+    """The top two 1 and 1 - 2^-11 differ by 2^-11 = 4.8828125e-4; twice an atol of 2.4414e-4
+    is 4.8828e-4, less: no near tie (in float16 arithmetic the atol would round to 2^-12 and
+    make it one)."""
+    from bnfold.verification.compare import top1
+
+    ref = np.array([[1.0, 1.0 - 2.0**-11]], np.float16)
+    sub = np.array([[1.0 - 2.0**-11, 1.0]], np.float16)
+    got = top1([ref], [sub], 1, Tolerance(rtol=0.0, atol=2.4414e-4))
+    assert (got.predictions, got.agreeing, got.near_ties) == (1, 0, 0)
+    assert top1([ref], [sub], 1, Tolerance(rtol=0.0, atol=2.4415e-4)).near_ties == 1
+
+
+def test_integer_outputs_get_no_noise_allowance():
+    """docs/verify.md: integer and bool outputs get no noise allowance (they are compared
+    exactly), even where the tolerance has a noise factor and the second run moved."""
+    ref, sub, again = [np.array([[0, 10]], np.int64)], [np.array([[0, 11]], np.int64)], [np.array([[0, 15]], np.int64)]
+    got = compare_arrays(ref, sub, Tolerance(rtol=0.0, atol=0.0, noise_factor=4.0), 1, again)
+    assert got.noise_max is None and got.noise_allowance == [] and got.elements_failing == 1 and not got.passed
+
+
+def test_bfloat16_outputs_get_the_noise_allowance():
+    ref = [np.array([[1.0, 2.0]], ml_dtypes.bfloat16)]
+    sub = [np.array([[1.0, 2.25]], ml_dtypes.bfloat16)]
+    again = [np.array([[1.0, 2.125]], ml_dtypes.bfloat16)]
+    got = compare_arrays(ref, sub, Tolerance(rtol=0.0, atol=0.0, noise_factor=4.0), None, again)
+    assert got.noise_max == 0.125 and got.noise_allowance == [0.5, 0.5] and got.passed
+
+
+def test_noise_is_measured_over_finite_pairs_only():
+    """docs/verify.md: max |d_c| and ||d_c|| over channel c's finite pairs: a second run that
+    overflows where the reference is finite, or a NaN in both, lends no allowance."""
+    ref = [np.array([[1.0, 2.0, np.nan, 4.0]], np.float32)]
+    again = [np.array([[1.25, np.inf, np.nan, 4.0]], np.float32)]
+    sub = [np.array([[1.0, 2.0, np.nan, 6.0]], np.float32)]  # 2.0 off: beyond 4 x 0.25
+    got = compare_arrays(ref, sub, Tolerance(rtol=0.0, atol=0.0, channel_rtol=0.0, noise_factor=4.0), None, again)
+    assert got.noise_max == 0.25 and got.noise_allowance == [1.0, 1.0]
+    assert got.elements_failing == 1 and got.channels_failing == 1  # 2.0 > 4 x ||d|| = 1 as well
+
+
+@pytest.mark.parametrize("again", [
+    [np.array([1.0, 2.0], np.float32)],  # one run short
+    [np.array([1.0, 2.0, 3.0], np.float32)] * 3,  # one run too many
+    [np.array([1.0, 2.0], np.float32), np.array([3.0], np.float32)],  # another shape
+], ids=["fewer-runs", "more-runs", "other-shape"])
+def test_a_second_run_unlike_the_reference_is_no_noise_measurement(again):
+    """A second run without the reference's runs and shapes measures nothing: no allowance."""
+    ref = [np.array([1.0, 2.0, 3.0], np.float32), np.array([4.0], np.float32)]
+    sub = [np.array([1.0, 2.5, 3.0], np.float32), np.array([4.0], np.float32)]
+    got = compare_arrays(ref, sub, Tolerance(rtol=0.0, atol=0.0, noise_factor=4.0), None, again)
+    assert got.noise_max is None and got.noise_allowance == [] and not got.passed
+
+
 def test_channel_axes_and_runs_of_a_comparison():
     from bnfold.verification.compare import _run_index, channel_axis_of, pooled_channel_axis
 
+    assert channel_axis_of((2, 3, 4)) == 1  # the default channel axis is 1
     assert [channel_axis_of((2, 3, 4), a) for a in (1, -1, -3, 3, -4, None)] == [1, 2, 0, None, None, None]
     assert channel_axis_of((5,)) is None  # rank 1: one channel
     assert pooled_channel_axis([(2, 3), (4, 3)], 1) == 1
@@ -520,6 +614,15 @@ def test_channel_axes_and_runs_of_a_comparison():
     # element 5 of channel 1 in runs of shapes (1, 2, 3) and (2, 2, 3): run 1, index [0, 1, 2]
     assert _run_index(1, 5, [(1, 2, 3), (2, 2, 3)], 1) == [1, 0, 1, 2]
     assert _run_index(0, 4, [(2, 3)], None) == [0, 1, 1]
+
+
+def test_run_index_of_a_channel_beyond_2_31_elements_per_run():
+    """``max_abs_diff_index`` is exact however large a run: element 2^32 + 5 of channel 2 of a
+    (1, 3, 2^20, 2^13) output (only its shape is needed) is at [run 0, 0, 2, 2^19, 5]."""
+    from bnfold.verification.compare import _run_index
+
+    assert _run_index(2, 2**32 + 5, [(1, 3, 2**20, 2**13)], 1) == [0, 0, 2, 2**19, 5]
+    assert _run_index(0, 2**32 + 5, [(2**20, 2**13)], None) == [0, 2**19, 5]
 
 
 def test_given_tolerances_override_the_defaults_the_documented_way():
