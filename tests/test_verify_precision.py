@@ -294,6 +294,16 @@ def test_worst_channels_are_the_worst_relative_to_their_allowance_first():
     assert got.channels_worse == 5 and [w.channel for w in got.worst_channels] == [4, 1, 2]
 
 
+def test_worst_channels_are_ordered_by_their_own_allowance_not_by_drift():
+    """Channel 0 drifts 3.0 against an allowance of 1 (3x), channel 1 drifts 1.0 against an
+    allowance of 0.25 (4x): channel 1 is the worse of the two."""
+    ref = np.array([[1.0, 1.0], [1.0, 1.0]], np.float32)  # channels along axis 0
+    orig = ref + np.array([[0.25, 0.0], [0.0625, 0.0]], np.float32)
+    cand = ref + np.array([[3.0, 0.0], [1.0, 0.0]], np.float32)
+    got = check([ref], [orig], [cand], 0)
+    assert [w.channel for w in got.worst_channels] == [1, 0]
+
+
 def test_worst_channels_tied_are_reported_in_channel_order():
     """40 channels, every other one gaining a NaN: the first three of them, 1, 3, 5."""
     ref = np.ones((1, 40, 3), np.float32)
