@@ -879,3 +879,61 @@ def test_a_concat_with_an_operand_of_unknown_rank_stays(tmp_path):
              "z": rng.standard_normal((2, 4, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-6)
     kept(result, onnx.load(tmp_path / "out.onnx"), model, "unproven-layout")
+
+
+def as_opset_13(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An opset-3 Conv/Concat/Mul graph with the same meaning at opset 13, which onnxruntime
+    runs: Concat-1's default axis (1) written out, Mul-1's legacy ``broadcast`` dropped (its
+    constant matches a suffix of the data's shape, as numpy broadcasting does)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.opset_import[0].version = 13
+    for node in model.graph.node:
+        if node.op_type == "Concat" and not any(a.name == "axis" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("axis", 1))
+        kept_attrs = [a for a in node.attribute if a.name != "broadcast"]
+        del node.attribute[:]
+        node.attribute.extend(kept_attrs)
+    return model
+
+
+def test_a_concat_1_without_axis_joins_along_axis_1(tmp_path):
+    """Concat-1 (opsets 1 to 3) defaults its axis to 1: ``Concat(Conv 4, Conv 2) * c`` with a
+    constant per each of the 6 channels folds into both convs (it was refused as an invalid
+    model: sizes 4 and 2 concatenated along axis 0)."""
+    b = GraphBuilder(seed=110)
+    x = b.input([2, 3, 1, 1])
+    joined = b.node("Concat", [conv(b, x, c_in=3, c_out=4, name="a"), conv(b, x, c_in=3, c_out=2, name="b")])
+    scale = np.array([0.5, -1.0, 2.0, 1.5, -0.25, 3.0], np.float32).reshape(6, 1, 1)
+    b.output(b.node("Mul", [joined, b.const(scale)], broadcast=1, name="the_bn"), shape=[2, 6, 1, 1])
+    model = b.model(3)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    out = onnx.load(tmp_path / "out.onnx")
+    entry = folded(result, out, "concat(conv+conv)-mul")
+    assert entry.into == "a, b" and count_ops(out, "Mul") == 0
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 1, 1)).astype(np.float32)}
+    np.testing.assert_allclose(run(as_opset_13(out), feeds)[0], run(as_opset_13(model), feeds)[0], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_a_scalar_map_into_a_concat_1_without_axis_folds_into_its_channels(tmp_path):
+    """Downstream too: ``x * 1.7`` joined by a Concat-1 with no axis (so along axis 1) covers
+    its 4 of the conv's 8 input channels (it was taken for the batch axis and kept)."""
+    b = GraphBuilder(seed=111)
+    x = b.input(list(SHAPE))
+    scaled = b.node("Mul", [b.node("Relu", [x]), b.const(np.float32(1.7))], broadcast=1, name="the_bn")
+    other = b.node("Sigmoid", [x])
+    b.output(conv(b, b.node("Concat", [other, scaled]), c_in=8), shape=[2, 4, 8, 8])
+    model = b.model(3)  # onnx infers no shapes past a Concat-1 without axis: they are given
+    model.graph.value_info.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, list(SHAPE))
+                                  for v in (other, scaled))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    out = onnx.load(tmp_path / "out.onnx")
+    folded(result, out, "mul-concat-conv")
+    assert count_ops(out, "Mul") == 0
+    feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)}
+    np.testing.assert_allclose(run(as_opset_13(out), feeds)[0], run(as_opset_13(model), feeds)[0], rtol=1e-5,
+                               atol=1e-6)
