@@ -937,3 +937,29 @@ def test_a_scalar_map_into_a_concat_1_without_axis_folds_into_its_channels(tmp_p
     feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)}
     np.testing.assert_allclose(run(as_opset_13(out), feeds)[0], run(as_opset_13(model), feeds)[0], rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("case, domain", [("producer", "AI.ONNX"), ("returned", "XXai.onnxXX"),
+                                          ("second-reader", "AI.ONNX")])
+def test_an_op_of_another_domain_named_like_a_standard_op_is_no_step(tmp_path, case, domain):
+    """A custom domain's Concat or Conv (here in domains spelt like 'ai.onnx', which is not
+    theirs) is no join and no linear op: a map does not travel through or into it. The
+    standard domain is '' or 'ai.onnx' exactly (onnx_ir reads 'ai.onnx' as '')."""
+    b = GraphBuilder(seed=112)
+    x = b.input(list(SHAPE))
+    if case == "producer":
+        b.output(bn(b, b.node("Concat", [conv(b, x), conv(b, b.node("Sigmoid", [x]))], axis=1), 8), shape=[2, 8, 8, 8])
+        b.nodes[-2].domain = domain
+    else:
+        y = bn(b, b.node("Relu", [x]), 4)
+        b.output(y if case == "returned" else conv(b, y), shape=list(SHAPE))
+        b.output(conv(b, y), shape=list(SHAPE))
+        b.nodes[-1].domain = domain
+    graph = onnx.helper.make_graph(b.nodes, "g", b.inputs, b.outputs, b.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                         onnx.helper.make_opsetid(domain, 1)], ir_version=9)
+    onnx.save(model, tmp_path / "m.onnx")  # onnxruntime has no kernel for the custom ops: not run
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    reason = "fan-out" if case == "second-reader" else "no-linear-producer"
+    kept(result, onnx.load(tmp_path / "out.onnx"), model, reason)
