@@ -742,3 +742,224 @@ def test_a_scalar_map_into_a_concat_of_unknown_shape_stays(tmp_path):
     feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)}
     np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-6)
     kept(result, onnx.load(tmp_path / "out.onnx"), model, "unproven-crossing")
+
+
+# --- route.py: refusals and crossings each path of the router takes (issue 27) -----------
+
+
+def test_the_route_names_every_crossing_from_the_site_back(tmp_path):
+    """Two crossings, two notes in the ledger, from the site back, as inspect reports them."""
+    b = GraphBuilder(seed=100)
+    y = b.node("MaxPool", [conv(b, b.input(list(SHAPE)), name="c")], kernel_shape=[2, 2], name="p")
+    b.output(bn(b, b.node("Identity", [y], name="i"), 4))
+    result, out = fold(b.model(18), tmp_path)
+    entry = folded(result, out, "conv-maxpool-identity-bn")
+    assert entry.route == "through Identity 'i'; through MaxPool 'p' (all 4 scales > 0)"
+    (finding,) = bnfold.inspect(tmp_path / "in.onnx")
+    assert entry.route in finding.plan
+
+
+@pytest.mark.parametrize("join", ["Concat", "Sum"])
+def test_a_join_with_an_empty_input_is_kept(tmp_path, join):
+    """An empty name among a Concat's or Sum's inputs (the loader lets a variadic input be
+    empty): no route through it, the BN stays."""
+    b = GraphBuilder(seed=101)
+    y = b.node(join, [conv(b, b.input(list(SHAPE))), ""], **({"axis": 1} if join == "Concat" else {}))
+    b.output(bn(b, y, 4), shape=None)
+    model = b.model(18)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    entry = kept(result, onnx.load(tmp_path / "out.onnx"), model, "no-linear-producer")
+    assert "empty input" in entry.detail
+
+
+def test_a_side_output_of_a_crossing_carries_no_map(tmp_path):
+    """Dropout-9's mask is a float tensor a BN may read; it is no data output, so the map
+    does not travel back through it to the conv."""
+    b = GraphBuilder(seed=102)
+    _, mask = b.node("Dropout", [conv(b, b.input(list(SHAPE)))], n_out=2)
+    b.output(bn(b, mask, 4), shape=list(SHAPE))
+    model = b.model(9)
+    result, out = fold(model, tmp_path)
+    entry = kept(result, out, model, "no-linear-producer")
+    assert "not the data output of Dropout" in entry.detail
+
+
+def test_a_route_that_reaches_a_linear_op_only_through_a_side_output_is_kept(tmp_path):
+    """``BN -> Dropout-9``: a conv reads the mask, nothing reads the data output. A linear op
+    lies beyond, but no map reaches it."""
+    b = GraphBuilder(seed=103)
+    _, mask = b.node("Dropout", [bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4)], n_out=2)
+    b.output(conv(b, mask), shape=list(SHAPE))
+    model = b.model(9)
+    result, out = fold(model, tmp_path)
+    entry = kept(result, out, model, "no-linear-producer")
+    assert "leads to no linear op" in entry.detail
+
+
+def test_a_bn_output_read_by_a_non_linear_op_and_returned_is_kept_for_the_reader(tmp_path):
+    """A BN read by a Relu and returned as a graph output: no linear op reads it, which is
+    the reason given (not the graph output a route would have to change)."""
+    b = GraphBuilder(seed=104)
+    y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4)
+    b.output(y)
+    b.output(b.node("Relu", [y]))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    entry = kept(result, out, model, "no-linear-producer")
+    assert "Relu" in entry.detail
+
+
+def test_several_readers_none_of_which_leads_to_a_linear_op_is_kept(tmp_path):
+    """``BN -> Relu`` and ``BN -> Flatten -> Reshape -> Gemm`` (the flattened map does not
+    reach the Gemm directly): every reader fails for want of a linear op."""
+    b = GraphBuilder(seed=105)
+    y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4)
+    b.output(b.node("Relu", [y]))
+    flat = b.node("Reshape", [b.node("Flatten", [y]), b.const(np.array([2, 256]))])
+    b.output(b.node("Gemm", [flat, b.random([256, 3])]))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    entry = kept(result, out, model, "no-linear-producer")
+    assert "none leads to a linear op" in entry.detail
+
+
+@pytest.mark.parametrize("site", ["scalar-mul", "one-channel-bn"])
+def test_a_uniform_map_crosses_a_flatten_into_a_gemm(tmp_path, site):
+    """A uniform map has no channel for a Flatten to merge: it crosses like any layout op."""
+    b = GraphBuilder(seed=106)
+    if site == "scalar-mul":
+        x = b.node("Relu", [b.input(list(SHAPE))])
+        y, features, pattern = b.node("Mul", [x, b.const(np.float32(1.7))], name="the_bn"), 256, "mul-flatten-gemm"
+    else:
+        y, features, pattern = bn(b, b.node("Relu", [b.input([2, 1, 8, 8])]), 1), 64, "bn-flatten-gemm"
+    b.output(b.node("Gemm", [b.node("Flatten", [y]), b.random([features, 3]), b.random([3])]))
+    result, out = fold(b.model(18), tmp_path, shape=SHAPE if site == "scalar-mul" else (2, 1, 8, 8))
+    folded(result, out, pattern)
+
+
+def test_a_reshape_that_keeps_the_channels_whole_is_crossed(tmp_path):
+    """``BN -> Reshape(N, C, H*W) -> Conv1d``: the channels stay on axis 1; no flatten."""
+    b = GraphBuilder(seed=107)
+    y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4, sign=None)
+    y = b.node("Reshape", [y, b.const(np.array([2, 4, 64]))])
+    b.output(b.node("Conv", [y, b.random([3, 4, 1]), b.random([3])]))
+    result, out = fold(b.model(18), tmp_path)
+    folded(result, out, "bn-reshape-conv")
+
+
+@pytest.mark.parametrize("gamma, beta", [([1.0, 1.0, 2.0], [0.0, 1.0, 0.0]),  # one scale, two shifts
+                                         ([1.0, 2.0, 2.0], [0.5, 0.5, 0.0])])  # two scales, one shift
+def test_a_channel_gathered_twice_must_take_one_map_in_scale_and_shift(tmp_path, gamma, beta):
+    """``Conv -> Gather([0, 0, 1]) -> BN``: conv channel 0 would take BN channels 0 and 1's
+    maps; they differ in the shift alone or in the scale alone, and either keeps the BN."""
+    b = GraphBuilder(seed=108)
+    y = b.node("Gather", [conv(b, b.input(list(SHAPE))), b.const(np.array([0, 0, 1]))], axis=1)
+    params = [b.const(np.asarray(v, np.float32)) for v in (gamma, beta, np.zeros(3), np.ones(3))]
+    b.output(b.node("BatchNormalization", [y, *params], name="the_bn", epsilon=0.0))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    kept(result, out, model, "unproven-crossing")
+
+
+def test_a_concat_with_an_operand_of_unknown_rank_stays(tmp_path):
+    """``Concat(Conv, MatMul of unknown rank) -> BN``: where the MatMul's channels lie cannot
+    be proven, so the Concat has no shared channel axis."""
+    b = GraphBuilder(seed=109)
+    x = b.input(list(SHAPE))
+    joined = b.node("Concat", [conv(b, x), b.node("MatMul", [b.input(None, name="z"), b.random([8, 8])])], axis=1)
+    b.output(bn(b, joined, 8))
+    model = b.model(18)
+    onnx.save(model, tmp_path / "m.onnx")  # z has no shape: onnx's full check would refuse it
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal(SHAPE).astype(np.float32),
+             "z": rng.standard_normal((2, 4, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-6)
+    kept(result, onnx.load(tmp_path / "out.onnx"), model, "unproven-layout")
+
+
+def as_opset_13(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An opset-3 Conv/Concat/Mul graph with the same meaning at opset 13, which onnxruntime
+    runs: Concat-1's default axis (1) written out, Mul-1's legacy ``broadcast`` dropped (its
+    constant matches a suffix of the data's shape, as numpy broadcasting does)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.opset_import[0].version = 13
+    for node in model.graph.node:
+        if node.op_type == "Concat" and not any(a.name == "axis" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("axis", 1))
+        kept_attrs = [a for a in node.attribute if a.name != "broadcast"]
+        del node.attribute[:]
+        node.attribute.extend(kept_attrs)
+    return model
+
+
+def test_a_concat_1_without_axis_joins_along_axis_1(tmp_path):
+    """Concat-1 (opsets 1 to 3) defaults its axis to 1: ``Concat(Conv 4, Conv 2) * c`` with a
+    constant per each of the 6 channels folds into both convs (it was refused as an invalid
+    model: sizes 4 and 2 concatenated along axis 0)."""
+    b = GraphBuilder(seed=110)
+    x = b.input([2, 3, 1, 1])
+    joined = b.node("Concat", [conv(b, x, c_in=3, c_out=4, name="a"), conv(b, x, c_in=3, c_out=2, name="b")])
+    scale = np.array([0.5, -1.0, 2.0, 1.5, -0.25, 3.0], np.float32).reshape(6, 1, 1)
+    b.output(b.node("Mul", [joined, b.const(scale)], broadcast=1, name="the_bn"), shape=[2, 6, 1, 1])
+    model = b.model(3)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    out = onnx.load(tmp_path / "out.onnx")
+    entry = folded(result, out, "concat(conv+conv)-mul")
+    assert entry.into == "a, b" and count_ops(out, "Mul") == 0
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 1, 1)).astype(np.float32)}
+    np.testing.assert_allclose(run(as_opset_13(out), feeds)[0], run(as_opset_13(model), feeds)[0], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_a_scalar_map_into_a_concat_1_without_axis_folds_into_its_channels(tmp_path):
+    """Downstream too: ``x * 1.7`` joined by a Concat-1 with no axis (so along axis 1) covers
+    its 4 of the conv's 8 input channels (it was taken for the batch axis and kept)."""
+    b = GraphBuilder(seed=111)
+    x = b.input(list(SHAPE))
+    scaled = b.node("Mul", [b.node("Relu", [x]), b.const(np.float32(1.7))], broadcast=1, name="the_bn")
+    other = b.node("Sigmoid", [x])
+    b.output(conv(b, b.node("Concat", [other, scaled]), c_in=8), shape=[2, 4, 8, 8])
+    model = b.model(3)  # onnx infers no shapes past a Concat-1 without axis: they are given
+    model.graph.value_info.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, list(SHAPE))
+                                  for v in (other, scaled))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    out = onnx.load(tmp_path / "out.onnx")
+    folded(result, out, "mul-concat-conv")
+    assert count_ops(out, "Mul") == 0
+    feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)}
+    np.testing.assert_allclose(run(as_opset_13(out), feeds)[0], run(as_opset_13(model), feeds)[0], rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("case, domain", [("producer", "AI.ONNX"), ("returned", "XXai.onnxXX"),
+                                          ("second-reader", "AI.ONNX")])
+def test_an_op_of_another_domain_named_like_a_standard_op_is_no_step(tmp_path, case, domain):
+    """A custom domain's Concat or Conv (here in domains spelt like 'ai.onnx', which is not
+    theirs) is no join and no linear op: a map does not travel through or into it. The
+    standard domain is '' or 'ai.onnx' exactly (onnx_ir reads 'ai.onnx' as '')."""
+    b = GraphBuilder(seed=112)
+    x = b.input(list(SHAPE))
+    if case == "producer":
+        b.output(bn(b, b.node("Concat", [conv(b, x), conv(b, b.node("Sigmoid", [x]))], axis=1), 8), shape=[2, 8, 8, 8])
+        b.nodes[-2].domain = domain
+    else:
+        y = bn(b, b.node("Relu", [x]), 4)
+        b.output(y if case == "returned" else conv(b, y), shape=list(SHAPE))
+        b.output(conv(b, y), shape=list(SHAPE))
+        b.nodes[-1].domain = domain
+    graph = onnx.helper.make_graph(b.nodes, "g", b.inputs, b.outputs, b.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                         onnx.helper.make_opsetid(domain, 1)], ir_version=9)
+    onnx.save(model, tmp_path / "m.onnx")  # onnxruntime has no kernel for the custom ops: not run
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    reason = "fan-out" if case == "second-reader" else "no-linear-producer"
+    kept(result, onnx.load(tmp_path / "out.onnx"), model, reason)
