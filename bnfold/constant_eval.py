@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from bnfold._onnx_ir import ir
+from bnfold.standard import is_standard
 
 #: Ops whose output has the rank of their first input.
 _RANK_PRESERVING = {
@@ -136,7 +137,7 @@ def constant_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
     if value.const_value is not None:
         return value.const_value
     node = value.producer()
-    if (node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1
+    if (node is None or node.op_type != "Constant" or not is_standard(node) or len(node.outputs) != 1
             or len(node.attributes) != 1):
         return None
     name, attr = next(iter(node.attributes.items()))
@@ -155,12 +156,12 @@ def element_readers(value: ir.Value) -> list[tuple[ir.Node, int]]:
     """The uses of ``value`` that read its elements, not only its shape (Shape, Size) or
     its type (CastLike's second input: the dynamo exporter casts constants like a value)."""
     return [(node, index) for node, index in value.uses()
-            if not (node.domain in ("", "ai.onnx") and (node.op_type in ("Shape", "Size")
+            if not (is_standard(node) and (node.op_type in ("Shape", "Size")
                                                          or (node.op_type == "CastLike" and index == 1)))]
 
 
 def _evaluable(node: ir.Node) -> bool:
-    return (node.domain in ("", "ai.onnx") and node.op_type in EVALUATED_OPS and len(node.outputs) == 1
+    return (is_standard(node) and node.op_type in EVALUATED_OPS and len(node.outputs) == 1
             and not has_unresolved_reference(node))
 
 
@@ -172,7 +173,7 @@ def has_unresolved_reference(node: ir.Node) -> bool:
 
 def is_evaluated_constant(node: ir.Node) -> bool:
     """Whether ``node`` is a Constant or an op ``Constants`` evaluates (so it may be pruned)."""
-    return node.domain in ("", "ai.onnx") and (node.op_type == "Constant" or node.op_type in EVALUATED_OPS)
+    return is_standard(node) and (node.op_type == "Constant" or node.op_type in EVALUATED_OPS)
 
 
 def _shape_of(node: ir.Node) -> ir.Tensor | None:

@@ -30,6 +30,7 @@ from bnfold.constant_eval import constant_tensor
 from bnfold.errors import InputError
 from bnfold.patterns.shapes import linear_shape_problem
 from bnfold.source import Source, analysis_copy, link
+from bnfold.standard import is_standard
 from bnfold.writer import all_tensors, external_range, tensor_nbytes
 
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -279,7 +280,7 @@ def check_linear_shapes(model: ir.Model, path: Path) -> None:
     graphs = list(model.graphs()) + [f.graph for f in model.functions.values()]
     for graph in graphs:
         for node in graph:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
+            if not is_standard(node) or node.op_type not in ("Conv", "ConvTranspose", "Gemm"):
                 continue
             if any(attr.is_ref() for attr in node.attributes.values()):
                 continue  # its attributes come from the call sites: planning checks it once they are known

@@ -41,6 +41,7 @@ from bnfold.patterns.elementwise import channel_vector
 from bnfold.patterns.layout import Channel
 from bnfold.plan import Context, Keep, Site, _cast, mode_problem, read_stats, release_pages, stats_problem, \
     weight_array
+from bnfold.standard import is_standard
 
 #: The most nodes one merged expression may hold.
 MAX_NODES = 64
@@ -78,7 +79,7 @@ class Merge:
 
 def is_sum(node: ir.Node, consts: Constants) -> bool:
     """An Add/Sub/Sum of non-constant operands: where parallel branches meet."""
-    return (node.domain in ("", "ai.onnx") and node.op_type in SUMS and len(node.inputs) >= 2
+    return (is_standard(node) and node.op_type in SUMS and len(node.inputs) >= 2
             and all(v is not None and consts.array(v) is None for v in node.inputs))
 
 
@@ -128,7 +129,7 @@ def _roots_above(node: ir.Node, consts: Constants) -> list[ir.Node]:
     found, current = [], node
     for _ in range(MAX_NODES):
         reader = consts.sole_reader(current.outputs[0]) if current.outputs else None
-        if reader is None or reader[0].domain not in ("", "ai.onnx") or \
+        if reader is None or not is_standard(reader[0]) or \
                 reader[0].op_type not in _OPS - {"Conv", "AveragePool"}:
             break
         current = reader[0]
@@ -199,7 +200,7 @@ def _child(value: ir.Value | None, consts: Constants, opset: int, count: list[in
     if value is None:
         raise _NotCandidate
     producer = value.producer()
-    if producer is None or producer.domain not in ("", "ai.onnx") or producer.op_type not in _OPS or \
+    if producer is None or not is_standard(producer) or producer.op_type not in _OPS or \
             consts.is_output(value) or consts.sole_reader(value) is None:
         return _Term("value", value)
     count[0] += 1
@@ -291,7 +292,7 @@ def _leads_to_conv_of(value: ir.Value, x: ir.Value) -> bool:
     """Whether ``value`` is a conv of ``x``, through BNs and Identities (DBB's 1x1 -> BN -> kxk)."""
     for _ in range(8):
         node = value.producer() if value is not None else None
-        if node is None or node.domain not in ("", "ai.onnx"):
+        if node is None or not is_standard(node):
             return False
         if node.op_type == "Conv":
             return node.inputs[0] is x

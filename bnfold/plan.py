@@ -35,6 +35,7 @@ from bnfold.patterns.layout import Channel
 from bnfold.patterns.matmul import bias_operand
 from bnfold.route import Leg, Route, downstream_route, leads_to_linear, trace_downstream, trace_upstream, \
     upstream_route
+from bnfold.standard import is_standard
 
 DEFAULT_EPSILON = 1e-5
 
@@ -253,7 +254,7 @@ def _default_opset(opset_imports: dict[str, int]) -> int:
 
 
 def is_batch_norm(node: ir.Node) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+    return node.op_type == "BatchNormalization" and is_standard(node)
 
 
 def as_site_of(node: ir.Node, scope: Scope, consts: Constants) -> Site | None:

@@ -38,6 +38,7 @@ from bnfold.patterns.consumer import MATCHERS as CONSUMERS
 from bnfold.patterns.consumer import ConsumerMatch, require_channel_on_features, require_flattened
 from bnfold.patterns.crossing import IDENTITY, Crossing, Step, cross, is_crossing
 from bnfold.patterns.layout import Channel, through
+from bnfold.standard import is_standard
 
 #: The most ops one route may take in (a bound on planning time in deep residual graphs).
 MAX_ROUTE = 32
@@ -133,7 +134,7 @@ def upstream_route(root: Up, scale: np.ndarray, shift: np.ndarray, site_kind: st
 
 def _collect(value: ir.Value, consts: Constants, budget: _Budget) -> Up:
     producer = value.producer()
-    if producer is None or producer.domain not in ("", "ai.onnx"):
+    if producer is None or not is_standard(producer):
         raise NoMatch("no-linear-producer", f"input comes from {describe(producer, value)}")
     op = producer.op_type
     joins = op == "Concat" or (op in SUMS and not any(v is not None and consts.array(v) is not None
@@ -338,7 +339,7 @@ def leads_to_linear(value: ir.Value) -> bool:
     pending, seen = [value], set()
     while pending and len(seen) <= MAX_ROUTE:
         for node, index in element_readers(pending.pop()):
-            if node in seen or node.domain not in ("", "ai.onnx"):
+            if node in seen or not is_standard(node):
                 continue
             seen.add(node)
             if node.op_type in CONSUMERS and index == 0:
@@ -357,7 +358,7 @@ def _follow(value: ir.Value, channel: Channel | None, consts: Constants, opset: 
     for node, index in readers:
         try:
             budget.take(node)
-            standard = node.domain in ("", "ai.onnx")
+            standard = is_standard(node)
             if standard and node.op_type in CONSUMERS and index == 0:
                 here.readers.append(_reader(node, channel, consts))
             elif standard and node.op_type in ("Flatten", "Reshape") and index == 0 and _merges(node, channel, consts):
@@ -420,7 +421,7 @@ def _flattened(node: ir.Node, channel: Channel, consts: Constants, budget: _Budg
         raise NoMatch("graph-output" if consts.is_output(out) else "fan-out",
                       f"the flattened map {out.name!r} is not read by one matrix op alone")
     reader, index = readers[0]
-    if reader.domain not in ("", "ai.onnx") or reader.op_type not in ("Gemm", "MatMul") or index != 0:
+    if not is_standard(reader) or reader.op_type not in ("Gemm", "MatMul") or index != 0:
         raise NoMatch("no-linear-producer", f"a flattened map feeds {describe(reader)}, not a matrix op")
     budget.take(reader)
     require_resolved(reader)

@@ -21,6 +21,7 @@ from pathlib import Path
 import onnx
 
 from bnfold._onnx_ir import ir
+from bnfold.standard import DEFAULT_DOMAINS
 
 #: Domain of the stand-in for nodes whose content onnx_ir cannot hold.
 OPAQUE_DOMAIN = "bnfold.opaque"
@@ -74,7 +75,7 @@ def analysis_copy(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
             if _unreadable_type(info.type):
                 info.ClearField("type")
         for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and any(
+            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and any(
                     a.type in _SPARSE_ATTRIBUTES or a.name == "sparse_value" for a in node.attribute):
                 node.domain = OPAQUE_DOMAIN
             kept = [a for a in node.attribute if not _unreadable_attribute(a)]

@@ -327,3 +327,26 @@ def test_a_channel_constant_on_a_tensor_of_unknown_rank_before_a_matmul_stays(tm
         assert count_ops(folded, "Mul") == (status == "kept")
         if status == "kept":
             assert entry.reason == "non-channel-constant"
+
+
+def _legacy_scaled_matmul(**broadcast):
+    """Opset 6: ``x[2,4,4] @ W * c[4]`` with Mul-6's ``broadcast`` attributes."""
+    b = GraphBuilder(seed=91)
+    y = b.node("MatMul", [b.input([2, 4, 4]), b.random([4, 4])])
+    b.output(b.node("Mul", [y, b.const(np.arange(1, 5, dtype=np.float32))], name="scale", **broadcast))
+    return b.model(6)
+
+
+def test_an_opset_6_broadcast_from_an_axis_is_no_channel_map(tmp_path):
+    """Mul-6 with ``broadcast=1, axis=1`` lines ``c[4]`` up with axis 1 (a row scale of each
+    matrix), not with the last axis as numpy does: folding it into the MatMul's columns would
+    be wrong, so the Mul is an op bnfold does not know and the model stays as it is.
+    Without ``axis`` the constant lines up from the right, a column scale, and folds."""
+    onnx.save(_legacy_scaled_matmul(broadcast=1, axis=1), tmp_path / "axis.onnx")
+    result = bnfold.fold(tmp_path / "axis.onnx")
+    assert [e for e in result.ledger if e.status == "folded"] == []
+    result.save(tmp_path / "axis.out.onnx")
+    assert count_ops(onnx.load(tmp_path / "axis.out.onnx"), "Mul") == 1
+    onnx.save(_legacy_scaled_matmul(broadcast=1), tmp_path / "suffix.onnx")
+    result = bnfold.fold(tmp_path / "suffix.onnx")
+    assert [e.status for e in result.ledger if e.node == "scale"] == ["folded"]

@@ -18,6 +18,7 @@ from bnfold.constant_eval import Constants, has_unresolved_reference
 from bnfold.ledger import NoMatch
 from bnfold.patterns.layout import Channel
 from bnfold.patterns.shapes import linear_shape_problem
+from bnfold.standard import is_standard
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def match_producer(value: ir.Value, consts: Constants) -> LinearMatch:
         "MatMul": matmul.match,
         "Add": matmul.match_with_bias,
     }
-    if producer is None or producer.domain not in ("", "ai.onnx") or producer.op_type not in matchers:
+    if producer is None or not is_standard(producer) or producer.op_type not in matchers:
         raise NoMatch("no-linear-producer", f"input comes from {describe(producer, value)}")
     require_resolved(producer)
     return matchers[producer.op_type](producer, consts)

@@ -18,6 +18,7 @@ from bnfold.errors import InputError
 from bnfold.ledger import NoMatch
 from bnfold.patterns import match_producer
 from bnfold.patterns.layout import Channel, is_layout, through
+from bnfold.standard import is_standard
 
 #: Ops whose output channels lie along axis 1 (NCHW) whatever their inputs: the linear
 #: producers fold does not match (non-constant weights) and ops that make channels there.
@@ -42,7 +43,7 @@ def channel_of(value: ir.Value, consts: Constants, depth: int = 0) -> Channel | 
     origin = None
     for _ in range(WALK_LIMIT):
         node = value.producer()
-        if node is None or node.domain not in ("", "ai.onnx") or depth > WALK_LIMIT:
+        if node is None or not is_standard(node) or depth > WALK_LIMIT:
             return None
         origin = _origin(value, node, consts, depth)
         if origin is not None:

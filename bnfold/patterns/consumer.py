@@ -22,6 +22,7 @@ from bnfold.ledger import NoMatch
 from bnfold.patterns import constant_param, describe, weight_and_bias
 from bnfold.patterns.layout import Channel
 from bnfold.patterns.matmul import constant_2d_weight, is_channel_bias
+from bnfold.standard import is_standard
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ def _following_bias(matmul: ir.Node, channels: int, consts: Constants):
     if reader is None:
         return None, None, None
     add, index = reader
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+    if add.op_type != "Add" or not is_standard(add):
         return None, None, None
     bias_index = 1 - index
     try:

@@ -35,6 +35,7 @@ from bnfold.constant_eval import Constants, static_dims
 from bnfold.ledger import NoMatch
 from bnfold.patterns import describe, require_resolved
 from bnfold.patterns.layout import LAYOUT_OPS, Channel, through
+from bnfold.standard import is_standard
 
 #: ``select[k] == IDENTITY``: output channel k carries no map (Concat's other inputs).
 IDENTITY = -1
@@ -100,7 +101,7 @@ def _channels(indices: np.ndarray, limit: int = 8) -> str:
 def cross(node: ir.Node, index: int, channel: Channel | None, consts: Constants, opset: int) -> Crossing:
     """How a map entering ``node`` at input ``index`` comes out (``channel`` None: a uniform
     map); NoMatch when ``node`` is no crossing or its facts cannot be proven."""
-    rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    rule = RULES.get(node.op_type) if is_standard(node) else None
     if rule is None:
         raise NoMatch("no-linear-producer", f"the map meets {describe(node)}, which it cannot cross")
     if index != 0:
@@ -110,7 +111,7 @@ def cross(node: ir.Node, index: int, channel: Channel | None, consts: Constants,
 
 
 def is_crossing(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in RULES
+    return is_standard(node) and node.op_type in RULES
 
 
 # --- the rules -----------------------------------------------------------------------

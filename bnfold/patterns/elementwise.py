@@ -17,6 +17,7 @@ from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants
 from bnfold.ledger import NoMatch
 from bnfold.patterns.layout import Channel
+from bnfold.standard import is_standard
 
 AFFINE_OPS = {"Mul", "Div", "Add", "Sub"}
 
@@ -30,7 +31,7 @@ class ElementwiseSite:
 
 def as_site(node: ir.Node, consts: Constants) -> ElementwiseSite | None:
     """``node`` as an affine site: exactly one operand constant, and not ``c / x``."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in AFFINE_OPS or len(node.inputs) != 2:
+    if not is_standard(node) or node.op_type not in AFFINE_OPS or len(node.inputs) != 2:
         return None
     arrays = [consts.array(v) for v in node.inputs]
     constant_positions = [i for i, a in enumerate(arrays) if a is not None]

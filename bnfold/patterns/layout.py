@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants, static_dims
 from bnfold.ledger import NoMatch
+from bnfold.standard import is_standard
 
 LAYOUT_OPS = {"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 
@@ -41,7 +42,7 @@ class Channel:
 
 
 def is_layout(node: ir.Node) -> bool:
-    return node.domain in ("", "ai.onnx") and node.op_type in LAYOUT_OPS
+    return is_standard(node) and node.op_type in LAYOUT_OPS
 
 
 def through(node: ir.Node, channel: Channel, consts: Constants) -> Channel:

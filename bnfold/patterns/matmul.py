@@ -13,6 +13,7 @@ from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants, rank_of
 from bnfold.ledger import NoMatch
 from bnfold.patterns import LinearMatch, constant_param, describe, require_resolved
+from bnfold.standard import is_standard
 
 
 def match(node: ir.Node, consts: Constants) -> LinearMatch:
@@ -42,7 +43,7 @@ def bias_operand(add: ir.Node) -> tuple[ir.Node, int] | None:
     for mm_index in (0, 1):
         operand = add.inputs[mm_index]
         matmul = operand.producer() if operand is not None else None
-        if matmul is not None and matmul.op_type == "MatMul" and matmul.domain in ("", "ai.onnx"):
+        if matmul is not None and matmul.op_type == "MatMul" and is_standard(matmul):
             return matmul, 1 - mm_index
     return None
 
