@@ -67,12 +67,12 @@ def kept(result, folded_model, original, reason: str):
 # --- crossing upstream: Conv -> op -> BN -------------------------------------------
 
 
-def producer_then(op: str, sign=1.0, channels: int = 4, inputs=(), **attrs):
+def producer_then(op: str, sign=1.0, channels: int = 4, inputs=(), shift: bool = True, **attrs):
     """``Conv(4 channels) -> op -> BN(channels)``; ``inputs``: the op's constant inputs."""
     def build(b: GraphBuilder):
         y = conv(b, b.input(list(SHAPE)))
         operands = [y] + ["" if v is None else b.const(np.asarray(v)) for v in inputs]
-        return bn(b, b.node(op, operands, **attrs), channels, sign)
+        return bn(b, b.node(op, operands, **attrs), channels, sign, shift=shift)
     return build
 
 
@@ -142,16 +142,21 @@ def test_map_crosses_a_wrapping_pad(tmp_path):
     folded(result, out, "conv-pad-bn")
 
 
-def test_negative_scale_names_the_channels(tmp_path):
+@pytest.mark.parametrize("gamma, named", [
+    ([1.0, -1.0, 2.0, -0.5], "(channel(s) 1, 3)"),
+    ([-1.0] * 10, "(channel(s) 0, 1, 2, 3, 4, 5, 6, 7, ... (10 in all))"),  # eight named, then the count
+], ids=["two-of-four", "ten-of-ten"])
+def test_negative_scale_names_the_channels(tmp_path, gamma, named):
     b = GraphBuilder(seed=3)
-    y = b.node("MaxPool", [conv(b, b.input(list(SHAPE)))], kernel_shape=[2, 2], name="pool")
-    gamma = b.const(np.array([1.0, -1.0, 2.0, -0.5], np.float32))
-    params = [gamma] + [b.const(v.astype(np.float32)) for v in (np.zeros(4), np.zeros(4), np.ones(4))]
+    y = b.node("MaxPool", [conv(b, b.input(list(SHAPE)), c_out=len(gamma))], kernel_shape=[2, 2], name="pool")
+    c = len(gamma)
+    params = [b.const(np.array(gamma, np.float32))] + [b.const(v.astype(np.float32))
+                                                       for v in (np.zeros(c), np.zeros(c), np.ones(c))]
     b.output(b.node("BatchNormalization", [y, *params], name="the_bn"))
     model = b.model(18)
     result, out = fold(model, tmp_path)
     entry = kept(result, out, model, "negative-scale")
-    assert "MaxPool 'pool'" in entry.detail and "channel(s) 1, 3" in entry.detail
+    assert "MaxPool 'pool'" in entry.detail and entry.detail.endswith(named)
 
 
 def test_pure_scale_crosses_a_zero_pad(tmp_path):
@@ -251,6 +256,22 @@ RULE_CASES = {
     "pad-18-axes-input": (producer_then("Pad", inputs=[[1, 1, 1, 1], None, [2, 3]], mode="edge"), "conv-pad-bn", 18),
     "pad-constant-value-input": (producer_then("Pad", inputs=[[0, 0, 1, 1, 0, 0, 1, 1], np.array(1.5, np.float32)]),
                                  ("kept", "pad-value"), 18),
+    # a pure scale keeps 0 but moves 1.5: the value given is the one checked, not 0
+    "pad-value-input-pure-scale": (producer_then("Pad", shift=False, inputs=[[0, 0, 1, 1, 0, 0, 1, 1],
+                                                                              np.array(1.5, np.float32)]),
+                                   ("kept", "pad-value"), 18),
+    "pad-2-value-attribute-pure-scale": (producer_then("Pad", shift=False, pads=[0, 0, 1, 1, 0, 0, 1, 1], value=1.5),
+                                         ("kept", "pad-value"), 10),
+    "pad-2-default-value-pure-scale": (producer_then("Pad", shift=False, pads=[0, 0, 1, 1, 0, 0, 1, 1]),
+                                       "conv-pad-bn", 10),
+    "dropout-7-has-no-is-test": (producer_then("Dropout"), "conv-dropout-bn", 7),
+    # SAME padding and ceil_mode's partial windows pad as well as explicit pads do
+    "averagepool-same-upper-counted": (producer_then("AveragePool", kernel_shape=[2, 2], auto_pad="SAME_UPPER",
+                                                     count_include_pad=1), ("kept", "shift-not-crossing"), 18),
+    "averagepool-ceil-mode-counted": (producer_then("AveragePool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1,
+                                                    count_include_pad=1), ("kept", "shift-not-crossing"), 18),
+    # keepdims defaults to 1: the channels stay on axis 1 of the batch-reduced output
+    "reducemean-batch-default-keepdims": (producer_then("ReduceMean", inputs=[[0]]), "conv-reducemean-bn", 18),
 }
 
 
@@ -264,16 +285,24 @@ def test_each_crossing_rule(tmp_path, case):
     if isinstance(expected, tuple):
         kept(result, out, model, expected[1])
     else:
-        folded(result, out, expected)
+        entry = folded(result, out, expected)
+        assert entry.route.startswith(f"through {model.graph.node[1].op_type} ")  # the op crossed, named
 
 
-def split_then(pieces: int, channels: int, opset: int, **attrs):
-    """``Conv(4) -> Split(axis 1) -> BN(channels) on piece 0``; the other pieces are unread."""
+def split_then(pieces: int, channels: int, opset: int, piece: int = 0, c_out: int = 4, read_others: bool = False,
+               axis: int | None = 1, **attrs):
+    """``Conv(c_out) -> Split(axis) -> BN(channels) on one piece``; the other pieces are unread
+    (``read_others``: each is a graph output, whose numbers a wrong fold would change)."""
     def build(b: GraphBuilder):
         sizes = attrs.pop("sizes", None)
-        inputs = [conv(b, b.input(list(SHAPE)))] + ([b.const(np.array(sizes))] if sizes is not None else [])
-        outs = b.node("Split", inputs, n_out=pieces, axis=1, **attrs)
-        return bn(b, outs[0], channels, sign=None)
+        inputs = [conv(b, b.input(list(SHAPE)), c_out=c_out)] + ([b.const(np.array(sizes))] if sizes is not None
+                                                                 else [])
+        outs = b.node("Split", inputs, n_out=pieces, **({} if axis is None else {"axis": axis}), **attrs)
+        if read_others:
+            for i, other in enumerate(outs):
+                if i != piece:
+                    b.output(other)
+        return bn(b, outs[piece], channels, sign=None)
     return build
 
 
@@ -281,6 +310,12 @@ def split_then(pieces: int, channels: int, opset: int, **attrs):
     ("one-channel", split_then(2, 1, 18, sizes=[1, 3]), 18),
     ("split-attribute", split_then(2, 3, 11, split=[3, 1]), 11),
     ("equal-parts", split_then(2, 2, 18, num_outputs=2), 18),
+    # 5 channels in 2 equal parts: 3 and 2 (the last one smaller)
+    ("equal-parts-last-smaller", split_then(2, 2, 18, piece=1, c_out=5, num_outputs=2), 18),
+    # sizes as an input, not equal parts: the BN's 3 channels are 0..2, and piece 1 keeps its numbers
+    ("sizes-input-other-piece-read", split_then(2, 3, 13, sizes=[3, 1], read_others=True), 13),
+    # no axis attribute: axis 0, the batch; every piece keeps all the channels
+    ("default-axis-is-the-batch", split_then(2, 4, 13, axis=None, sizes=[1, 1]), 13),
 ])
 def test_channel_split_pieces(tmp_path, case, build, opset):
     """Split's sizes as an input, as Split-11's attribute, and as opset 18's equal parts."""
@@ -290,29 +325,41 @@ def test_channel_split_pieces(tmp_path, case, build, opset):
     folded(result, out, "conv-split-bn")
 
 
-@pytest.mark.parametrize("op", ["Slice", "Gather", "Pad", "Dropout", "ReduceSum"])
+@pytest.mark.parametrize("op", ["Slice", "Gather", "Pad", "Dropout", "ReduceSum", "Resize", "ResizeChannels",
+                                "PadValue"])
 def test_op_parameters_fed_at_run_time_stop_the_route(tmp_path, op):
-    """Starts, indices, pads, Dropout's training flag and the reduced axes given as graph
-    inputs: what the op does to the channels is unknown, so the BN stays."""
+    """Starts, indices, pads, Dropout's training flag, the reduced axes, Resize's scales and
+    a Pad's value given as graph inputs: what the op does to the channels (or which value
+    it pads with) is unknown, so the BN stays, and the reason names the op."""
     b = GraphBuilder(seed=80)
     y = conv(b, b.input(list(SHAPE)))
     param, value = {"Slice": (("p", [1], np.int64), np.array([0])),
                     "Gather": (("p", [2], np.int64), np.array([0, 1])),
                     "Pad": (("p", [8], np.int64), np.zeros(8, np.int64)),
                     "Dropout": (("p", [], np.bool_), np.array(False)),
-                    "ReduceSum": (("p", [1], np.int64), np.array([2]))}[op]
+                    "ReduceSum": (("p", [1], np.int64), np.array([2])),
+                    "Resize": (("p", [4], np.float32), np.array([1, 1, 2, 2], np.float32)),
+                    "ResizeChannels": (("p", [1], np.float32), np.array([1], np.float32)),
+                    "PadValue": (("p", [], np.float32), np.array(0.0, np.float32))}[op]
     b.inputs.append(onnx.helper.make_tensor_value_info(param[0], {np.int64: onnx.TensorProto.INT64,
-                                                                  np.bool_: onnx.TensorProto.BOOL}[param[2]],
+                                                                  np.bool_: onnx.TensorProto.BOOL,
+                                                                  np.float32: onnx.TensorProto.FLOAT}[param[2]],
                                                        param[1]))
     inputs = {"Slice": [y, b.const(np.array([0])), "p", b.const(np.array([3]))],
-              "Gather": [y, "p"], "Pad": [y, "p"], "Dropout": [y, "", "p"], "ReduceSum": [y, "p"]}[op]
-    attrs = {"axis": 1} if op == "Gather" else {"keepdims": 1} if op == "ReduceSum" else {}
+              "Gather": [y, "p"], "Pad": [y, "p"], "Dropout": [y, "", "p"], "ReduceSum": [y, "p"],
+              "Resize": [y, "", "p"], "ResizeChannels": [y, "", "p"],
+              "PadValue": [y, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1])), "p"]}[op]
+    attrs = {"axis": 1} if op == "Gather" else {"keepdims": 1} if op == "ReduceSum" else \
+        {"axes": [1]} if op == "ResizeChannels" else {}  # Resize-18 scaling only the channel axis
+    op = op.removesuffix("Value").removesuffix("Channels")
     channels = 2 if op == "Gather" else 4
     b.output(bn(b, b.node(op, inputs, **attrs), channels, shift=op != "ReduceSum"), shape=["n", "c", "h", "w"])
     model = b.model(18)
     feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32), "p": value}
     result, out = fold_and_compare(model, feeds, tmp_path)
-    kept(result, out, model, "unproven-crossing")
+    # Resize's scales may resize the channel axis too
+    entry = kept(result, out, model, "channel-axis-mismatch" if op == "Resize" else "unproven-crossing")
+    assert entry.detail.startswith(f"{op} ")
 
 
 def test_maxpool_whose_indices_are_read_stops_the_route(tmp_path):
@@ -397,6 +444,95 @@ def test_a_pool_over_the_channel_axis_stops_the_route(tmp_path):
     result, out = fold_and_compare(model, {"x": np.random.default_rng(0).standard_normal((2, 8, 4))
                                            .astype(np.float32)}, tmp_path)
     kept(result, out, model, "channel-axis-mismatch")
+
+
+def relu_bn_then(op: str, c_in: int, inputs=(), **attrs):
+    """``Relu -> BN(4) -> op -> Conv(c_in -> 3)``; ``inputs``: the op's constant inputs."""
+    def build(b: GraphBuilder):
+        y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4)
+        y = b.node(op, [y] + [b.const(np.asarray(v)) for v in inputs], **attrs)
+        return b.node("Conv", [y, b.random([3, c_in, 1, 1])])
+    return build
+
+
+UNRUNNABLE = {
+    # name: (build, reason); axes, modes and sizes no valid model has, or no channel left
+    "reduce-axis-at-the-rank": (producer_then("ReduceMean", inputs=[[4]]), "unproven-crossing"),
+    "resize-mode-area": (producer_then("Resize", inputs=[np.zeros(0, np.float32), SCALES], mode="area"),
+                         "unproven-crossing"),
+    "pad-mode-mirror": (producer_then("Pad", inputs=[np.zeros(8, np.int64)], mode="mirror"), "unproven-crossing"),
+    "gather-axis-past-the-rank": (producer_then("Gather", inputs=[np.array([0])], axis=5), "unproven-crossing"),
+    "split-axis-past-the-rank": (lambda b: bn(b, b.node("Split", [conv(b, b.input(list(SHAPE))),
+                                                                   b.const(np.array([1, 1]))], n_out=2, axis=5)[0], 4),
+                                 "unproven-crossing"),
+    "pad-value-of-two-numbers": (producer_then("Pad", shift=False, inputs=[[0, 0, 1, 1, 0, 0, 1, 1],
+                                                                            np.zeros(2, np.float32)]),
+                                 "unproven-crossing"),
+    "split-sizes-past-the-channels": (lambda b: bn(b, b.node("Split", [conv(b, b.input(list(SHAPE))),
+                                                                        b.const(np.array([3, 3]))], n_out=2,
+                                                              axis=1)[0], 3), "unproven-crossing"),
+    "resize-five-scales-for-four-axes": (producer_then("Resize", inputs=[None, np.array([1, 1, 2, 2, 1], np.float32)]),
+                                         "channel-axis-mismatch"),
+    "split-negative-size": (lambda b: bn(b, b.node("Split", [conv(b, b.input(list(SHAPE))), b.const(np.array([5, -1]))],
+                                                    n_out=2, axis=1)[0], 5), "unproven-crossing"),
+    "slice-keeps-no-channel": (relu_bn_then("Slice", 0, inputs=[[2], [2], [1]]), "zero-size"),
+    "gather-keeps-no-channel": (relu_bn_then("Gather", 0, inputs=[np.zeros(0, np.int64)], axis=1), "zero-size"),
+}
+
+
+@pytest.mark.parametrize("case", UNRUNNABLE)
+def test_ops_onnxruntime_cannot_run_or_that_keep_no_channel_stop_the_route(tmp_path, case):
+    """Such an op proves nothing about the channels: the BN stays, for a reason that names
+    the op, and the model is unchanged (onnxruntime runs neither, so nothing is compared)."""
+    build, reason = UNRUNNABLE[case]
+    b = GraphBuilder(seed=len(case) + 100)
+    b.output(build(b), shape=None)
+    model = b.model(18)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    entry = kept(result, onnx.load(tmp_path / "out.onnx"), model, reason)
+    (op,) = {n.op_type for n in model.graph.node} - {"Relu", "BatchNormalization", "Conv"}
+    assert entry.detail.startswith(f"{op} ")
+
+
+@pytest.mark.parametrize("op", ["Pad", "Split"])
+def test_a_scalar_map_crosses_axis_ops(tmp_path, op):
+    """``Conv -> op -> x * 0.7``: a scalar map needs no channel proof; Pad-18's axes input
+    is read against the input's rank, and the route names the op."""
+    b = GraphBuilder(seed=101)
+    y = conv(b, b.input(list(SHAPE)))
+    if op == "Pad":
+        y = b.node("Pad", [y, b.const(np.array([1, 2, 0, 1])), "",
+                           b.const(np.array([2, 3]))], mode="edge")
+    else:
+        y = b.node("Split", [y, b.const(np.array([3, 5]))], n_out=2, axis=2)[0]
+    b.output(b.node("Mul", [y, b.const(np.float32(0.7))], name="the_bn"))
+    result, out = fold(b.model(18), tmp_path)
+    entry = the_bn(result)
+    assert entry.status == "folded", (entry.reason, entry.detail)
+    assert count_ops(out, "Mul") == 0
+    assert entry.route.startswith(f"through {op} ")
+
+
+def test_pad_1_paddings_attribute(tmp_path):
+    """Pad-1 names its amounts ``paddings``: read, a scalar map crosses it (onnxruntime has
+    no Pad-1: onnx's reference evaluator checks the numbers)."""
+    from onnx.reference import ReferenceEvaluator
+    b = GraphBuilder(seed=102)
+    y = b.node("Pad", [conv(b, b.input(list(SHAPE)))], paddings=[0, 0, 1, 2, 0, 0, 2, 1], mode="edge")
+    b.output(b.node("Mul", [y, b.const(np.float32(0.7))], name="the_bn", broadcast=1))
+    model = b.model(1)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    entry = the_bn(result)
+    assert entry.status == "folded" and entry.route.startswith("through Pad "), (entry.reason, entry.detail)
+    out = onnx.load(tmp_path / "out.onnx")
+    assert count_ops(out, "Mul") == 0
+    feeds = {"x": np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)}
+    np.testing.assert_allclose(ReferenceEvaluator(out).run(None, feeds)[0],
+                               ReferenceEvaluator(model).run(None, feeds)[0], rtol=1e-5, atol=1e-6)
 
 
 # --- sums --------------------------------------------------------------------------
