@@ -93,6 +93,7 @@ SHARDS = [
                                                                   "elementwise", "gemm", "layout", "matmul",
                                                                   "shapes")), "fold", True),
     Shard("crossing", ("bnfold/patterns/crossing.py",), "fold", True),
+    Shard("standard", ("bnfold/standard.py",), "fold", True),
     # verify's channel-axis walk: verify's tests reach it, fold's do not.
     Shard("channels", ("bnfold/patterns/channels.py",), "verify", True),
     Shard("route", ("bnfold/route.py",), "fold", True),
@@ -599,7 +600,8 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=2, help="mutmut workers (default 2)")
     parser.add_argument("--stop-after", type=float, help="stop each shard's mutmut run after this many minutes")
     parser.add_argument("--rerun-survivors", action="store_true", help="re-test survivors and timeouts too")
-    parser.add_argument("--report-only", action="store_true", help="run nothing; write the report")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing; write the report of the copies as last run")
     parser.add_argument("--check-kills", action="store_true",
                         help="run each 'killed by' verdict's test alone under its mutant")
     args = parser.parse_args()
@@ -608,9 +610,9 @@ def main() -> None:
     except ImportError:
         sys.exit("mutmut is not installed: pip install -e '.[bench]'")
     chosen = [s for s in SHARDS if not args.shard or s.name in args.shard]
-    everything = SHARDS if args.report_only else chosen
-    roots = {sel: prepare(sel) for sel in {s.selection for s in everything}}
-    # Shards run earlier are reported from their copies as they were run (not synced now).
+    # Shards not run now are reported from their copies as they were run: syncing a copy
+    # without running mutmut would pair its statuses with mutants of changed code.
+    roots = {sel: prepare(sel) for sel in {s.selection for s in ([] if args.report_only else chosen)}}
     roots.update({s.selection: WORK / s.selection for s in SHARDS if s.selection not in roots and _ran(s)})
     extras: dict[str, dict] = {}
     previous = RESULTS / "mutation.json"
