@@ -95,6 +95,21 @@ def run(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -> li
     return session.run(None, feeds)
 
 
+def entries(result, status=None) -> list[tuple]:
+    """A fold's ledger as ``(op, status, pattern or reason)``, optionally of one status."""
+    return [(e.op, e.status, e.pattern if e.folded else e.reason) for e in result.ledger
+            if status is None or e.status == status]
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def feeds(b: GraphBuilder, shape, name="x") -> dict[str, np.ndarray]:
+    """Random float32 data for input ``name`` from the builder's generator."""
+    return {name: b.rng.standard_normal(shape).astype(np.float32)}
+
+
 def count_ops(model: onnx.ModelProto, op: str) -> int:
     return sum(node.op_type == op for node in model.graph.node)
 

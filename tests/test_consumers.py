@@ -9,20 +9,7 @@ import onnx.helper as oh
 import pytest
 
 import bnfold
-from builders import GraphBuilder, count_ops, fold_and_compare, run
-
-
-def entries(result, status=None):
-    return [(e.op, e.status, e.pattern if e.folded else e.reason) for e in result.ledger
-            if status is None or e.status == status]
-
-
-def ops(model: onnx.ModelProto) -> list[str]:
-    return [n.op_type for n in model.graph.node]
-
-
-def feeds(b: GraphBuilder, shape, name="x"):
-    return {name: b.rng.standard_normal(shape).astype(np.float32)}
+from builders import GraphBuilder, count_ops, feeds, fold_and_compare, ops, run
 
 
 def with_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> onnx.ModelProto:

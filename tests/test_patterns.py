@@ -18,23 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bnfold
-from builders import GraphBuilder, count_ops, fold_and_compare, run
+from builders import GraphBuilder, count_ops, entries, feeds, fold_and_compare, ops, run
 
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
-
-
-def entries(result, status=None):
-    return [(e.op, e.status, e.pattern if e.folded else e.reason) for e in result.ledger
-            if status is None or e.status == status]
-
-
-def ops(model: onnx.ModelProto) -> list[str]:
-    return [n.op_type for n in model.graph.node]
-
-
-def feeds(b: GraphBuilder, shape, name="x"):
-    return {name: b.rng.standard_normal(shape).astype(np.float32)}
 
 
 def channel_const(b: GraphBuilder, c: int, shape, positive=False) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bnfold.errors import EXIT_CHECK_FAILED, EXIT_OK
+from bnfold.ledger import json_safe
 from bnfold.verification.compare import Difference, PrecisionDrift, Tolerance, Top1
 from bnfold.verification.feeds import InputData
 
@@ -176,7 +176,7 @@ class VerifyReport:
                     entry["top1"]["agreement"] = comparison.top1.agreement
         for entry, precision in zip(data["precision"], self.precision):
             entry["passed"] = precision.passed
-        return _json_safe(data)
+        return json_safe(data)
 
 
 def within_noise_text(comparisons: Sequence[OutputComparison]) -> str:
@@ -187,17 +187,6 @@ def within_noise_text(comparisons: Sequence[OutputComparison]) -> str:
     counts = " and ".join(filter(None, [f"{elements} element(s)" if elements else "",
                                         f"{channels} channel(s)" if channels else ""]))
     return f"{counts} within {'/'.join(factors)}x ORIGINAL's own noise"
-
-
-def _json_safe(value):
-    """JSON has no inf/nan: write them as the strings "inf", "-inf", "nan"."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 # --- rendering ---------------------------------------------------------------------------
