@@ -825,3 +825,11 @@ def test_a_branch_attribute_of_the_wrong_length_is_refused(tmp_path, attrs):
     onnx.save(model, tmp_path / "m.onnx")
     result = bnfold.fold(tmp_path / "m.onnx")
     assert [(e.status, e.reason) for e in result.ledger if e.op == "Add"] == [("kept", "branch-mismatch")]
+
+
+def test_keep_names_each_kept_node_once(tmp_path):
+    """The sum is both the site and one of the merge's nodes: ``--keep sum`` names it once."""
+    model, _ = two_branches(lambda b, x: b.node("Conv", [x, b.random([4, 4, 1, 1])]))
+    onnx.save(model, tmp_path / "in.onnx")
+    (entry,) = [e for e in bnfold.fold(tmp_path / "in.onnx", keep=frozenset({"sum"})).ledger if e.op == "Add"]
+    assert entry.detail == "--keep sum: the branches stay apart"
