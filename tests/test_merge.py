@@ -639,8 +639,9 @@ def test_an_inference_dropout_of_x_is_an_identity_branch(tmp_path):
 
 @pytest.mark.parametrize("count, reason", [(7, "sequential-branch"), (8, None)], ids=["7-between", "8-between"])
 def test_two_convs_in_a_row_are_seen_through_up_to_8_nodes(tmp_path, count, reason):
-    """The sequential-branch refusal looks through 8 nodes between the two convs; beyond
-    that the sum is simply no merge site (no ledger entry)."""
+    """The sequential-branch refusal looks back 8 producers from the second conv: 7 nodes
+    between the two convs are seen through (and refused); with 8 between, the sum is
+    simply no merge site (no ledger entry)."""
     model, feeds = two_branches(lambda b, x: b.node("Conv", [identities(count)(b, x), b.random([4, 4, 1, 1])]))
     if reason is None:
         result, _ = fold_and_compare(model, feeds, tmp_path)
@@ -727,7 +728,8 @@ def same_padded(kernel, auto_pad="SAME_UPPER"):
     return build
 
 
-def _dilated_3x3():
+def dilated_3x3():
+    """A 3x3 conv dilated 2 (pads 2) and a 1x1: the 1x1 lands on the centre tap."""
     b = GraphBuilder(seed=36)
     x = b.input([2, 4, 8, 8])
     big = b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[2, 2, 2, 2], dilations=[2, 2])
@@ -738,7 +740,7 @@ def _dilated_3x3():
 @pytest.mark.parametrize("build, pattern", [
     (same_padded(5), "merge(5x5+1x1)"),
     (same_padded(5, "SAME_LOWER"), "merge(5x5+1x1)"),
-    (_dilated_3x3, "merge(3x3+1x1)"),
+    (dilated_3x3, "merge(3x3+1x1)"),
 ], ids=["same-upper-5x5", "same-lower-5x5", "dilated-3x3"])
 def test_more_survivor_merges(tmp_path, build, pattern):
     model, feeds = build()
