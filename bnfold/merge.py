@@ -118,7 +118,9 @@ def plan_merge(site: Site, ctx: Context) -> Merge | Keep | None:
         return None
     except NoMatch as no:
         return None if above else Keep(site, no.reason, no.detail)
-    named = [n.name for n in (site.node, merge.into, *merge.nodes) if n.name and n.name in ctx.options.keep]
+    # merge.nodes holds the sum itself too: each name once
+    named = list(dict.fromkeys(n.name for n in (site.node, merge.into, *merge.nodes)
+                               if n.name and n.name in ctx.options.keep))
     if named:
         return Keep(site, "kept-on-request", f"--keep {', '.join(named)}: the branches stay apart", merge.channels)
     return merge

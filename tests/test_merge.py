@@ -577,3 +577,261 @@ def test_a_merged_float16_kernel_that_may_overflow_stays(tmp_path):
     onnx.save(b.model(), tmp_path / "m.onnx")
     result = bnfold.fold(tmp_path / "m.onnx")
     assert [(e.status, e.reason) for e in result.ledger if e.op == "Add"] == [("kept", "dtype-overflow")]
+
+
+# --- merge.py survivors (issue 27): each case decides a merge or a refusal ----------------------
+
+
+def test_keep_naming_the_sum_keeps_the_branches_apart(tmp_path):
+    """``--keep sum``: the merge that would happen is not made, and says so."""
+    model, feeds = two_branches(lambda b, x: b.node("Conv", [x, b.random([4, 4, 1, 1])]))
+    onnx.save(model, tmp_path / "in.onnx")
+    result = bnfold.fold(tmp_path / "in.onnx", keep=frozenset({"sum"}))
+    result.save(tmp_path / "out.onnx")
+    (entry,) = [e for e in result.ledger if e.op == "Add"]
+    assert (entry.node, entry.status, entry.reason) == ("sum", "kept", "kept-on-request")
+    assert entry.detail.startswith("--keep sum") and entry.detail.endswith(": the branches stay apart")
+    folded = onnx.load(tmp_path / "out.onnx")
+    assert count_ops(folded, "Conv") == 2 and count_ops(folded, "Add") == 1
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sum_behind_an_average_pool_is_no_sum_above(tmp_path):
+    """``AvgPool(conv3x3(x) + grouped3x3(x)) + y / c`` (c holding a 0): the outer sum reads the inner one
+    through an average pool, which ends the inner expression: the inner sum reports its own
+    refusal (the outer one's refusal does not hide it)."""
+    b = GraphBuilder(seed=30)
+    x = b.input([2, 4, 8, 8])
+    y = b.input([2, 4, 8, 8], name="y")
+    first = b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[1, 1, 1, 1])
+    grouped = b.node("Conv", [x, b.random([4, 1, 3, 3])], pads=[1, 1, 1, 1], group=4)
+    inner = b.node("Add", [first, grouped], name="inner")
+    pool = b.node("AveragePool", [inner], kernel_shape=[1, 1])
+    halved = b.node("Div", [y, b.const(np.array([1, 0, 1, 1], np.float32).reshape(1, 4, 1, 1))])
+    b.output(b.node("Add", [pool, halved], name="outer"))
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    assert [(e.node, e.status, e.reason) for e in result.ledger if e.op == "Add"] == [
+        ("inner", "kept", "branch-mismatch"), ("outer", "kept", "non-finite-params")]
+
+
+def identities(count):
+    def build(b, x):
+        value = b.node("Conv", [x, b.random([4, 4, 1, 1])])
+        for _ in range(count):
+            value = b.node("Identity", [value])
+        return value
+    return build
+
+
+def test_an_expression_of_max_nodes_merges(tmp_path):
+    """``conv3x3(x) + Identity^62(conv1x1(x))``: 64 nodes under the sum, the most a merge reads."""
+    from bnfold.merge import MAX_NODES
+
+    model, feeds = two_branches(identities(MAX_NODES - 2))
+    merged(tmp_path, model, feeds, "merge(3x3+1x1)")
+
+
+def test_an_inference_dropout_of_x_is_an_identity_branch(tmp_path):
+    model, feeds = two_branches(lambda b, x: b.node("Dropout", [x]))
+    merged(tmp_path, model, feeds, "merge(3x3+identity)")
+
+
+@pytest.mark.parametrize("count, reason", [(7, "sequential-branch"), (8, None)], ids=["7-between", "8-between"])
+def test_two_convs_in_a_row_are_seen_through_up_to_8_nodes(tmp_path, count, reason):
+    """The sequential-branch refusal looks back 8 producers from the second conv: 7 nodes
+    between the two convs are seen through (and refused); with 8 between, the sum is
+    simply no merge site (no ledger entry)."""
+    model, feeds = two_branches(lambda b, x: b.node("Conv", [identities(count)(b, x), b.random([4, 4, 1, 1])]))
+    if reason is None:
+        result, _ = fold_and_compare(model, feeds, tmp_path)
+        assert not [e for e in result.ledger if e.op == "Add"], [(e.reason, e.detail) for e in result.ledger]
+    else:
+        refused(tmp_path, model, feeds, reason)
+
+
+def test_a_conv_of_another_input_is_no_merge_site(tmp_path):
+    """``conv3x3(x) + conv1x1(y)``: y is no conv of x, so no site (not "sequential-branch")."""
+    b = GraphBuilder(seed=31)
+    x = b.input([2, 4, 8, 8])
+    y = b.input([2, 4, 8, 8], name="y")
+    first = b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[1, 1, 1, 1])
+    b.output(b.node("Add", [first, b.node("Conv", [y, b.random([4, 4, 1, 1])])], name="sum"))
+    rng = np.random.default_rng(31)
+    feeds = {n: rng.standard_normal((2, 4, 8, 8)).astype(np.float32) for n in ("x", "y")}
+    result, _ = fold_and_compare(b.model(), feeds, tmp_path)
+    assert not [e for e in result.ledger if e.op == "Add"], [(e.reason, e.detail) for e in result.ledger]
+
+
+def bn_with(var):
+    def build(b, x):
+        conv = b.node("Conv", [x, b.random([4, 4, 1, 1])])
+        ones = np.ones(4, np.float32)
+        return b.node("BatchNormalization", [conv, b.const(ones), b.const(ones * 0.5), b.const(ones * 0.1),
+                                             b.const(np.asarray(var, np.float32))])
+    return build
+
+
+def one_channel_plus_bn4():
+    """``conv3x3(x)`` with 1 output channel, broadcast against ``BN(x)`` of 4 channels."""
+    b = GraphBuilder(seed=32)
+    x = b.input([2, 4, 8, 8])
+    first = b.node("Conv", [x, b.random([1, 4, 3, 3])], pads=[1, 1, 1, 1])
+    second = b.node("BatchNormalization", [x, *b.bn_params(4)])
+    b.output(b.node("Add", [first, second], name="sum"))
+    return b.model(), {"x": np.random.default_rng(32).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+
+
+def dilated_pool():
+    """A 5x5 conv and a 3x3 pool dilated 2 at stride 3 on 8x8: same output sizes, but the
+    pool's taps are not contiguous (were its dilation ignored, 3x3 would look contiguous)."""
+    b = GraphBuilder(seed=33)
+    x = b.input([2, 4, 8, 8])
+    first = b.node("Conv", [x, b.random([4, 4, 5, 5])], strides=[3, 3])
+    pool = b.node("AveragePool", [x], kernel_shape=[3, 3], strides=[3, 3], dilations=[2, 2])
+    b.output(b.node("Add", [first, pool], name="sum"), shape=[2, 4, 2, 2])
+    return b.model(19), {"x": np.random.default_rng(33).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+
+
+def ceil_pool():
+    """A 3x3 pool at stride 2 with ceil_mode: its last window overhangs the padding; the
+    conv beside it pads (1, 2) so their outputs have one size."""
+    b = GraphBuilder(seed=34)
+    x = b.input([2, 4, 8, 8])
+    first = b.node("Conv", [x, b.random([4, 4, 3, 3])], strides=[2, 2], pads=[1, 1, 2, 2])
+    pool = b.node("AveragePool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1,
+                  count_include_pad=1)
+    b.output(b.node("Add", [first, pool], name="sum"), shape=[2, 4, 5, 5])
+    return b.model(), {"x": np.random.default_rng(34).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda: two_branches(bn_with([1, -1, 1, 1])), "negative-variance"),
+    (lambda: one_channel_plus_bn4(), "branch-mismatch"),
+    (dilated_pool, "branch-mismatch"),
+    (ceil_pool, "avgpool-borders"),
+], ids=["negative-variance", "bn-of-4-against-1-channel", "dilated-pool-stride-3", "ceil-mode-pool"])
+def test_more_survivor_refusals(tmp_path, build, reason):
+    model, feeds = build()
+    refused(tmp_path, model, feeds, reason)
+
+
+def same_padded(kernel, auto_pad="SAME_UPPER"):
+    """A kxk and a 1x1 conv, both SAME_UPPER (or SAME_LOWER) at stride 1 on 8x8: pads (k//2, k//2)."""
+    def build():
+        b = GraphBuilder(seed=35)
+        x = b.input([2, 4, 8, 8])
+        big = b.node("Conv", [x, b.random([4, 4, kernel, kernel])], auto_pad=auto_pad)
+        small = b.node("Conv", [x, b.random([4, 4, 1, 1])], auto_pad=auto_pad)
+        b.output(b.node("Add", [big, small], name="sum"))
+        return b.model(), {"x": np.random.default_rng(35).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+    return build
+
+
+def dilated_3x3():
+    """A 3x3 conv dilated 2 (pads 2) and a 1x1: the 1x1 lands on the centre tap."""
+    b = GraphBuilder(seed=36)
+    x = b.input([2, 4, 8, 8])
+    big = b.node("Conv", [x, b.random([4, 4, 3, 3])], pads=[2, 2, 2, 2], dilations=[2, 2])
+    b.output(b.node("Add", [big, b.node("Conv", [x, b.random([4, 4, 1, 1])])], name="sum"))
+    return b.model(), {"x": np.random.default_rng(36).standard_normal((2, 4, 8, 8)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("build, pattern", [
+    (same_padded(5), "merge(5x5+1x1)"),
+    (same_padded(5, "SAME_LOWER"), "merge(5x5+1x1)"),
+    (dilated_3x3, "merge(3x3+1x1)"),
+], ids=["same-upper-5x5", "same-lower-5x5", "dilated-3x3"])
+def test_more_survivor_merges(tmp_path, build, pattern):
+    model, feeds = build()
+    merged(tmp_path, model, feeds, pattern)
+
+
+def test_each_output_channel_bounds_its_own_float16_kernel(tmp_path):
+    """Channel 0's 3x3 and channel 1's 1x1 each peak at 40000: per channel the merged kernel
+    fits float16 (40000 + 1), though the two peaks together would not: merged."""
+    b = GraphBuilder(dtype=np.float16, seed=37)
+    x = b.input([1, 2, 4, 4])
+    big = np.zeros((2, 2, 3, 3), np.float16)
+    big[0, 0, 0, 0] = 40000
+    big[1, 1, 1, 1] = 1
+    small = np.zeros((2, 2, 1, 1), np.float16)
+    small[1, 0, 0, 0] = 40000
+    small[0, 1, 0, 0] = 1
+    first = b.node("Conv", [x, b.const(big)], pads=[1, 1, 1, 1])
+    b.output(b.node("Add", [first, b.node("Conv", [x, b.const(small)])], name="sum"))
+    feeds = {"x": (np.random.default_rng(37).standard_normal((1, 2, 4, 4)) * 1e-3).astype(np.float16)}
+    result, _ = fold_and_compare(b.model(), feeds, tmp_path, rtol=1e-2, atol=1e-1)
+    assert [(e.status, e.reason) for e in result.ledger if e.op == "Add"] == [("merged", None)]
+
+
+def test_a_float16_identity_that_overflows_the_kernel_centre_stays(tmp_path):
+    """A 3x3 whose centre is 65000 plus ``1000 * x``: the merged centre, 66000, is no float16."""
+    b = GraphBuilder(dtype=np.float16, seed=38)
+    x = b.input([1, 2, 4, 4])
+    w = np.zeros((2, 2, 3, 3), np.float16)
+    w[0, 0, 1, 1] = 65000
+    first = b.node("Conv", [x, b.const(w)], pads=[1, 1, 1, 1])
+    b.output(b.node("Add", [first, b.node("Mul", [x, b.const(np.float16(1000))])], name="sum"))
+    onnx.save(b.model(), tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    assert [(e.status, e.reason) for e in result.ledger if e.op == "Add"] == [("kept", "dtype-overflow")]
+
+
+def tf_same_of_unknown_rank():
+    """tf2onnx's stride-2 block, explicit pads (0, 1) against none, on an input of unknown rank."""
+    b = GraphBuilder(seed=39)
+    x = b.input(None)
+    big = b.node("Conv", [x, b.random([8, 3, 3, 3])], strides=[2, 2], pads=[0, 0, 1, 1])
+    small = b.node("Conv", [x, b.random([8, 3, 1, 1])], strides=[2, 2])
+    b.output(b.node("Add", [big, small], name="sum"))
+    return b.model(), {"x": np.random.default_rng(39).standard_normal((2, 3, 16, 16)).astype(np.float32)}
+
+
+def dbb_through_a_custom_identity():
+    """``1x1 -> custom-domain Identity -> kxk``: a custom op (named like a standard one) may
+    compute anything, so the kxk conv reads no known conv of x: no merge site at all."""
+    model, feeds = two_branches(lambda b, x: b.node("Conv", [b.node("Identity", [b.node("Conv", [
+        x, b.random([4, 4, 1, 1])])]), b.random([4, 4, 3, 3])], pads=[1, 1, 1, 1]))
+    next(n for n in model.graph.node if n.op_type == "Identity").domain = "XXai.onnxXX"
+    model.opset_import.append(oh.make_opsetid("XXai.onnxXX", 1))
+    return model, feeds
+
+
+def test_two_convs_through_a_custom_op_are_no_merge_site(tmp_path):
+    model, _ = dbb_through_a_custom_identity()
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    assert not [e for e in result.ledger if e.op == "Add"], [(e.reason, e.detail) for e in result.ledger]
+
+
+@pytest.mark.parametrize("build, reason", [
+    (tf_same_of_unknown_rank, "branch-mismatch"),
+], ids=["end-pads-on-unknown-rank"])
+def test_more_survivor_refusals_on_graphs_the_checker_rejects(tmp_path, build, reason):
+    """The full checker rejects an input of no shape, so this is checked on the plan: kept,
+    with the reason, every conv left."""
+    model, _ = build()
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    kept = [(e.status, e.reason) for e in result.ledger if e.op == "Add"]
+    assert kept == [("kept", reason)], [(e.reason, e.detail) for e in result.ledger]
+    assert count_ops(result.to_proto(), "Conv") == count_ops(model, "Conv")
+
+
+@pytest.mark.parametrize("attrs", [{"dilations": [1]}, {"strides": [1, 1, 1]}], ids=["dilations", "strides"])
+def test_a_branch_attribute_of_the_wrong_length_is_refused(tmp_path, attrs):
+    """A 2-D conv with one dilation (or three strides) is no model onnxruntime runs; the merge
+    refuses it as a mismatch rather than guessing or failing."""
+    model, _ = two_branches(lambda b, x: b.node("Conv", [x, b.random([4, 4, 1, 1])], **attrs))
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    assert [(e.status, e.reason) for e in result.ledger if e.op == "Add"] == [("kept", "branch-mismatch")]
+
+
+def test_keep_names_each_kept_node_once(tmp_path):
+    """The sum is both the site and one of the merge's nodes: ``--keep sum`` names it once."""
+    model, _ = two_branches(lambda b, x: b.node("Conv", [x, b.random([4, 4, 1, 1])]))
+    onnx.save(model, tmp_path / "in.onnx")
+    (entry,) = [e for e in bnfold.fold(tmp_path / "in.onnx", keep=frozenset({"sum"})).ledger if e.op == "Add"]
+    assert entry.detail == "--keep sum: the branches stay apart"
