@@ -319,7 +319,8 @@ def test_target_figures_of_a_fold_before_a_linear_op(tmp_path, op, features):
                   out_axis=0 if op == "Gemm" else 1)
     if op == "Gemm":
         c = init[lin.input[2]]
-        check_figures(bias, "bias", lin.input[2], "lin", "Gemm", 2, [4], growth=peak((c + w @ t).astype(np.float32)) / peak(c))
+        c1 = (c + w @ t).astype(np.float32)
+        check_figures(bias, "bias", lin.input[2], "lin", "Gemm", 2, [4], growth=peak(c1) / peak(c))
     else:
         check_figures(bias, "bias", "", "lin", "MatMul", None, [4])
 
