@@ -417,8 +417,9 @@ def _plan_elementwise_before(site: Site, ctx: Context) -> Fold:
 
 def _constant_channel(constant: np.ndarray, data: ir.Value, node: ir.Node) -> Channel | None:
     """The axis a Mul/Add/... constant runs along, aligned to its data from the right (None:
-    one value for every element); NoMatch if it varies along more than one axis or would
-    raise the data's rank (removing the site must leave its output's shape)."""
+    one value for every element); NoMatch if it varies along more than one axis, would
+    raise the data's rank, or varies at all on data of unknown rank (removing the site must
+    leave its output's shape)."""
     rank = rank_of(data)
     shape = list(constant.shape)
     if (rank is None and constant.ndim > 1) or (rank is not None and constant.ndim > rank):
@@ -430,10 +431,10 @@ def _constant_channel(constant: np.ndarray, data: ir.Value, node: ir.Node) -> Ch
     if len(varying) > 1:
         raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {shape} varies along more "
                                               "than one axis")
-    count = shape[varying[0]]
-    if rank is None:  # a 1-D constant runs along the last axis, whatever the rank
-        return Channel(None, -1, count)
-    return Channel(rank, rank - constant.ndim + varying[0], count)
+    if rank is None:  # the data's dims unknown: any axis of size 1 may be stretched
+        raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {shape} may broadcast "
+                                              f"{data.name!r} to a larger shape")
+    return Channel(rank, rank - constant.ndim + varying[0], shape[varying[0]])
 
 
 def _plan_bn(site: Site, stats: BNStats, ctx: Context, convert: bool) -> Plan:

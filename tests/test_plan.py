@@ -1,0 +1,348 @@
+"""bnfold.plan's legality and numeric decisions, one promise per test (issue 27: each
+test kills mutants of plan.py that the other tests let live)."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as onh
+import pytest
+
+import bnfold
+from bnfold.errors import InputError
+from bnfold.plan import FoldOptions
+from builders import GraphBuilder, count_ops, run
+
+
+def fold_compare(model: onnx.ModelProto, feeds, tmp_path: Path, rtol=1e-4, atol=1e-5, **flags):
+    """Fold ``model`` with ``flags`` (FoldOptions fields), run both in ORT (ORT_DISABLE_ALL)
+    and assert the outputs match; the result and the folded ModelProto."""
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    result = bnfold.fold(src, **flags)
+    result.save(out)
+    folded = onnx.load(out)
+    onnx.checker.check_model(folded, full_check=True)
+    for e, a in zip(run(src, feeds), run(out, feeds), strict=True):
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+    return result, folded
+
+
+def entry(result, node: str):
+    (found,) = [e for e in result.ledger if e.node == node]
+    return found
+
+
+def x_feed(shape, seed=0):
+    return {"x": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+
+
+def conv_bn(b: GraphBuilder, c_out=4, **bn_attrs) -> str:
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([c_out, 3, 3, 3])], pads=[1, 1, 1, 1])
+    return b.bn(y, c_out, name="the_bn", **bn_attrs)
+
+
+# --- options ---------------------------------------------------------------------------
+
+
+def test_targets_are_checked():
+    assert FoldOptions(targets=("fp16", "int8", "fp16")).targets == ("fp16", "int8")
+    with pytest.raises(InputError, match="fp17"):
+        FoldOptions(targets=("fp16", "fp17"))
+
+
+def test_keep_on_request(tmp_path):
+    """--keep: a BN that would fold stays, with its reason and its channel count."""
+    b = GraphBuilder(seed=1)
+    b.output(conv_bn(b))
+    result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path, keep=frozenset({"the_bn"}))
+    found = entry(result, "the_bn")
+    assert (found.status, found.reason, found.channels) == ("kept", "kept-on-request", 4)
+    assert count_ops(folded, "BatchNormalization") == 1
+
+
+# --- statistics ------------------------------------------------------------------------
+
+
+def test_zero_variance_with_zero_epsilon_is_kept(tmp_path):
+    """var + eps == 0 makes s = gamma / 0: the BN stays even though no var is negative."""
+    b = GraphBuilder(seed=2)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])], pads=[1, 1, 1, 1])
+    gamma, beta, mean, _ = b.bn_params(4)
+    var = b.const(np.float32([0.5, 0.0, 1.0, 2.0]), "var")
+    b.output(b.node("BatchNormalization", [y, gamma, beta, mean, var], name="the_bn", epsilon=0.0))
+    src = tmp_path / "in.onnx"
+    onnx.save(b.model(), src)
+    found = entry(bnfold.fold(src), "the_bn")
+    assert (found.status, found.reason) == ("kept", "negative-variance")
+
+
+# --- elementwise sites -----------------------------------------------------------------
+
+
+def mul_before_matmul(const, x_shape, w_shape, between=None, seed=3):
+    b = GraphBuilder(seed=seed)
+    x = b.input(x_shape)
+    y = b.node("Mul", [x, b.const(np.asarray(const, dtype=np.float32))], name="the_mul")
+    if between is not None:
+        y = b.node(between, [y])
+    b.output(b.node("MatMul", [y, b.random(w_shape)]))
+    return b
+
+
+def test_constant_varying_along_two_axes_is_refused(tmp_path):
+    b = mul_before_matmul(np.arange(1, 13).reshape(3, 4), [2, 3, 4], [4, 5])
+    onnx.save(b.model(), tmp_path / "in.onnx")
+    found = entry(bnfold.fold(tmp_path / "in.onnx"), "the_mul")
+    assert (found.status, found.reason) == ("kept", "non-channel-constant")
+
+
+def test_a_vector_constant_on_data_of_unknown_shape_is_refused(tmp_path):
+    """x of unknown shape: a [4] constant might stretch an axis of size 1, so the Mul stays."""
+    b = GraphBuilder(seed=12)
+    b.inputs.append(oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None))
+    y = b.node("Mul", ["x", b.const(np.float32([1.0, -2.0, 3.0, 0.5]))], name="the_mul")
+    b.output(b.node("MatMul", [y, b.random([4, 5])]), shape=None)
+    onnx.save(b.model(), tmp_path / "in.onnx")
+    found = entry(bnfold.fold(tmp_path / "in.onnx"), "the_mul")
+    assert (found.status, found.reason) == ("kept", "non-channel-constant")
+
+
+def test_mul_before_dropout_and_matmul_folds(tmp_path):
+    """The route from a Mul down to the linear op crosses version-dependent ops (Dropout)."""
+    b = mul_before_matmul([1.0, -2.0, 3.0, 0.5], [2, 3, 4], [4, 5], between="Dropout")
+    result, folded = fold_compare(b.model(), x_feed([2, 3, 4]), tmp_path)
+    assert entry(result, "the_mul").status == "folded"
+    assert count_ops(folded, "Mul") == 0
+
+
+def test_scalar_mul_after_a_flatten_folds_into_the_conv(tmp_path):
+    """A 0-d constant is one value everywhere: it crosses a Flatten, which loses the channel axis."""
+    b = GraphBuilder(seed=4)
+    y = b.node("Flatten", [b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])])])
+    b.output(b.node("Mul", [y, b.const(np.float32(3.0))], name="the_mul"))
+    result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
+    assert entry(result, "the_mul").status == "folded"
+    assert count_ops(folded, "Mul") == 0
+
+
+# --- after: into the producers ----------------------------------------------------------
+
+
+def test_bn_after_a_concat_counts_every_channel(tmp_path):
+    """A BN after a Concat of convs folds a share into each: the fold has all its channels."""
+    b = GraphBuilder(seed=5)
+    x = b.input([2, 3, 5, 5])
+    y = b.node("Concat", [b.node("Conv", [x, b.random([2, 3, 1, 1])]), b.node("Conv", [x, b.random([3, 3, 1, 1])])],
+               axis=1)
+    b.output(b.bn(y, 5, name="the_bn"))
+    result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
+    found = entry(result, "the_bn")
+    assert (found.status, found.channels, found.channel_axis) == ("folded", 5, 1)
+    assert count_ops(folded, "BatchNormalization") == 0
+
+
+# --- subgraphs ---------------------------------------------------------------------------
+
+
+def test_bn_in_each_graph_of_a_graphs_attribute_folds():
+    """A node with a list of graphs (a custom op's GRAPHS attribute): each is a scope."""
+    def body(seed):
+        b = GraphBuilder(seed=seed)
+        y = b.node("Conv", [b.input([1, 3, 4, 4], name="sx"), b.random([4, 3, 1, 1])])
+        b.output(b.bn(y, 4, name=f"bn{seed}"))
+        return oh.make_graph(b.nodes, f"g{seed}", b.inputs, b.outputs, b.initializers)
+
+    b = GraphBuilder(seed=1)
+    b.nodes.append(oh.make_node("Branches", [b.input([1, 3, 4, 4])], ["y"], name="br", domain="my.domain",
+                                graphs=[body(1), body(2)]))
+    b.output("y", [1, 4, 4, 4])
+    graph = oh.make_graph(b.nodes, "g", b.inputs, b.outputs, b.initializers)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("my.domain", 1)])
+    model.ir_version = 9
+    result = bnfold.fold(model)
+    assert {(e.node, e.graph, e.status) for e in result.ledger} == {
+        ("bn1", "main/br.graphs[0]", "folded"), ("bn2", "main/br.graphs[1]", "folded")}
+    assert not [n for g in result.to_proto().graph.node[0].attribute[0].graphs for n in g.node
+                if n.op_type == "BatchNormalization"]
+
+
+# --- decompose ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version, decomposed", [(9, True), (14, True), (15, False), (None, False)])
+def test_decompose_with_an_untyped_input_takes_the_scale_type_before_bn_15(tmp_path, version, decomposed):
+    """--decompose-standalone writes the Mul/Add constants in X's type. Where X's type is
+    unknown, BatchNormalization before version 15 gives it (X and scale share one type
+    there); from 15 on (and with no version, read as the latest) it is unproven: kept."""
+    from bnfold.load import load_source
+    from bnfold.plan import is_batch_norm
+
+    b = GraphBuilder(seed=7)
+    b.output(b.bn(b.node("Relu", [b.input([2, 3, 4, 4])]), 3, name="the_bn"))
+    onnx.save(b.model(), tmp_path / "in.onnx")
+    source = load_source(tmp_path / "in.onnx")
+    bn = next(n for n in source.model.graph if is_batch_norm(n))
+    bn.version = version
+    bn.inputs[0].type = None
+    bn.outputs[0].type = None
+    result = bnfold.fold(source, decompose_standalone=True)
+    found = entry(result, "the_bn")
+    if not decomposed:
+        assert (found.status, found.reason) == ("kept", "no-linear-producer")
+        return
+    assert (found.status, found.pattern) == ("decomposed", "bn-mul-add")
+    result.save(tmp_path / "out.onnx")
+    feeds = x_feed([2, 3, 4, 4])
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(tmp_path / "in.onnx", feeds)[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+# --- --target: the figures of each folded tensor ------------------------------------------
+
+
+def spread_of(ranges) -> float:
+    alive = np.asarray(ranges, dtype=np.float64)[np.asarray(ranges) > 0]
+    return float(alive.max() / np.median(alive))
+
+
+def peak(array) -> float:
+    return float(np.abs(np.asarray(array, dtype=np.float64)).max())
+
+
+def bn_map(model: onnx.ModelProto, bn_name: str):
+    """The BN's s and t in float64, as the promise computes them."""
+    init = {t.name: onh.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    bn = next(n for n in model.graph.node if n.name == bn_name)
+    gamma, beta, mean, var = (init[name] for name in bn.input[1:5])
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    scale = gamma / np.sqrt(var + np.float64(np.float32(eps)))
+    return scale, beta - mean * scale
+
+
+def check_figures(figures, role, tensor, node, op, index, shape=None, growth=None, spread=None, scaled=None,
+                  out_axis=0):
+    assert (figures.role, figures.node, figures.op, figures.input) == (role, node, op, index)
+    # the name the tensor had when this fold replaced it (an earlier fold may have renamed it)
+    assert figures.tensor.startswith(tensor) and (figures.tensor == "") == (tensor == "")
+    if shape is not None:
+        assert figures.shape == shape
+    if role == "weight":
+        assert (figures.channel_axis, figures.scaled) == (out_axis, scaled)
+        assert figures.spread.before == pytest.approx(spread[0], rel=1e-6)
+        assert figures.spread.after == pytest.approx(spread[1], rel=1e-6)
+    assert (figures.growth is None) == (growth is None)
+    if growth is not None:
+        assert figures.growth == pytest.approx(growth, rel=1e-6)
+
+
+def test_target_figures_of_folds_after_a_conv(tmp_path):
+    """Conv (no bias) -> BN -> Mul: both fold into the conv, one after the other; each fold's
+    figures compare the conv's weight and bias before and after that fold."""
+    b = GraphBuilder(seed=8)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])], name="conv")
+    c = np.float32([1, -2, 3, 0.5])
+    b.output(b.node("Mul", [b.bn(y, 4, name="the_bn"), b.const(c.reshape(4, 1, 1))], name="the_mul"))
+    model = b.model()
+    result, folded = fold_compare(model, x_feed([2, 3, 5, 5]), tmp_path, targets=("fp16",))
+    w_name = model.graph.node[0].input[1]
+    w = onh.to_array(next(t for t in model.graph.initializer if t.name == w_name)).astype(np.float64)
+    s, t = bn_map(model, "the_bn")
+    w1 = (w * s[:, None, None, None]).astype(np.float32)
+    w2 = (w * (s * c)[:, None, None, None]).astype(np.float32)
+    rows = lambda a: np.abs(a).reshape(4, -1).max(axis=1)  # noqa: E731
+    b1, b2 = t.astype(np.float32), (c * t).astype(np.float32)
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    assert len(conv.input) == 3  # the BN gave the conv a bias, which the Mul then scaled
+
+    weight, bias = entry(result, "the_bn").precision.tensors
+    check_figures(weight, "weight", w_name, "conv", "Conv", 1, [4, 3, 3, 3], growth=peak(w1) / peak(w),
+                  spread=(spread_of(rows(w)), spread_of(rows(w1))), scaled="output")
+    check_figures(bias, "bias", "", "conv", "Conv", 2, [4])  # the conv had no bias: no growth
+
+    weight, bias = entry(result, "the_mul").precision.tensors
+    check_figures(weight, "weight", w_name, "conv", "Conv", 1, [4, 3, 3, 3], growth=peak(w2) / peak(w1),
+                  spread=(spread_of(rows(w1)), spread_of(rows(w2))), scaled="output")
+    check_figures(bias, "bias", conv.input[2].split("_bnfold")[0], "conv", "Conv", 2, [4], growth=peak(b2) / peak(b1))
+
+
+def test_target_figures_of_a_uniform_fold(tmp_path):
+    """A scalar Mul scales every channel alike: the spread runs over the output channels."""
+    b = GraphBuilder(seed=10)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])], name="conv")
+    b.output(b.node("Mul", [y, b.const(np.float32(-2.5))], name="the_mul"))
+    model = b.model()
+    result, _ = fold_compare(model, x_feed([2, 3, 5, 5]), tmp_path, targets=("fp16",))
+    w_name = model.graph.node[0].input[1]
+    w = onh.to_array(next(t for t in model.graph.initializer if t.name == w_name)).astype(np.float64)
+    rows = np.abs(w).reshape(4, -1).max(axis=1)
+    weight = entry(result, "the_mul").precision.tensors[0]
+    check_figures(weight, "weight", w_name, "conv", "Conv", 1, [4, 3, 3, 3], growth=2.5,
+                  spread=(spread_of(rows), spread_of(rows)), scaled="output")
+
+
+def test_target_problem_names_the_output_channel_that_overflows(tmp_path):
+    """fp16: the one output channel the fold scales past fp16's range is the one named."""
+    b = GraphBuilder(seed=11)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])], name="conv")
+    c = np.float32([1, 1, 1e6, 1]).reshape(4, 1, 1)
+    b.output(b.node("Mul", [y, b.const(c)], name="the_mul"))
+    src = tmp_path / "in.onnx"
+    onnx.save(b.model(), src)
+    (problem,) = entry(bnfold.fold(src, targets=("fp16",)), "the_mul").precision.problems
+    assert (problem.code, problem.channels) == ("fp16-overflow", [2])
+
+
+@pytest.mark.parametrize("op, features", [("Gemm", 3), ("Gemm", 2), ("MatMul", 3)])
+def test_target_figures_of_a_fold_before_a_linear_op(tmp_path, op, features):
+    """BN -> Gemm (weight [out, in]) or MatMul (weight [in, out], no bias: the shift becomes
+    an Add after it): the scale runs along the weight's input channels, the spread over them."""
+    b = GraphBuilder(seed=9)
+    y = b.bn(b.input([2, features]), features, name="the_bn")
+    if op == "Gemm":
+        b.output(b.node("Gemm", [y, b.random([4, features]), b.random([4])], name="lin", transB=1))
+    else:
+        b.output(b.node("MatMul", [y, b.random([features, 4])], name="lin"))
+    model = b.model()
+    result, _ = fold_compare(model, x_feed([2, features]), tmp_path, targets=("fp16",))
+    lin = model.graph.node[-1]
+    init = {t.name: onh.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    s, t = bn_map(model, "the_bn")
+    w = init[lin.input[1]] if op == "Gemm" else init[lin.input[1]].T  # as [out, in]
+    w1 = (w * s[None, :]).astype(np.float32)
+    cols = lambda a: np.abs(a).max(axis=0)  # noqa: E731
+    weight, bias = entry(result, "the_bn").precision.tensors
+    shape = [4, features] if op == "Gemm" else [features, 4]
+    check_figures(weight, "weight", lin.input[1], "lin", op, 1, shape, growth=peak(w1) / peak(w),
+                  spread=(spread_of(cols(w)), spread_of(cols(w1))), scaled="input",
+                  out_axis=0 if op == "Gemm" else 1)
+    if op == "Gemm":
+        c = init[lin.input[2]]
+        c1 = (c + w @ t).astype(np.float32)
+        check_figures(bias, "bias", lin.input[2], "lin", "Gemm", 2, [4], growth=peak(c1) / peak(c))
+    else:
+        check_figures(bias, "bias", "", "lin", "MatMul", None, [4])
+
+
+# --- weights read from the model file -----------------------------------------------------
+
+
+def test_a_model_file_replaced_before_planning_is_an_error_not_wrong_weights(tmp_path):
+    """Large weights are read from the model file while planning: a file replaced since it
+    was loaded is refused, never read as the weights."""
+    from bnfold.load import load_source
+
+    def model(seed):
+        b = GraphBuilder(seed=seed)
+        y = b.node("Conv", [b.input([1, 16, 4, 4]), b.random([16, 16, 9, 9])], pads=[4, 4, 4, 4])
+        b.output(b.bn(y, 16, name="the_bn"))
+        return b.model()
+
+    path = tmp_path / "in.onnx"
+    onnx.save(model(1), path)
+    source = load_source(path)
+    onnx.save(model(2), tmp_path / "other.onnx")
+    (tmp_path / "other.onnx").replace(path)
+    with pytest.raises(InputError, match="changed after it was loaded"):
+        bnfold.fold(source)
