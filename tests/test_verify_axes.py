@@ -212,10 +212,50 @@ WALKS = {
         conv(b, b.input([2, 3, 4, 4]), c=1), b.const(np.array([1]))])]), Channel(3, None, 1)),
     "broadcast-to-a-higher-rank": (lambda b: b.node("Add", [conv(b, b.input([2, 3, 4, 4])),
                                                             b.input([5, 1, 1, 1, 1], "y")]), Channel(5, 2, C)),
+    "first-axis-broadcast-to-a-higher-rank": (lambda b: b.node("Add", [
+        b.node("Transpose", [conv(b, b.input([2, 3, 4, 4]))], perm=[1, 0, 2, 3]), b.input([5, 1, 1, 1, 1], "y")]),
+        Channel(5, 1, C)),
+    "concats-beyond-the-walk": (lambda b: concats(b, conv(b, b.input([2, 3, 4, 4])), 70), None),
+    "concats-within-the-walk": (lambda b: concats(b, conv(b, b.input([2, 3, 4, 4])), 60), Channel(4, 1, C)),
+    "concat-with-an-empty-part": (lambda b: b.node("Concat", [
+        b.node("Conv", [b.input([2, 3, 4, 4]), fed(b, "w", [0, 3, 1, 1])]), conv(b, b.input([2, 3, 4, 4], "y"))],
+        axis=1), Channel(4, 1, C)),
+    "concat-with-a-missing-input": (lambda b: b.node("Concat", [conv(b, b.input([2, 3, 4, 4])), ""], axis=1), None),
+    "elementwise-of-constants": (lambda b: b.node("Relu", [b.random([2, 6])]), None),
+    "conv-of-unknown-rank": (lambda b: b.node("Conv", [fed(b, "x", None), fed(b, "w", None)]),
+                             Channel(None, 1, -1)),
+    "conv-with-a-symbolic-count": (lambda b: b.node("Conv", [b.input([2, 3, 4, 4]), fed(b, "w", ["M", 3, 1, 1])]),
+                                   Channel(4, 1, -1)),
+    "vector-matmul-with-weights-fed": (lambda b: b.node("MatMul", [b.input([4]), fed(b, "w", [4, 7])]),
+                                       Channel(1, -1, 7)),
 }
+
+
+def concats(b, y, count):
+    for _ in range(count):
+        y = b.node("Concat", [y], axis=1)
+    return y
 
 
 @pytest.mark.parametrize("case", WALKS)
 def test_the_walk_finds_the_channels_or_says_it_cannot(case):
     build, expected = WALKS[case]
     assert walked(build) == expected
+
+
+def test_the_walk_says_it_cannot_through_a_layout_op_without_input():
+    """A malformed layout op (no data input; shape inference rejects it, so ``walked``
+    cannot build it): the walk stops there instead of failing."""
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", [], ["y"])], "g", [],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    model = ir.serde.deserialize_model(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]))
+    assert channel_of(model.graph.outputs[0], Constants(model.ir_version, graphs=[model.graph])) is None
+
+
+def test_the_walk_says_it_cannot_when_a_sum_is_declared_narrower_than_its_channels():
+    """A Conv of unknown rank (channels on its axis 1) added to a vector, the sum declared of
+    rank 1 (shape inference cannot refute it): no axis 1 there, so no channels, not axis 1."""
+    b = GraphBuilder(seed=0)
+    b.output(b.node("Add", [b.node("Conv", [fed(b, "x", None), fed(b, "w", None)]), b.input([C], "y")]), shape=[C])
+    model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(b.model()))
+    assert channel_of(model.graph.outputs[0], Constants(model.ir_version, graphs=[model.graph])) is None
