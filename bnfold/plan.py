@@ -134,8 +134,6 @@ class WeightEdit:
     out_axis: int = 0
     scaled: str = "output"
     scaled_axes: tuple[int, ...] = ()
-    #: The factor an earlier fold in this run gave the weight (None: the input's weight).
-    prior: np.ndarray | None = None
     #: With targets: the weight before and after the fold, measured while planning read it
     #: to prove the folded weight fits its dtype (``precision.measure_weight``'s views).
     measured: list | None = None
@@ -518,8 +516,7 @@ def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray, measur
         old_bias = _finite(match.bias.numpy().astype(np.float64), match.node, "bias") * match.bias_factor
     bias_dtype = (match.bias if match.bias is not None else weight).dtype
     new_bias = _cast(affine.shifted_bias(old_bias, scale, shift), bias_dtype, "folded bias", match.node)
-    edit = _weight_edit(match.node, match.weight_index, weight, source, factor, new, match.out_axis, "output",
-                        measured)
+    edit = _weight_edit(match.node, match.weight_index, source, factor, new, match.out_axis, "output", measured)
     before, name, label = _old_bias(match.bias, match.bias_node, match.bias_index, measure)
     if match.bias_node is not None:
         return Part(edit, BiasEdit(new_bias, match.bias_node, match.bias_index, reset_beta=match.bias_factor != 1.0,
@@ -532,15 +529,14 @@ def _after_part(match: LinearMatch, scale: np.ndarray, shift: np.ndarray, measur
                                label=describe(match.node) if measure else ""))
 
 
-def _weight_edit(node: ir.Node, index: int, weight: ir.TensorProtocol, source: ir.TensorProtocol,
-                 factor: np.ndarray, new: np.ndarray, out_axis: int, scaled: str, measured) -> WeightEdit:
+def _weight_edit(node: ir.Node, index: int, source: ir.TensorProtocol, factor: np.ndarray, new: np.ndarray,
+                 out_axis: int, scaled: str, measured) -> WeightEdit:
     """The edit; with targets (``measured``: its measurement), what the figures say about
-    it: the factor before this fold, the axes this fold's factor runs along, names."""
+    it: the axes this fold's factor runs along, names."""
     if measured is None:
         return WeightEdit(node, index, source, factor, out_axis=out_axis, scaled=scaled)
-    prior = weight.factor if isinstance(weight, FoldedTensor) else None
     axes = tuple(a for a, size in enumerate(np.shape(new)) if size > 1)
-    return WeightEdit(node, index, source, factor, out_axis=out_axis, scaled=scaled, scaled_axes=axes, prior=prior,
+    return WeightEdit(node, index, source, factor, out_axis=out_axis, scaled=scaled, scaled_axes=axes,
                       measured=measured, name=node.inputs[index].name if node.inputs[index] is not None else "",
                       label=describe(node))
 
@@ -625,8 +621,8 @@ def _before_part(leg: Leg, with_shift: bool, measure: tuple[str, ...] = ()) -> P
     new = affine.input_channel_factor(tuple(weight.shape), leg.scale, consumer.in_axis, consumer.groups)
     source, factor = compose(weight, new)
     measured = _require_weight_fits(consumer.node, source, factor, _measuring(weight, consumer.out_axis, measure))
-    edit = _weight_edit(consumer.node, consumer.weight_index, weight, source, factor, new, consumer.out_axis,
-                        "input", measured)
+    edit = _weight_edit(consumer.node, consumer.weight_index, source, factor, new, consumer.out_axis, "input",
+                        measured)
     if not with_shift:
         return Part(edit, None)
     weight_values = _finite(np.asarray(weight.numpy(), dtype=np.float64), consumer.node, "weight")
