@@ -33,7 +33,7 @@ from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants, element_readers, static_dims
 from bnfold.errors import InputError
 from bnfold.ledger import NoMatch
-from bnfold.patterns import LinearMatch, describe, match_producer, require_resolved
+from bnfold.patterns import LinearMatch, concat_axis, describe, match_producer, require_resolved
 from bnfold.patterns.consumer import MATCHERS as CONSUMERS
 from bnfold.patterns.consumer import ConsumerMatch, require_channel_on_features, require_flattened
 from bnfold.patterns.crossing import IDENTITY, Crossing, Step, cross, is_crossing
@@ -188,11 +188,6 @@ def _lay_out(node: Up, consts: Constants, opset: int, uniform: bool) -> None:
         node.crossing, node.step, node.channel = crossing, step, step.channel
 
 
-def _concat_axis(node: ir.Node) -> int:
-    """A Concat's axis: required from Concat-4 on; Concat-1 (opsets 1 to 3) defaults to 1."""
-    return node.attributes.get_int("axis", 1)
-
-
 def _alike(node: Up) -> Channel:
     """A sum's operands must carry their channels alike (shapes may broadcast elsewhere)."""
     channels = [child.channel.normalized() if child.channel is not None else None for child in node.children]
@@ -212,11 +207,11 @@ def _concatenated(node: Up) -> Channel:
     if None in channels or len(ranks) != 1 or None in ranks or len(axes) != 1 or None in axes:
         raise NoMatch("unproven-layout", f"the inputs of {describe(node.node)} do not share a proven channel axis")
     rank, axis = ranks.pop(), axes.pop()
-    concat_axis = _concat_axis(node.node)
-    if not -rank <= concat_axis < rank:
-        raise InputError(f"{describe(node.node)} concatenates rank-{rank} tensors along axis {concat_axis}: "
+    along = concat_axis(node.node)
+    if not -rank <= along < rank:
+        raise InputError(f"{describe(node.node)} concatenates rank-{rank} tensors along axis {along}: "
                          "invalid model")
-    if concat_axis % rank == axis:
+    if along % rank == axis:
         return Channel(rank, axis, sum(c.count for c in channels))
     if len({c.count for c in channels}) != 1:
         raise InputError(f"{describe(node.node)} concatenates tensors of different sizes on axis {axis}: "
@@ -238,7 +233,7 @@ def _hand_down(node: Up, scale: np.ndarray, shift: np.ndarray, uniform: bool, le
     if node.node.op_type == "Concat":
         start = 0
         for child in node.children:
-            if uniform or _concat_axis(node.node) % node.channel.rank != node.channel.axis:
+            if uniform or concat_axis(node.node) % node.channel.rank != node.channel.axis:
                 _hand_down(child, scale, shift, uniform, legs)
                 continue
             stop = start + child.channel.count
@@ -438,7 +433,7 @@ def _concat(node: ir.Node, index: int, channel: Channel | None) -> Crossing:
     require_resolved(node)
     known = channel.normalized() if channel is not None else _uniform_channel(node, index)
     if known is None or known.rank is None or known.axis is None or \
-            _concat_axis(node) % known.rank != known.axis:
+            concat_axis(node) % known.rank != known.axis:
         raise NoMatch("unproven-crossing", f"{describe(node)} joins the map with tensors that do not carry it, "
                                            "along another axis than its channels")
     sizes = []
@@ -461,7 +456,7 @@ def _uniform_channel(node: ir.Node, index: int) -> Channel | None:
     dims = static_dims(node.inputs[index])
     if dims is None:
         return None
-    axis = _concat_axis(node)
+    axis = concat_axis(node)
     if not -len(dims) <= axis < len(dims) or not isinstance(dims[axis % len(dims)], int):
         return None
     return Channel(len(dims), axis % len(dims), dims[axis % len(dims)])

@@ -259,3 +259,11 @@ def test_the_walk_says_it_cannot_when_a_sum_is_declared_narrower_than_its_channe
     b.output(b.node("Add", [b.node("Conv", [fed(b, "x", None), fed(b, "w", None)]), b.input([C], "y")]), shape=[C])
     model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(b.model()))
     assert channel_of(model.graph.outputs[0], Constants(model.ir_version, graphs=[model.graph])) is None
+
+
+def test_an_opset_3_concat_without_axis_joins_the_channels():
+    """Concat-1 (opsets 1 to 3) has no required axis and joins along axis 1, as fold's routes
+    read it: verify's walk finds the joined channels there."""
+    def build(b):
+        return b.node("Concat", [conv(b, b.input([2, 3, 4, 4])), conv(b, b.input([2, 3, 4, 4], "y"), c=2)])
+    assert walked(build, opset=3) == Channel(4, 1, C + 2)

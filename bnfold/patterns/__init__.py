@@ -48,6 +48,11 @@ class LinearMatch:
         return Channel(self.rank, self.channel_axis, self.channels)
 
 
+def concat_axis(node: ir.Node) -> int:
+    """A Concat's axis: required from Concat-4 on; Concat-1 (opsets 1 to 3) defaults to 1."""
+    return node.attributes.get_int("axis", 1)
+
+
 def describe(node: ir.Node | None, value: ir.Value | None = None) -> str:
     """A label for messages, even for unnamed nodes: name, else op and output name."""
     if node is None:

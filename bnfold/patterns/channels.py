@@ -16,7 +16,7 @@ from bnfold._onnx_ir import ir
 from bnfold.constant_eval import Constants, rank_of, static_dims
 from bnfold.errors import InputError
 from bnfold.ledger import NoMatch
-from bnfold.patterns import match_producer
+from bnfold.patterns import concat_axis, match_producer
 from bnfold.patterns.layout import Channel, is_layout, through
 from bnfold.standard import is_standard
 
@@ -95,7 +95,7 @@ def _concat(node: ir.Node, consts: Constants, depth: int) -> Channel | None:
     if len({(c.rank, c.axis) for c in known}) != 1:
         return None
     rank, axis = known[0].rank, known[0].axis
-    if node.attributes.get_int("axis", 0) % rank != axis:
+    if concat_axis(node) % rank != axis:
         return None
     counts = [c.count for c in known]
     return Channel(rank, axis, sum(counts) if min(counts) >= 0 else -1)
