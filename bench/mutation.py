@@ -67,7 +67,8 @@ MUTMUT_VERSION = "3.8.1"
 SELECTIONS = {
     "fold": ["tests/test_affine.py", "tests/test_patterns.py", "tests/test_routes.py", "tests/test_merge.py",
              "tests/test_legality.py", "tests/test_regressions.py", "tests/test_fuzz_regressions.py",
-             "tests/test_promises.py", "tests/test_fold.py", "tests/test_numerics.py"],
+             "tests/test_promises.py", "tests/test_fold.py", "tests/test_numerics.py", "tests/test_consumers.py",
+             "tests/test_plan.py"],
     "verify": ["tests/test_verify.py", "tests/test_verify_axes.py", "tests/test_verify_noise.py",
                "tests/test_verify_edges.py", "tests/test_verify_features.py", "tests/test_verify_mapped.py",
                "tests/test_verify_precision.py", "tests/test_promises.py"],

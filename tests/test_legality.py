@@ -350,3 +350,16 @@ def test_an_opset_6_broadcast_from_an_axis_is_no_channel_map(tmp_path):
     onnx.save(_legacy_scaled_matmul(broadcast=1), tmp_path / "suffix.onnx")
     result = bnfold.fold(tmp_path / "suffix.onnx")
     assert [e.status for e in result.ledger if e.node == "scale"] == ["folded"]
+
+
+@pytest.mark.parametrize("broadcast", [{"broadcast": 0}, {}])
+def test_an_opset_6_axis_without_broadcasting_is_a_channel_map(tmp_path, broadcast):
+    """An ``axis`` without ``broadcast=1`` broadcasts nothing (Mul-6 then needs equal
+    shapes): ``y[1,4] * c[1,4]`` scales y's columns, and folds into the MatMul."""
+    b = GraphBuilder(seed=92)
+    y = b.node("MatMul", [b.input([1, 3]), b.random([3, 4])])
+    b.output(b.node("Mul", [y, b.const(np.arange(1, 5, dtype=np.float32).reshape(1, 4))], name="scale", axis=0,
+                    **broadcast))
+    onnx.save(b.model(6), tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    assert [e.status for e in result.ledger if e.node == "scale"] == ["folded"]
