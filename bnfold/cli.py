@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Callable, NoReturn, Optional
 
 import typer
 
@@ -396,7 +396,7 @@ def fold(
         except BnfoldError as exc:  # the reports still say what the fold did, and what stopped it
             verdict = fold_verdict(result.ledger, str(model), strict=strict)
             verdict.error, verdict.error_code = str(exc), exc.exit_code
-            write_reports([verdict], json_path, junit, result.ledger.to_dict(**context, **verdict.to_dict()))
+            write_reports([verdict], json_path, junit, lambda: result.ledger.to_dict(**context, **verdict.to_dict()))
             raise
         if verify_json:
             write_json(verify_json, report.to_dict())
@@ -405,15 +405,17 @@ def fold(
 
             render_report(report, human)
     verdict = fold_verdict(result.ledger, str(model), strict=strict, verification=report)
-    write_reports([verdict], json_path, junit, result.ledger.to_dict(**context, **verdict.to_dict()))
+    write_reports([verdict], json_path, junit, lambda: result.ledger.to_dict(**context, **verdict.to_dict()))
     conclude(verdict, quiet, human, f" ({out} was written)" if out.exists() else
              f" ({out} was removed; --keep-on-failure keeps it)")
 
 
-def write_reports(verdicts: list, json_path: Optional[Path], junit: Optional[Path], payload: dict) -> None:
-    """The JSON report (``payload``, which carries the verdicts' fields) and the JUnit report of the verdicts."""
+def write_reports(verdicts: list, json_path: Optional[Path], junit: Optional[Path],
+                  payload: Callable[[], dict]) -> None:
+    """The JSON report (``payload()``, which carries the verdicts' fields; built only when
+    asked for: a big ledger's dict costs time) and the JUnit report of the verdicts."""
     if json_path:
-        write_json(json_path, payload)
+        write_json(json_path, payload())
     if junit:
         from bnfold import junit as junit_xml
 
@@ -471,7 +473,7 @@ def fold_many(roots: list[Path], out_dir: Path, options, *, embed: bool, jobs: i
                        + (f", {errors} model(s) not folded (errors above)" if errors else ""),
                        markup=False, highlight=False, soft_wrap=True)
     code = exit_code(verdicts)
-    write_reports(verdicts, json_path, junit, {
+    write_reports(verdicts, json_path, junit, lambda: {
         "schema": "bnfold.ledger.batch", "schema_version": 1, "verdict": batch_label(code), "exit_code": code,
         "models": [r.ledger.to_dict(input=str(r.model), output=str(r.output), **v.to_dict()) if r.ledger is not None
                    else {"input": str(r.model), **v.to_dict()} for r, v in zip(results, verdicts)]})
@@ -540,11 +542,15 @@ def inspect(
         say_failure(verdict, quiet, human, f" in {model}" if several else "")
     verdicts = [v for *_, v in audited]
     code = exit_code(verdicts)
-    reports = [findings_to_dict(f, ledger, input=str(m), **v.to_dict()) if f is not None
-               else {"input": str(m), **v.to_dict()} for m, f, ledger, v in audited]
-    write_reports(verdicts, json_path, junit, reports[0] if not several else {
-        "schema": "bnfold.inspect.batch", "schema_version": 1, "verdict": batch_label(code), "exit_code": code,
-        "models": reports})
+
+    def payload() -> dict:
+        reports = [findings_to_dict(f, ledger, input=str(m), **v.to_dict()) if f is not None
+                   else {"input": str(m), **v.to_dict()} for m, f, ledger, v in audited]
+        return reports[0] if not several else {
+            "schema": "bnfold.inspect.batch", "schema_version": 1, "verdict": batch_label(code), "exit_code": code,
+            "models": reports}
+
+    write_reports(verdicts, json_path, junit, payload)
     if code:
         raise typer.Exit(code)
 
@@ -635,7 +641,7 @@ def finish_verification(report, json_path: Optional[Path], quiet: bool, junit: O
     from bnfold.verification import render_report
 
     verdict = verify_verdict(report, report.candidate)
-    write_reports([verdict], json_path, junit, {**report.to_dict(), **verdict.to_dict()})
+    write_reports([verdict], json_path, junit, lambda: {**report.to_dict(), **verdict.to_dict()})
     if quiet:
         say_failure(verdict, quiet, None)
     else:
@@ -732,8 +738,8 @@ def recalibrate(
     from bnfold.verdict import recalibrate_verdict
 
     verdict = recalibrate_verdict(result, str(model))
-    write_reports([verdict], json_path, junit, result.to_dict(input=str(model), data=str(data), output=str(out),
-                                                            **verdict.to_dict()))
+    write_reports([verdict], json_path, junit, lambda: result.to_dict(input=str(model), data=str(data), output=str(out),
+                                                                    **verdict.to_dict()))
     if not quiet:
         render_report(result, human_console(json_path), out)
     conclude(verdict, quiet, None if quiet else human_console(json_path))

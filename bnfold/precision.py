@@ -252,10 +252,11 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
                     np.maximum, 0.0, work) if formats else None
     sample = _Sample(shape, out_axis, INT8_SAMPLE if sample_limit is None else sample_limit) \
         if "int8" in targets else None
-    # int8 on a sample of whole rows: the signal energy per cell over every element, as rows
-    # may differ in scale (within each channel the strided sample is faithful to it).
-    energy = np.zeros(cells) if sample is not None and by_cells and not sample.by_columns \
-        and sample.stride > 1 else None
+    # int8 on a sample: the signal energy per cell over every element. A strided sample is
+    # faithful to the quantisation noise (nearly uniform within a channel) but not to the
+    # energy of a few dominant channels: from the sample, the SQNR of a weight whose channel
+    # ranges lie 30x apart erred by up to 1.2 dB (tests/test_precision.py).
+    energy = np.zeros(cells) if sample is not None and by_cells and sample.stride > 1 else None
     row = int(np.prod(shape[1:], dtype=np.int64))
     rows = max(1, block_elements // max(1, row))
     converted = np.empty((rows, *shape[1:]), dtype=work) if dtype != work else None
@@ -341,8 +342,8 @@ def _square_sums(block: np.ndarray, reduced: tuple[int, ...]) -> np.ndarray:
 #: sample of about this many: every ``stride``-th element of each output channel (or every
 #: ``stride``-th row where the channels lie on another axis), the stride a prime that
 #: divides none of the dimensions it steps over, so that it visits every kernel position
-#: and input channel alike (where whole rows are sampled, the signal energy is every
-#: element's). Within 0.1 dB of the whole tensor's SQNR on weights whose channel ranges lie
+#: and input channel alike (the signal energy is every element's, not the sample's).
+#: Within 0.1 dB of the whole tensor's SQNR on weights whose channel ranges lie
 #: 30x apart and are scaled up to 55x apart by the fold, with input channels e^+-1 apart
 #: and a centre tap 3x the others (tests/test_precision.py, docs/precision.md).
 INT8_SAMPLE = 1 << 17
@@ -441,12 +442,13 @@ class _Int8:
         if not blocks:
             return
         x = np.concatenate([block for *_, block in blocks]).astype(self.work, copy=False)
+        self.sample_signal = energy is None
         self._add(x, 0, self.shape[0], 0)
         scale = int(np.prod(self.shape, dtype=np.int64)) / x.size
         for view, signal in zip(self.views, self.signal):
             view.pt_noise *= scale
             view.pc_noise *= scale
-            if energy is not None and not self.materialise:
+            if energy is not None:  # sum (w f)^2: within 2^-10 of the cast values' (float16 weights)
                 weighted = energy if view.factor is None else energy * np.broadcast_to(view.factor, energy.shape) ** 2
                 view.signal = np.asarray([float(weighted.sum())])
             else:
@@ -473,7 +475,8 @@ class _Int8:
             view = None if i is None else self.views[i]
             if kind == "tensor":
                 if view.pt_step > 0:
-                    self.signal[i] += _energy(t) * view.pt_step ** 2  # (w f / step)^2 step^2
+                    if self.sample_signal:
+                        self.signal[i] += _energy(t) * view.pt_step ** 2  # (w f / step)^2 step^2
                     t -= np.rint(t)  # round half to even, as QuantizeLinear
                     view.pt_noise += _energy(t) * view.pt_step ** 2
                 continue
@@ -647,7 +650,17 @@ def spread(ranges: np.ndarray) -> float | None:
     alive = ranges[ranges > 0]
     if alive.size == 0:
         return None
-    return float(alive.max() / np.median(alive))
+    return float(alive.max() / median(alive))
+
+
+def median(values: np.ndarray) -> float:
+    """``np.median`` of a non-empty 1-D array, without the ~6 ms import of ``numpy.ma``
+    that ``np.median`` pays on its first call (a fold is timed as a whole process)."""
+    half = values.size // 2
+    if values.size % 2:
+        return float(np.partition(values, half)[half])
+    low, high = np.partition(values, (half - 1, half))[half - 1:half + 1]
+    return float((low + high) / 2)
 
 
 def scaled_ranges(cell_max: np.ndarray, scaled_axes: tuple[int, ...], out_axis: int) -> np.ndarray:
@@ -706,7 +719,7 @@ def _weight_problems(figures: TensorFigures, before: View, after: View, ranges, 
         wide_before = figures.spread.before or 0.0
         if figures.spread.after > SPREAD_THRESHOLD and figures.spread.after > wide_before * (1 + 1e-6):
             alive = ranges[1][ranges[1] > 0]
-            widest = np.flatnonzero(ranges[1] > SPREAD_THRESHOLD * np.median(alive))
+            widest = np.flatnonzero(ranges[1] > SPREAD_THRESHOLD * median(alive))
             sqnr = figures.int8.per_tensor_sqnr_db
             problems.append(Problem("int8-range-spread", figures.tensor, widest.tolist(),
                                     f"{what}: the {figures.scaled} channels' ranges spread "

@@ -111,12 +111,14 @@ def test_scan_matches_the_folded_tensor_quantised_directly(dtype, shape, out_axi
         assert np.array_equal(view.channel_max, want["max"])
 
 
+@pytest.mark.parametrize("seed", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape, out_axis", [((512, 256, 3, 3), 0), ((2048, 640), 1)])
-def test_a_big_weights_int8_figures_come_from_a_sample_within_01_db(shape, out_axis):
+def test_a_big_weights_int8_figures_come_from_a_sample_within_01_db(shape, out_axis, seed):
     """Structure a sample could miss: channel ranges 30x apart and a fold scaling them up to
     55x, input channels (rows of the MatMul weight, sampled whole) e^+-1 apart, a centre
-    tap 3x the others in each kernel."""
-    rng = np.random.default_rng(2)
+    tap 3x the others in each kernel. (With the signal energy taken from the sample too,
+    the conv's SQNR erred by 0.05, 0.32, 0.21 and 1.2 dB for these seeds.)"""
+    rng = np.random.default_rng(seed)
     weight = rng.standard_normal(shape) * 0.02
     weight *= np.exp(rng.uniform(0, np.log(30), shape[out_axis])).reshape(
         [-1 if a == out_axis else 1 for a in range(len(shape))])
@@ -139,6 +141,13 @@ def test_spread_and_growth():
     assert P.spread(np.array([1.0, 2.0, 0.0, 4.0])) == 2.0  # median of the nonzero ranges
     assert P.spread(np.zeros(3)) is None
     assert P.sqnr_db(1.0, 0.0) == math.inf and P.sqnr_db(0.0, 1.0) is None
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7, 64, 1001])
+def test_the_median_is_numpys(size):
+    values = np.random.default_rng(size).lognormal(0, 3, size)
+    values[::3] = values[0]  # ties
+    assert P.median(values) == np.median(values)
 
 
 # --- the models show their problems, healthy ones none ------------------------------------
