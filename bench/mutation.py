@@ -27,7 +27,8 @@ deterministic tests (unit, pattern, route, merge, legality, regression, promise 
 verify-compare tests; never the random fuzzers, the corpus, the zoo, training, large
 models or start-up timings). A selection's copy lives in ``bench/work-mutation/<name>``
 (its own ``mutants/`` and mutmut stats); a rerun resumes where the last stopped, and
-re-tests the mutants of functions whose source changed. Tests that start ``python -m
+re-tests the mutants of functions whose source changed. Changing a selection's test list
+makes mutmut reset every result of its copy (the script says so before it runs). Tests that start ``python -m
 bnfold`` in a subprocess run the unmutated copy (mutmut swaps functions inside the test
 process only), so they never kill a mutant: kills come from in-process tests.
 
@@ -305,8 +306,18 @@ def prepare(selection: str) -> Path:
         f"only_mutate = {json.dumps(files)}", f"pytest_add_cli_args_test_selection = {json.dumps(tests)}", ""]), 1)
     target = root / "pyproject.toml"
     if not target.exists() or target.read_text() != config:
+        if target.exists() and _test_selection(target.read_text()) != _test_selection(config):
+            # mutmut 3.8 fingerprints its test selection: a changed list resets every
+            # result of the copy, killed ones included (all shards of the selection).
+            print(f"[{selection}] the test selection changed: mutmut will reset every result of this copy "
+                  "(its shards start again from scratch)", flush=True)
         target.write_text(config)
     return root
+
+
+def _test_selection(config: str) -> str | None:
+    found = re.search(r"(?m)^pytest_add_cli_args_test_selection = .*$", config)
+    return found.group(0) if found else None
 
 
 def _sync_tree(source: Path, target: Path) -> None:

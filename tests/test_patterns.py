@@ -834,3 +834,27 @@ def test_parameters_of_shapes_onnx_forbids_are_refused(tmp_path, case, computed)
     onnx.save(b.model(), tmp_path / "m.onnx")
     with pytest.raises(InputError, match=says):
         bnfold.fold(tmp_path / "m.onnx")
+
+
+def test_a_bfloat16_mul_constant_folds_like_any_float(tmp_path):
+    """bfloat16 (ml_dtypes, numpy kind 'V') is a float: MatMul -> Mul(bf16 per-column
+    constant) folds into the weight, computed in float64 and cast once to bfloat16."""
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(11)
+    weight = rng.standard_normal((4, 5)).astype(bf16)
+    scale = rng.uniform(0.5, 2.0, 5).astype(bf16)
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["y"]), oh.make_node("Mul", ["y", "s"], ["z"])], "bf16",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.BFLOAT16, [3, 4])],
+        [oh.make_tensor_value_info("z", onnx.TensorProto.BFLOAT16, [3, 5])],
+        [onh.from_array(weight, "w"), onh.from_array(scale, "s")])
+    result = bnfold.fold(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]))
+    assert entries(result) == [("Mul", "folded", "matmul-mul")]
+    result.save(tmp_path / "folded.onnx")
+    folded = onnx.load(tmp_path / "folded.onnx")
+    assert ops(folded) == ["MatMul"]
+    (new_weight,) = [onh.to_array(t) for t in folded.graph.initializer]
+    expected = (weight.astype(np.float64) * scale.astype(np.float64)).astype(bf16)
+    assert new_weight.dtype == bf16 and np.array_equal(new_weight.view(np.uint16), expected.view(np.uint16))

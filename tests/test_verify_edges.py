@@ -1,10 +1,14 @@
 """bnfold verify on the edges of what a model can output or take: integers beyond float64's
 53 bits, outputs whose size changes from run to run, outputs with no channels, inputs whose
-type leaves few values (uint64, bool). Real onnxruntime sessions; nothing may crash (exit 3)."""
+type leaves few values (uint64, bool), and the comparison's own figures on zeros, empty channels
+and non-finite values. Real onnxruntime sessions; nothing may crash (exit 3)."""
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from _models import make_model, save
 from cli_runner import invoke
 from bnfold.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, InputError
-from bnfold.verification import EXACT, compare_arrays, parse_input_ranges, verify
+from bnfold.verification import EXACT, Tolerance, compare_arrays, parse_input_ranges, verify
 
 INT_TYPES = {"int64": TensorProto.INT64, "uint64": TensorProto.UINT64, "int32": TensorProto.INT32,
              "bool": TensorProto.BOOL}
@@ -300,3 +304,189 @@ def test_atol_help_says_what_the_code_does():
     scaled = compare_arrays([np.array([[100.0, 0.01]]).T], [np.array([[100.0 + 5e-4, 0.01 + 5e-4]]).T],
                             resolve_tolerance("float64", None, None, None), 0)
     assert scaled.atol_applied == [1e-9, 100 * 1e-9]  # each channel's own scale, at least 1
+
+
+# --- the comparison's figures on zeros, empty channels and non-finite values -----------------
+
+
+def test_identical_outputs_with_zeros_compare_clean_and_silently():
+    """Equal outputs holding zeros, a zero channel and an empty run: every figure 0 (no
+    NaN from 0/0), no element to point at, and no RuntimeWarning in a CI log."""
+    reference = np.array([[[0.0, 1.0, -2.0], [0.0, 0.0, 0.0]]], np.float32)
+    again = reference.copy()
+    again[0, 0, 1] = 1.0 + 1e-7
+    tolerance = Tolerance(rtol=0.0, atol=0.0, channel_rtol=math.inf, noise_factor=4.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = compare_arrays([reference], [reference.copy()], tolerance, 1, [again])
+    assert same.passed
+    assert (same.max_rel_diff, same.min_passing_rtol, same.min_passing_atol, same.max_channel_rel_diff) == (0, 0, 0, 0)
+    assert same.max_abs_diff_index is None and same.max_abs_diff_values is None
+    assert same.worst_channels == [] and same.max_channel_rel_diff_channel is None
+    assert same.elements_within_noise == 0 and same.channels_within_noise == 0
+
+
+def test_a_zero_reference_channel_that_moves_warns_of_nothing_and_fails_on_the_floor():
+    """A channel whose reference is all zeros has no scale of its own: it is held to the
+    absolute floor (``channel_atol * sqrt(n)``) alone, also when the relative term is
+    unbounded (``channel_rtol`` inf)."""
+    reference = np.zeros((1, 2, 4), np.float32)
+    reference[0, 1] = 1.0
+    moved = reference.copy()
+    moved[0, 0] = 0.25  # diff norm 0.5 over n = 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        strict = compare_arrays([reference], [moved], Tolerance(rtol=0.0, atol=1.0, channel_rtol=math.inf), 1)
+        floored = compare_arrays([reference], [moved], Tolerance(rtol=0.0, atol=1.0, channel_rtol=math.inf,
+                                                                 channel_atol=0.3), 1)
+        below = compare_arrays([reference], [moved], Tolerance(rtol=0.0, atol=1.0, channel_rtol=math.inf,
+                                                               channel_atol=0.2), 1)
+    assert strict.elements_failing == 0 and strict.channels_failing == 1 and not strict.passed
+    assert math.isinf(strict.max_rel_diff) and math.isinf(strict.max_channel_rel_diff)
+    assert floored.passed  # 0.5 <= 0.3 * sqrt(4)
+    assert below.channels_failing == 1  # 0.5 > 0.2 * sqrt(4)
+
+
+def test_matching_non_finite_values_are_left_out_of_a_channel_verdict():
+    """NaN against NaN and inf against the same inf are equal, and the channel's relative
+    L2 error is over its finite pairs only: padding a channel with them changes nothing."""
+    reference = np.array([[[1e-3, 2e-3, -1e-3]]], np.float32)
+    subject = reference * np.float32(1.01)
+    tolerance = Tolerance(rtol=1.0, atol=1.0, channel_rtol=1e-3)
+    plain = compare_arrays([reference], [subject], tolerance, 1)
+    pad = np.array([[[np.nan] * 50 + [np.inf] * 50 + [-np.inf] * 50]], np.float32)
+    padded = compare_arrays([np.concatenate([reference, pad], axis=2)], [np.concatenate([subject, pad], axis=2)],
+                            tolerance, 1)
+    assert plain.channels_failing == padded.channels_failing == 1
+    assert padded.max_channel_rel_diff == pytest.approx(plain.max_channel_rel_diff)
+    assert padded.worst_channels[0].rms_reference == pytest.approx(plain.worst_channels[0].rms_reference)
+    assert padded.nonfinite_mismatches == 0
+
+
+def test_the_channel_floor_grows_with_the_square_root_of_the_channel_size():
+    reference = np.ones((1, 1, 100), np.float32)
+    subject = reference + np.float32(0.05)  # diff norm 0.5
+    tolerance = Tolerance(rtol=0.0, atol=1.0, channel_rtol=0.0, channel_atol=0.06)
+    assert compare_arrays([reference], [subject], tolerance, 1).passed  # 0.5 <= 0.06 * 10
+    assert not compare_arrays([reference], [subject], replace(tolerance, channel_atol=0.04), 1).passed
+
+
+def test_a_noise_factor_of_zero_allows_no_noise_even_when_the_drift_overflows():
+    """With ``noise_factor`` 0 the second run plays no part: not even when its drift from
+    the reference overflows float64 (0 x inf must not become a NaN that passes everything)."""
+    reference = np.array([[[1e308, 1.0, 2.0]]])
+    again = np.array([[[-1e308, 1.0, 2.0]]])
+    wrong = np.array([[[1e308, 1.5, 2.0]]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = compare_arrays([reference], [wrong], Tolerance(rtol=1e-7, atol=1e-9, noise_factor=0.0), 1, [again])
+    assert got.elements_failing == 1 and not got.passed
+    assert got.noise_max is None and got.noise_allowance == []
+    assert 0.99 < got.cosine_similarity <= 1.0  # squares beyond float64 are not a NaN cosine
+
+
+@pytest.mark.parametrize("size", [1e200, 1e-200])
+def test_float64_outputs_beyond_1e154_keep_their_channel_norms(size):
+    """Squares of float64 values beyond 1e154 overflow, and below 1e-154 vanish: the channel
+    criterion still sees a 0.1% change of a channel (not an infinite norm that allows
+    anything, nor a zero one that hides the change)."""
+    reference = np.array([[[3 * size, -size, 2 * size], [1.0, 2.0, 3.0]]])
+    subject = reference.copy()
+    subject[0, 0] *= 1.001
+    tolerance = Tolerance(rtol=1.0, atol=0.0, channel_rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = compare_arrays([reference], [subject], tolerance, 1)
+        same = compare_arrays([reference], [reference.copy()], tolerance, 1)
+    assert got.elements_failing == 0 and got.channels_failing == 1
+    assert got.max_channel_rel_diff == pytest.approx(1e-3)
+    assert got.worst_channels[0].rms_reference == pytest.approx(math.sqrt(14 / 3) * size)
+    assert same.passed and same.cosine_similarity == pytest.approx(1.0)
+
+
+def test_differences_that_overflow_float64_fail_quietly():
+    """1e308 against -1e308 differs by more than float64 holds: the element and its channel
+    fail (an infinite difference), and beside it a large finite one is still squared
+    without a warning."""
+    reference = np.array([[[1e308, 1e200, 1.0]]])
+    subject = np.array([[[-1e308, 1.5e200, 1.0]]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = compare_arrays([reference], [subject], Tolerance(rtol=1e-7, atol=1e-9, channel_rtol=1e-6), 1)
+    assert got.elements_failing == 2 and got.channels_failing == 1
+    assert got.max_abs_diff == math.inf and got.max_channel_rel_diff == math.inf
+
+
+def test_within_noise_counts_only_what_the_noise_rescued():
+    """``elements_within_noise`` and ``channels_within_noise`` count what fails without the
+    allowance and passes with it: never an equal element, never a channel that fails anyway."""
+    reference = np.array([[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])
+    again = reference.copy()
+    again[0, 2, 0] += 1e-3
+    subject = reference.copy()
+    subject[0, 0, 0] = np.nan  # channel 0 fails whatever the noise
+    subject[0, 2, 0] += 2e-3  # within 4x channel 2's drift
+    got = compare_arrays([reference], [subject], Tolerance(rtol=0.0, atol=0.0, channel_rtol=0.0, noise_factor=4.0),
+                         1, [again])
+    assert got.elements_failing == 1 and got.channels_failing == 1
+    assert got.elements_within_noise == 1 and got.channels_within_noise == 1
+
+
+def test_channels_without_elements_compare_with_a_noise_run():
+    """An output of shape [1, 3, 0] has three channels and nothing in them: equal, no crash."""
+    empty = np.zeros((1, 3, 0), np.float32)
+    got = compare_arrays([empty], [empty.copy()], Tolerance(rtol=1e-4, atol=1e-5, noise_factor=4.0), 1, [empty.copy()])
+    assert got.passed and got.channels == 3 and got.noise_max == 0.0
+
+
+def test_the_worst_channels_come_worst_first_and_ties_in_channel_order():
+    """The report's worst channels are the same from run to run: largest relative error
+    first, equal errors in channel order."""
+    reference = np.ones((1, 40, 4), np.float32)
+    subject = reference * np.float32(1.01)
+    subject[0, 8] = np.float32(1.02)
+    got = compare_arrays([reference], [subject], Tolerance(rtol=1.0, atol=1.0, channel_rtol=1.0), 1)
+    assert [w.channel for w in got.worst_channels] == [8, 0, 1]
+
+
+def test_a_channel_of_only_non_finite_mismatches_is_listed_without_a_scale():
+    """A channel whose every element is a NaN/inf mismatch fails, and the report gives it
+    no reference scale (no finite pair to take one from) instead of crashing on 0 / 0."""
+    reference = np.array([[[1.0, 2.0], [np.nan, np.inf]]])
+    subject = np.array([[[1.0, 2.0], [3.0, -np.inf]]])
+    got = compare_arrays([reference], [subject], Tolerance(rtol=1e-7, atol=1e-9, channel_rtol=1e-6), 1)
+    assert got.channels_failing == 1 and got.nonfinite_mismatches == 2
+    (worst,) = got.worst_channels
+    assert (worst.channel, worst.rms_reference, worst.passed, worst.rel_diff) == (1, 0.0, False, 0.0)
+
+
+def test_an_output_of_only_non_finite_values_has_no_statistics_to_spoil():
+    """Matching NaN and inf only: it passes, with a mean difference of 0 (not NaN) and no warning."""
+    reference = np.array([[[np.nan, np.inf], [-np.inf, np.nan]]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = compare_arrays([reference], [reference.copy()], Tolerance(rtol=1e-7, atol=1e-9, channel_rtol=1e-6), 1)
+    assert got.passed and got.mean_abs_diff == 0.0 and got.max_abs_diff == 0.0
+    assert (got.reference_nan, got.reference_inf) == (2, 2)
+
+
+def test_an_output_with_no_channels_reports_no_ranges():
+    """Shape [1, 0, 3] has no channel: no atol or noise range to report (and no crash)."""
+    empty = np.zeros((1, 0, 3), np.float32)
+    got = compare_arrays([empty], [empty.copy()], Tolerance(rtol=1e-4, atol=1e-5, noise_factor=4.0), 1, [empty.copy()])
+    assert got.passed and got.channels == 0
+    assert got.atol_applied == [] and got.noise_allowance == [] and got.noise_max == 0.0
+
+
+@pytest.mark.parametrize(("reference", "subject", "cosine"), [
+    ([1.0, 2.0, 3.0], [2.0, 4.0, 6.0], 1.0),  # same direction
+    ([1.0, 2.0, 3.0], [-1.0, -2.0, -3.0], -1.0),
+    ([1.0, 0.0], [0.0, 5.0], 0.0),  # orthogonal
+    ([0.0, 0.0], [0.0, 0.0], 1.0),  # both zero: the same
+    ([0.0, 0.0], [0.0, 1.0], 0.0),  # one zero: nothing in common
+    ([1.0, 0.0], [0.0, 0.0], 0.0),
+    ([3.0, 4.0, np.nan], [4.0, 3.0, np.nan], 0.96),  # over the finite pairs
+])
+def test_the_cosine_similarity_of_an_output(reference, subject, cosine):
+    got = compare_arrays([np.array([reference])], [np.array([subject])], Tolerance(rtol=1.0, atol=10.0))
+    assert got.cosine_similarity == pytest.approx(cosine)

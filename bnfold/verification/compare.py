@@ -253,7 +253,7 @@ def compare_arrays(
         scale = np.ones(channels)
     atol = (tolerance.atol * scale)[:, None]
     drift = _drift(ref, noise, shapes, channel_axis) if tolerance.noise_factor else None
-    noise_max, noise_l2 = (drift.max(axis=1, initial=0.0), np.sqrt((drift**2).sum(axis=1))) if drift is not None \
+    noise_max, noise_l2 = (drift.max(axis=1, initial=0.0), _row_norms(drift)) if drift is not None \
         else (np.zeros(channels), np.zeros(channels))
     allowance = (tolerance.noise_factor * noise_max)[:, None]
     failing_alone = (diff > atol + tolerance.rtol * magnitude) | nonfinite_mismatch
@@ -272,8 +272,7 @@ def compare_arrays(
         values = [_value(ref_native, int(c), int(m)), _value(sub_native, int(c), int(m))]
     # per channel: relative L2 error over the finite pairs
     counts = finite.sum(axis=1)
-    diff_norm = np.sqrt((diff**2).sum(axis=1))
-    ref_norm = np.sqrt((magnitude**2).sum(axis=1))
+    diff_norm, ref_norm = _row_norms(diff), _row_norms(magnitude)
     with np.errstate(divide="ignore", invalid="ignore"):
         channel_rel = np.where(diff_norm == 0, 0.0, diff_norm / ref_norm)
     with np.errstate(invalid="ignore"):
@@ -351,12 +350,25 @@ def _run_index(channel: int, flat: int, shapes: Sequence[tuple[int, ...]], axis:
 
 
 def _cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
-    if norm_a == 0 and norm_b == 0:
+    """Of the finite pairs; each side divided by its largest magnitude first, so that float64
+    outputs beyond 1e154 (whose squares overflow) still give a cosine, not NaN."""
+    peak_a, peak_b = float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0))
+    if peak_a == 0 and peak_b == 0:
         return 1.0
-    if norm_a == 0 or norm_b == 0:
+    if peak_a == 0 or peak_b == 0:
         return 0.0
-    return float(np.dot(a, b) / (norm_a * norm_b))
+    a, b = a / peak_a, b / peak_b
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norm of each row of a non-negative (C, M) array, scaled by the row's largest value
+    so that float64 values beyond 1e154 do not overflow when squared, nor below 1e-154
+    vanish."""
+    peak = x.max(axis=1, initial=0.0)
+    safe = np.where(np.isfinite(peak) & (peak > 0), peak, 1.0)
+    with np.errstate(over="ignore"):  # a row holding inf, or a norm beyond float64: inf
+        return peak * np.sqrt(((x / safe[:, None]) ** 2).sum(axis=1))
 
 
 @dataclass
