@@ -1,6 +1,7 @@
 """The folding algebra against direct evaluation, with no ONNX involved."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -171,6 +172,18 @@ def test_grouped_conv_output_channels_are_the_weight_rows():
     weight, scale = rng.standard_normal((6, 2, 3, 3)), rng.standard_normal(6)
     np.testing.assert_array_equal(affine.scale_output_channels(weight, scale, axis=0, groups=3),
                                   weight * scale[:, None, None, None])
+
+
+@pytest.mark.parametrize(("rows", "block_elements"), [(5, 6), (7, 9), (9, 8)])
+def test_chunked_factor_application_with_a_short_last_block(rows, block_elements):
+    """Rows that do not divide into whole blocks (a last block of 1 or 2 rows of 3) are
+    written exactly as the one-shot product (the hypothesis test's examples are few under
+    mutation testing's profile: this pins the case)."""
+    rng = np.random.default_rng(rows)
+    weight = rng.standard_normal((rows, 3)).astype(np.float32)
+    factor = affine.output_channel_factor(weight.shape, rng.standard_normal(rows), axis=0)
+    chunked = affine.apply_factor(weight, factor, np.dtype(np.float32), block_elements=block_elements)
+    np.testing.assert_array_equal(chunked, (weight.astype(np.float64) * factor).astype(np.float32))
 
 
 def test_chunked_factor_application_along_a_later_axis():
