@@ -28,9 +28,10 @@ verify-compare tests; never the random fuzzers, the corpus, the zoo, training, l
 models or start-up timings). A selection's copy lives in ``bench/work-mutation/<name>``
 (its own ``mutants/`` and mutmut stats); a rerun resumes where the last stopped, and
 re-tests the mutants of functions whose source changed. Changing a selection's test list
-makes mutmut reset every result of its copy (the script says so before it runs). Tests that start ``python -m
-bnfold`` in a subprocess run the unmutated copy (mutmut swaps functions inside the test
-process only), so they never kill a mutant: kills come from in-process tests.
+makes mutmut reset every result of its copy (the script says so before it runs). Tests
+that start ``python -m bnfold`` in a subprocess run the unmutated copy (mutmut swaps
+functions inside the test process only), so they never kill a mutant: kills come from
+in-process tests.
 
     python bench/mutation.py                         # every shard (resumes)
     python bench/mutation.py --shard affine --shard compare
