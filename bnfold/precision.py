@@ -442,8 +442,7 @@ class _Int8:
         if not blocks:
             return
         x = np.concatenate([block for *_, block in blocks]).astype(self.work, copy=False)
-        self.sample_signal = energy is None
-        self._add(x, 0, self.shape[0], 0)
+        self._add(x, 0, self.shape[0], 0, sample_signal=energy is None)
         scale = int(np.prod(self.shape, dtype=np.int64)) / x.size
         for view, signal in zip(self.views, self.signal):
             view.pt_noise *= scale
@@ -454,7 +453,7 @@ class _Int8:
             else:
                 view.signal = np.asarray([signal * scale])
 
-    def _add(self, x: np.ndarray, start: int, stop: int, first: int) -> None:
+    def _add(self, x: np.ndarray, start: int, stop: int, first: int, sample_signal: bool) -> None:
         sample = self.sample
         block_shape = (stop - start, *self.shape[1:])
 
@@ -475,7 +474,7 @@ class _Int8:
             view = None if i is None else self.views[i]
             if kind == "tensor":
                 if view.pt_step > 0:
-                    if self.sample_signal:
+                    if sample_signal:
                         self.signal[i] += _energy(t) * view.pt_step ** 2  # (w f / step)^2 step^2
                     t -= np.rint(t)  # round half to even, as QuantizeLinear
                     view.pt_noise += _energy(t) * view.pt_step ** 2
