@@ -415,12 +415,12 @@ def _plan_elementwise_before(site: Site, ctx: Context) -> Fold:
 
 def _constant_channel(constant: np.ndarray, data: ir.Value, node: ir.Node) -> Channel | None:
     """The axis a Mul/Add/... constant runs along, aligned to its data from the right (None:
-    one value for every element); NoMatch if it varies along more than one axis, would
-    raise the data's rank, or varies at all on data of unknown rank (removing the site must
-    leave its output's shape)."""
+    one value for every element); NoMatch if it varies along more than one axis or may raise
+    the data's rank (removing the site must leave its output's shape). On data of unknown
+    rank only a 0-d constant is safe: even a ``[1]`` one makes a scalar a vector."""
     rank = rank_of(data)
     shape = list(constant.shape)
-    if (rank is None and constant.ndim > 1) or (rank is not None and constant.ndim > rank):
+    if constant.ndim > (0 if rank is None else rank):
         raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {shape} may broadcast "
                                               f"{data.name!r} to a higher rank")
     varying = [i for i, size in enumerate(shape) if size != 1]
@@ -429,9 +429,6 @@ def _constant_channel(constant: np.ndarray, data: ir.Value, node: ir.Node) -> Ch
     if len(varying) > 1:
         raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {shape} varies along more "
                                               "than one axis")
-    if rank is None:  # the data's dims unknown: any axis of size 1 may be stretched
-        raise NoMatch("non-channel-constant", f"the {node.op_type} constant of shape {shape} may broadcast "
-                                              f"{data.name!r} to a larger shape")
     return Channel(rank, rank - constant.ndim + varying[0], shape[varying[0]])
 
 
