@@ -39,6 +39,9 @@ class Editor:
     attributes: dict[ir.Node, dict[str, ir.Attr | None]] = field(default_factory=dict)
     #: Nodes whose trailing outputs were dropped (a training-mode BN converted).
     truncated: set[ir.Node] = field(default_factory=set)
+    #: Training-mode BNs converted to inference form: a BN kept in one pass and folded,
+    #: merged or decomposed in a later one is planned as the inference BN it has become.
+    converted: set[ir.Node] = field(default_factory=set)
     #: Nodes a fold inserted: never sites themselves.
     created: set[ir.Node] = field(default_factory=set)
     #: The linear ops each folded site went into, and where a merge moved each branch node.
@@ -142,7 +145,7 @@ class Editor:
         if plan.convert:
             self.convert_to_inference(plan.site.node, plan.site.scope.opset)
         if isinstance(plan, Keep):
-            return _entry(plan, STATUS_KEPT, reason=plan.reason, detail=plan.detail, channels=plan.channels)
+            return self._entry(plan, STATUS_KEPT, reason=plan.reason, detail=plan.detail, channels=plan.channels)
         if isinstance(plan, Merge):
             return self._merge(plan)
         if plan.direction == "decompose":
@@ -168,13 +171,13 @@ class Editor:
         # Judged once the fold is complete: a reader of the old weight that the fold itself
         # removed (a Shape in the old bias's constant subgraph, as dynamo exports) shares nothing.
         cloned = any(old.uses() or self.consts.is_output(old) for old in old_weights)
-        details = [plan.detail, "converted from training mode" if plan.convert else "",
+        details = [plan.detail, "converted from training mode" if site in self.converted else "",
                    "shared weight cloned" if cloned else ""]
-        return _entry(plan, STATUS_FOLDED, pattern=plan.pattern, into=", ".join(n.name for n in plan.into),
-                      into_op=", ".join(dict.fromkeys(n.op_type for n in plan.into)), route=plan.route,
-                      weight_cloned=cloned,
-                      detail="; ".join(d for d in details if d), channels=plan.channels,
-                      channel_axis=plan.channel_axis, max_rel_weight_change=affine.max_relative_change(plan.scale))
+        return self._entry(plan, STATUS_FOLDED, pattern=plan.pattern, into=", ".join(n.name for n in plan.into),
+                           into_op=", ".join(dict.fromkeys(n.op_type for n in plan.into)), route=plan.route,
+                           weight_cloned=cloned,
+                           detail="; ".join(d for d in details if d), channels=plan.channels,
+                           channel_axis=plan.channel_axis, max_rel_weight_change=affine.max_relative_change(plan.scale))
 
     def _bypass(self, site: ir.Node, data: ir.Value) -> None:
         """The site's output is replaced by its data input (same graph), or by an Identity of it
@@ -234,14 +237,15 @@ class Editor:
                     self.remove_node(node)
                 pending.remove(node)
         self.drop_unused([old_weight, old_bias])
-        return _entry(plan, STATUS_MERGED, pattern=plan.pattern, into=conv.name, into_op=conv.op_type,
-                      detail=plan.detail, channels=plan.channels)
+        return self._entry(plan, STATUS_MERGED, pattern=plan.pattern, into=conv.name, into_op=conv.op_type,
+                           detail=plan.detail, channels=plan.channels)
 
     def absorbed(self, plan: Merge, bn: ir.Node) -> LedgerEntry:
         """The ledger entry of a BN that a merge folded into its conv."""
         return LedgerEntry(op=bn.op_type, node=bn.name, graph=plan.site.scope.label, status=STATUS_FOLDED,
                            pattern="merge", into=plan.into.name, into_op=plan.into.op_type,
-                           route=f"one of the branches merged at {describe(plan.site.node)}")
+                           route=f"one of the branches merged at {describe(plan.site.node)}",
+                           converted_from_training=bn in self.converted)
 
     def _decompose(self, plan: Fold) -> LedgerEntry:
         """Replace a BN that has no linear neighbour by ``x * s + t``."""
@@ -258,11 +262,12 @@ class Editor:
         add.replace_input_with(1, self.constant(add, f"{base}_bnfold_shift", ir.tensor(shift)))
         self.replace_value(bn.outputs[0], add.outputs[0])
         self.remove_node(bn)
-        return _entry(plan, STATUS_DECOMPOSED, pattern=plan.pattern, reason="no-linear-producer",
-                      detail=plan.detail, channels=plan.channels, channel_axis=plan.channel_axis)
+        return self._entry(plan, STATUS_DECOMPOSED, pattern=plan.pattern, reason="no-linear-producer",
+                           detail=plan.detail, channels=plan.channels, channel_axis=plan.channel_axis)
 
     def convert_to_inference(self, bn: ir.Node, opset: int) -> None:
         """Make a training-mode BN an inference BN (planning checked its extra outputs are unused)."""
+        self.converted.add(bn)
         if len(bn.outputs) > 1:
             bn.resize_outputs(1)
             self.truncated.add(bn)
@@ -270,11 +275,12 @@ class Editor:
         if (bn.version or opset) == 6:
             self.set_attribute(bn, ir.AttrInt64("is_test", 1))
 
+    def _entry(self, plan: Fold | Merge | Keep, status: str, **fields) -> LedgerEntry:
+        node = plan.site.node
+        return LedgerEntry(op=node.op_type, node=node.name, graph=plan.site.scope.label, status=status,
+                           converted_from_training=node in self.converted, **fields)
 
-def _entry(plan: Fold | Merge | Keep, status: str, **fields) -> LedgerEntry:
-    node = plan.site.node
-    return LedgerEntry(op=node.op_type, node=node.name, graph=plan.site.scope.label, status=status,
-                       converted_from_training=plan.convert, **fields)
+
 
 
 class NameAllocator:

@@ -417,6 +417,34 @@ def test_training_mode_converted_with_to_inference(tmp_path):
     np.testing.assert_allclose(run(out, x)[0], run(inference, x)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_a_training_bn_converted_in_one_pass_and_folded_in_the_next_says_so(tmp_path):
+    """``x -> BN(training) -> BN -> Conv``: the first pass converts the training BN and
+    keeps it (a BN is not linear), folds the second; the next pass folds the converted
+    one. Its entry must still say it was converted, or --strict reports it training-mode."""
+    b = GraphBuilder(seed=61)
+    x = b.input([2, 3, 5, 5])
+    b.nodes.append(oh.make_node("BatchNormalization", [x, *b.bn_params(3)], ["t", "rm", "rv"], name="the_bn",
+                                training_mode=1))
+    y = b.bn("t", 3, name="second_bn")
+    b.output(b.node("Conv", [y, b.random([4, 3, 3, 3])]))
+    training = b.model(opset=15)
+    inference = onnx.ModelProto()
+    inference.CopyFrom(training)
+    inference.graph.node[0].ClearField("attribute")
+    inference.graph.node[0].output[1:] = []
+    result = bnfold.fold(ir.serde.deserialize_model(training), to_inference=True)
+    found = {e.node: e for e in result.ledger}
+    assert (found["the_bn"].status, found["the_bn"].converted_from_training) == ("folded", True)
+    assert "converted from training mode" in found["the_bn"].detail
+    assert result.ledger.summary()["folded"] == 2
+    from bnfold.verdict import outstanding_problems
+    assert outstanding_problems(found["the_bn"]) == []
+    out = tmp_path / "f.onnx"
+    result.save(out)
+    x_feed = feeds(b, (2, 3, 5, 5))
+    np.testing.assert_allclose(run(out, x_feed)[0], run(inference, x_feed)[0], rtol=1e-4, atol=1e-5)
+
+
 def test_training_mode_with_used_running_stats_is_not_converted():
     _, training, _ = training_pair(used_stats=True)
     (entry,) = bnfold.fold(ir.serde.deserialize_model(training), to_inference=True).ledger
