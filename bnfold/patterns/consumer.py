@@ -60,8 +60,9 @@ def require_flattened(node: ir.Node, channel: Channel) -> None:
             raise NoMatch("no-linear-producer", f"{describe(node)} does not flatten from axis 1")
         return
     dims, after = static_dims(node.inputs[0]), static_dims(node.outputs[0])
-    if dims is None or after is None or len(after) != 2 or after[0] != dims[0] or \
-            not all(isinstance(d, int) for d in dims[1:]) or after[1] != math.prod(dims[1:]):
+    features = None if dims is None else dims[1:]  # one slice: the product is only taken of ints
+    if features is None or after is None or len(after) != 2 or after[0] != dims[0] or \
+            not all(isinstance(d, int) for d in features) or after[1] != math.prod(features):
         raise NoMatch("unproven-layout", f"{describe(node)} is not proven to flatten from axis 1")
 
 
