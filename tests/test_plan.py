@@ -12,7 +12,7 @@ import pytest
 import bnfold
 from bnfold.errors import InputError
 from bnfold.plan import FoldOptions
-from builders import GraphBuilder, count_ops, run
+from builders import GraphBuilder, count_ops, ops, run
 
 
 def fold_compare(model: onnx.ModelProto, feeds, tmp_path: Path, rtol=1e-4, atol=1e-5, checked=True, **flags):
@@ -80,6 +80,17 @@ def test_zero_variance_with_zero_epsilon_is_kept(tmp_path):
     assert (found.status, found.reason) == ("kept", "negative-variance")
 
 
+def test_a_zero_variance_with_a_positive_epsilon_folds(tmp_path):
+    """A dead channel (var = 0) is healthy while eps > 0: s = gamma / sqrt(eps)."""
+    b = GraphBuilder(seed=2)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])], pads=[1, 1, 1, 1])
+    gamma, beta, mean, _ = b.bn_params(4)
+    var = b.const(np.float32([0.5, 0.0, 1.0, 2.0]), "var")
+    b.output(b.node("BatchNormalization", [y, gamma, beta, mean, var], name="the_bn", epsilon=1e-3))
+    result, _ = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
+    assert entry(result, "the_bn").status == "folded"
+
+
 # --- elementwise sites -----------------------------------------------------------------
 
 
@@ -145,6 +156,27 @@ def test_a_constant_that_would_stretch_a_leading_axis_is_refused(tmp_path):
     assert count_ops(folded, "Mul") == 1
 
 
+def test_a_vector_constant_on_data_of_known_rank_but_unknown_dims_is_refused(tmp_path):
+    """In a function the Flatten proves its output has rank 2 but nothing gives the dims:
+    a ``[1, 4]`` constant may stretch a ``[2, 1]`` tensor, so the Mul stays (no crash)."""
+    local = "local.test"
+    body = [oh.make_node("Flatten", ["a"], ["f"]),
+            oh.make_node("Constant", [], ["c"], value=onh.from_array(np.float32([[1.0, -2.0, 3.0, 0.5]]))),
+            oh.make_node("Mul", ["f", "c"], ["m"], name="the_mul"),
+            oh.make_node("Constant", [], ["w"], value=onh.from_array(np.ones((4, 5), np.float32))),
+            oh.make_node("MatMul", ["m", "w"], ["b"])]
+    function = oh.make_function(local, "F", ["a"], ["b"], body, [oh.make_opsetid("", 17)])
+    graph = oh.make_graph([oh.make_node("F", ["x"], ["y"], domain=local)], "g",
+                          [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 1])],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid(local, 1)],
+                          functions=[function])
+    model.ir_version = 9
+    result, _ = fold_compare(model, x_feed([2, 1]), tmp_path, checked=False)
+    found = entry(result, "the_mul")
+    assert (found.status, found.reason) == ("kept", "non-channel-constant")
+
+
 def test_a_vector_constant_on_vector_data_folds(tmp_path):
     """1-d data and a constant of its full length: the constant spans the data's every axis."""
     b = mul_before_matmul([1.0, -2.0, 3.0, 0.5], [4], [4, 5], seed=16)
@@ -159,6 +191,8 @@ def test_mul_before_dropout_and_matmul_folds(tmp_path):
     result, folded = fold_compare(b.model(), x_feed([2, 3, 4]), tmp_path)
     assert entry(result, "the_mul").status == "folded"
     assert count_ops(folded, "Mul") == 0
+    assert count_ops(folded, "Add") == 0  # a pure scale: no zero bias added after the MatMul
+    assert not entry(result, "the_mul").converted_from_training
 
 
 def test_scalar_mul_after_a_flatten_folds_into_the_conv(tmp_path):
@@ -185,6 +219,117 @@ def test_bn_after_a_concat_counts_every_channel(tmp_path):
     found = entry(result, "the_bn")
     assert (found.status, found.channels, found.channel_axis) == ("folded", 5, 1)
     assert count_ops(folded, "BatchNormalization") == 0
+
+
+def test_a_mul_after_a_dropout_folds_into_the_conv_before_it(tmp_path):
+    """The route up from a Mul crosses Dropout, whose rule depends on the opset (is_test
+    before 7); the ledger gives the channel axis and, for a Mul, no conversion."""
+    b = GraphBuilder(seed=6)
+    y = b.node("Dropout", [b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])])], name="d")
+    b.output(b.node("Mul", [y, b.const(np.float32([1.0, -2.0, 3.0, 0.5]).reshape(4, 1, 1))], name="the_mul"))
+    result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
+    found = entry(result, "the_mul")
+    assert (found.status, found.channels, found.channel_axis, found.route) == ("folded", 4, 1, "through Dropout 'd'")
+    assert not found.converted_from_training
+    assert count_ops(folded, "Mul") == 0
+
+
+# --- before: into the consumers -------------------------------------------------------------
+
+
+def bn_then(b: GraphBuilder, between: str, training: bool, **conv_attrs) -> onnx.ModelProto:
+    """``x -> BN(3) -> <between> 'i' -> Conv 'conv'``, the BN optionally in training form."""
+    x = b.input([2, 3, 6, 6])
+    if training:
+        b.nodes.append(oh.make_node("BatchNormalization", [x, *b.bn_params(3)], ["t", "rm", "rv"], name="the_bn",
+                                    training_mode=1))
+        y = "t"
+    else:
+        y = b.bn(x, 3, name="the_bn")
+    y = b.node(between, [y], name="i", **({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}
+                                          if between == "AveragePool" else {}))
+    b.output(b.node("Conv", [y, b.random([4, 3, 3, 3]), b.random([4])], name="conv", **conv_attrs))
+    return b.model(opset=15)
+
+
+def inference_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model with its training-mode BN (node 0) in inference form: the reference."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.node[0].ClearField("attribute")
+    copy.graph.node[0].output[1:] = []
+    return copy
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_bn_before_a_conv_reports_what_it_did(tmp_path, padded, training):
+    """The ledger of a BN folded into the Conv after it: the Conv, the route, the channel
+    count and axis, the largest relative weight change ``max |s - 1|`` and whether
+    --to-inference converted it; before a padded Conv, that the shift stayed as an Add."""
+    b = GraphBuilder(seed=17)
+    model = bn_then(b, "Identity", training, **({"pads": [1, 1, 1, 1]} if padded else {}))
+    onnx.save(model, tmp_path / "in.onnx")
+    result = bnfold.fold(tmp_path / "in.onnx", to_inference=training)
+    found = entry(result, "the_bn")
+    scale, _ = bn_map(model, "the_bn")
+    assert (found.status, found.pattern) == ("folded", "bn-identity-conv-scale" if padded else "bn-identity-conv")
+    assert (found.into, found.into_op, found.route) == ("conv", "Conv", "through Identity 'i'")
+    assert (found.channels, found.channel_axis, found.converted_from_training) == (3, 1, training)
+    assert found.max_rel_weight_change == pytest.approx(np.abs(scale - 1).max(), rel=1e-6)
+    assert ("shift kept as an Add before the padded conv" in found.detail) == padded
+    result.save(tmp_path / "out.onnx")
+    folded = onnx.load(tmp_path / "out.onnx")
+    assert count_ops(folded, "BatchNormalization") == 0 and count_ops(folded, "Add") == padded
+    feeds = x_feed([2, 3, 6, 6])
+    np.testing.assert_allclose(run(folded, feeds)[0], run(inference_form(model) if training else model, feeds)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training, input_shape", [(False, True), (True, True), (False, False)])
+def test_a_shift_an_average_pool_refuses_stays_as_an_add_and_the_scale_folds(tmp_path, training, input_shape):
+    """An average counting zero padding does not commute with a shift: the shift stays at
+    the BN as ``x + t/s`` and only the scale travels through the pool into the Conv. The
+    Add's constant is shaped for the BN's rank: its output's, if its input's is unknown."""
+    from bnfold.load import load_source
+    from bnfold.plan import is_batch_norm
+
+    b = GraphBuilder(seed=18)
+    model = bn_then(b, "AveragePool", training)
+    onnx.save(model, tmp_path / "in.onnx")
+    source = load_source(tmp_path / "in.onnx")
+    if not input_shape:
+        next(n for n in source.model.graph if is_batch_norm(n)).inputs[0].shape = None
+    result = bnfold.fold(source, to_inference=training)
+    found = entry(result, "the_bn")
+    assert (found.status, found.into, found.channels, found.channel_axis) == ("folded", "conv", 3, 1)
+    assert found.converted_from_training == training
+    assert "shift kept as an Add before the route" in found.detail
+    result.save(tmp_path / "out.onnx")
+    folded = onnx.load(tmp_path / "out.onnx")
+    assert ops(folded) == ["Add", "AveragePool", "Conv"]
+    feeds = x_feed([2, 3, 6, 6])
+    np.testing.assert_allclose(run(folded, feeds)[0], run(inference_form(model) if training else model, feeds)[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_bn_before_a_matmul_takes_its_rank_from_its_output_if_its_input_has_none(tmp_path):
+    """MatMul reads the last axis: the BN's channels (axis 1) are that axis only at rank 2,
+    which the BN's output proves when its input's shape is unknown."""
+    from bnfold.load import load_source
+    from bnfold.plan import is_batch_norm
+
+    b = GraphBuilder(seed=19)
+    b.output(b.node("MatMul", [b.bn(b.input([2, 3]), 3, name="the_bn"), b.random([3, 5])]))
+    onnx.save(b.model(), tmp_path / "in.onnx")
+    source = load_source(tmp_path / "in.onnx")
+    next(n for n in source.model.graph if is_batch_norm(n)).inputs[0].shape = None
+    result = bnfold.fold(source)
+    assert entry(result, "the_bn").status == "folded"
+    result.save(tmp_path / "out.onnx")
+    feeds = x_feed([2, 3])
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(tmp_path / "in.onnx", feeds)[0],
+                               rtol=1e-4, atol=1e-5)
 
 
 # --- subgraphs ---------------------------------------------------------------------------
@@ -287,8 +432,9 @@ def test_decompose_takes_the_rank_and_type_from_either_side_of_the_bn(tmp_path, 
     onnx.save(standalone_bn(b), tmp_path / "in.onnx")
     source = load_source(tmp_path / "in.onnx")
     bn = next(n for n in source.model.graph if is_batch_norm(n))
-    (bn.outputs if known == "input" else bn.inputs)[0].type = None
-    (bn.outputs if known == "input" else bn.inputs)[0].shape = None
+    unknown = [bn.outputs[0]] if known == "input" else [bn.inputs[0], bn.inputs[0].producer().inputs[0]]
+    for value in unknown:  # the input's rank would also follow from the Relu's input
+        value.type, value.shape = None, None
     result = bnfold.fold(source, decompose_standalone=True)
     assert entry(result, "the_bn").status == "decomposed"
     result.save(tmp_path / "out.onnx")
