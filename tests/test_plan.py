@@ -91,6 +91,21 @@ def test_a_zero_variance_with_a_positive_epsilon_folds(tmp_path):
     assert entry(result, "the_bn").status == "folded"
 
 
+@pytest.mark.parametrize("shapes", [[(4,), (4,), (3,), (4,)], [(2, 2)] * 4])
+def test_bn_parameters_of_different_lengths_or_not_1d_are_an_invalid_model(tmp_path, shapes):
+    """scale, B, mean and var are 1-D, one value per channel: anything else is an invalid
+    model (exit 2), never folded by broadcasting."""
+    b = GraphBuilder(seed=3)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])])
+    params = [b.const(np.full(shape, 0.5 + i, np.float32)) for i, shape in enumerate(shapes)]
+    b.output(b.node("BatchNormalization", [y, *params], name="the_bn"))
+    model = b.model()
+    model.graph.output[0].type.tensor_type.ClearField("shape")  # inference cannot type this BN
+    onnx.save(model, tmp_path / "in.onnx")
+    with pytest.raises(InputError, match="must be 1-D of one length"):
+        bnfold.fold(tmp_path / "in.onnx")
+
+
 # --- elementwise sites -----------------------------------------------------------------
 
 
