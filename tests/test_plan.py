@@ -584,6 +584,23 @@ def test_target_figures_of_a_fold_before_a_linear_op(tmp_path, op, features):
         check_figures(bias, "bias", "", "lin", "MatMul", None, [4])
 
 
+def test_target_figures_of_a_fold_before_a_padded_conv(tmp_path):
+    """Before a padded Conv only the scale folds: the weight is measured all the same (its
+    input channels scaled), and the shift kept as an Add has its own figures."""
+    b = GraphBuilder(seed=17)
+    model = bn_then(b, "Identity", False, pads=[1, 1, 1, 1])
+    result, _ = fold_compare(model, x_feed([2, 3, 6, 6]), tmp_path, targets=("fp16",))
+    conv = model.graph.node[-1]
+    w = {t.name: onh.to_array(t).astype(np.float64) for t in model.graph.initializer}[conv.input[1]]
+    s, _ = bn_map(model, "the_bn")
+    w1 = (w * s[None, :, None, None]).astype(np.float32)
+    in_ranges = lambda a: np.abs(a).max(axis=(0, 2, 3))  # noqa: E731
+    weight, addend = entry(result, "the_bn").precision.tensors
+    check_figures(weight, "weight", conv.input[1], "conv", "Conv", 1, [4, 3, 3, 3], growth=peak(w1) / peak(w),
+                  spread=(spread_of(in_ranges(w)), spread_of(in_ranges(w1))), scaled="input")
+    check_figures(addend, "addend", "", "the_bn", "BatchNormalization", None, [3, 1, 1])
+
+
 # --- weights read from the model file -----------------------------------------------------
 
 
