@@ -67,6 +67,20 @@ def test_keep_on_request(tmp_path):
 # --- statistics ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("opset, outputs", [(9, ["out", "rm", "", "", ""]), (15, ["out", "rm", ""])])
+def test_a_bn_with_only_its_running_mean_output_is_training_mode(tmp_path, opset, outputs):
+    """Any running-stat output, the running mean alone (the variance's left unnamed)
+    included, marks a training-form BN: an inference BN has no such outputs to give."""
+    b = GraphBuilder(seed=2)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])])
+    b.nodes.append(oh.make_node("BatchNormalization", [y, *b.bn_params(4)], outputs, name="the_bn"))
+    b.output("out", [2, 4, 3, 3])
+    onnx.save(b.model(opset=opset), tmp_path / "in.onnx")
+    found = entry(bnfold.fold(tmp_path / "in.onnx"), "the_bn")
+    assert (found.status, found.reason, found.detail) == ("kept", "training-mode",
+                                                          "running-stat outputs present (unused)")
+
+
 def test_zero_variance_with_zero_epsilon_is_kept(tmp_path):
     """var + eps == 0 makes s = gamma / 0: the BN stays even though no var is negative."""
     b = GraphBuilder(seed=2)
