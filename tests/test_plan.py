@@ -81,6 +81,16 @@ def test_a_bn_with_only_its_running_mean_output_is_training_mode(tmp_path, opset
                                                           "running-stat outputs present (unused)")
 
 
+def test_unnamed_running_stat_outputs_are_absent_and_the_bn_folds(tmp_path):
+    """``outputs=["out", "", ""]``: the empty names are absent optional outputs, no training form."""
+    b = GraphBuilder(seed=2)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])])
+    b.nodes.append(oh.make_node("BatchNormalization", [y, *b.bn_params(4)], ["out", "", ""], name="the_bn"))
+    b.output("out", [2, 4, 3, 3])
+    result, _ = fold_compare(b.model(opset=15), x_feed([2, 3, 5, 5]), tmp_path)
+    assert entry(result, "the_bn").status == "folded"
+
+
 def test_zero_variance_with_zero_epsilon_is_kept(tmp_path):
     """var + eps == 0 makes s = gamma / 0: the BN stays even though no var is negative."""
     b = GraphBuilder(seed=2)
