@@ -556,6 +556,27 @@ def test_target_figures_of_folds_after_a_conv(tmp_path):
     check_figures(bias, "bias", conv.input[2].split("_bnfold")[0], "conv", "Conv", 2, [4], growth=peak(b2) / peak(b1))
 
 
+def test_target_figures_of_folds_before_a_conv(tmp_path):
+    """``Mul a -> Mul b -> Conv``: both constants fold into the conv's input channels, b
+    first (a reaches the conv only once b is gone); a's figures start from the weight b left."""
+    b = GraphBuilder(seed=11)
+    c, d = np.float32([1, -2, 3]), np.float32([0.5, 4, -1])
+    y = b.node("Mul", [b.input([2, 3, 5, 5]), b.const(c.reshape(3, 1, 1))], name="mul_a")
+    y = b.node("Mul", [y, b.const(d.reshape(3, 1, 1))], name="mul_b")
+    b.output(b.node("Conv", [y, b.random([4, 3, 3, 3])], name="conv"))
+    model = b.model()
+    result, _ = fold_compare(model, x_feed([2, 3, 5, 5]), tmp_path, targets=("fp16",))
+    w_name = model.graph.node[-1].input[1]
+    w = onh.to_array(next(t for t in model.graph.initializer if t.name == w_name)).astype(np.float64)
+    w1 = (w * d[None, :, None, None]).astype(np.float32)
+    w2 = (w * (c * d)[None, :, None, None]).astype(np.float32)
+    cols = lambda a: np.abs(a).max(axis=(0, 2, 3))  # noqa: E731
+    for name, before, after in (("mul_b", w, w1), ("mul_a", w1, w2)):
+        weight = entry(result, name).precision.tensors[0]
+        check_figures(weight, "weight", w_name, "conv", "Conv", 1, [4, 3, 3, 3], growth=peak(after) / peak(before),
+                      spread=(spread_of(cols(before)), spread_of(cols(after))), scaled="input")
+
+
 def test_target_figures_of_a_uniform_fold(tmp_path):
     """A scalar Mul scales every channel alike: the spread runs over the output channels."""
     b = GraphBuilder(seed=10)
