@@ -640,7 +640,7 @@ def test_target_figures_of_a_fold_before_a_padded_conv(tmp_path):
     input channels scaled), and the shift kept as an Add has its own figures."""
     b = GraphBuilder(seed=17)
     model = bn_then(b, "Identity", False, pads=[1, 1, 1, 1])
-    result, _ = fold_compare(model, x_feed([2, 3, 6, 6]), tmp_path, targets=("fp16",))
+    result, _ = fold_compare(model, x_feed([2, 3, 6, 6]), tmp_path, targets=("fp16", "int8"))
     conv = model.graph.node[-1]
     w = {t.name: onh.to_array(t).astype(np.float64) for t in model.graph.initializer}[conv.input[1]]
     s, _ = bn_map(model, "the_bn")
