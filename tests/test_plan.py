@@ -246,23 +246,25 @@ def test_scalar_mul_after_a_flatten_folds_into_the_conv(tmp_path):
     y = b.node("Flatten", [b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])])])
     b.output(b.node("Mul", [y, b.const(np.float32(3.0))], name="the_mul"))
     result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
-    assert entry(result, "the_mul").status == "folded"
+    found = entry(result, "the_mul")
+    assert (found.status, found.channels, found.channel_axis) == ("folded", 4, None)  # the conv's 4 channels
     assert count_ops(folded, "Mul") == 0
 
 
 # --- after: into the producers ----------------------------------------------------------
 
 
-def test_bn_after_a_concat_counts_every_channel(tmp_path):
-    """A BN after a Concat of convs folds a share into each: the fold has all its channels."""
+@pytest.mark.parametrize("widths", [(2, 3), (1, 1)])
+def test_bn_after_a_concat_counts_every_channel(tmp_path, widths):
+    """A BN after a Concat of convs folds a share into each: the fold has all its channels
+    (two one-channel convs make a two-channel BN, not a one-channel one)."""
     b = GraphBuilder(seed=5)
     x = b.input([2, 3, 5, 5])
-    y = b.node("Concat", [b.node("Conv", [x, b.random([2, 3, 1, 1])]), b.node("Conv", [x, b.random([3, 3, 1, 1])])],
-               axis=1)
-    b.output(b.bn(y, 5, name="the_bn"))
+    y = b.node("Concat", [b.node("Conv", [x, b.random([width, 3, 1, 1])]) for width in widths], axis=1)
+    b.output(b.bn(y, sum(widths), name="the_bn"))
     result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
     found = entry(result, "the_bn")
-    assert (found.status, found.channels, found.channel_axis) == ("folded", 5, 1)
+    assert (found.status, found.channels, found.channel_axis) == ("folded", sum(widths), 1)
     assert count_ops(folded, "BatchNormalization") == 0
 
 
@@ -575,6 +577,26 @@ def test_target_figures_of_folds_before_a_conv(tmp_path):
         weight = entry(result, name).precision.tensors[0]
         check_figures(weight, "weight", w_name, "conv", "Conv", 1, [4, 3, 3, 3], growth=peak(after) / peak(before),
                       spread=(spread_of(cols(before)), spread_of(cols(after))), scaled="input")
+
+
+def test_target_figures_of_a_grouped_conv_transpose(tmp_path):
+    """ConvTranspose(group=2), weight [in, out/group, kh, kw]: output channel ``g*3 + j`` is
+    column j of group g's rows, so the factor runs along both leading axes and the spread is
+    over their cells, not over the 3 columns alone."""
+    b = GraphBuilder(seed=12)
+    b.output(b.bn(b.node("ConvTranspose", [b.input([2, 4, 5, 5]), b.random([4, 3, 3, 3])], name="ct", group=2),
+                  6, name="the_bn"))
+    model = b.model()
+    result, _ = fold_compare(model, x_feed([2, 4, 5, 5]), tmp_path, targets=("fp16",))
+    w_name = model.graph.node[0].input[1]
+    w = onh.to_array(next(t for t in model.graph.initializer if t.name == w_name)).astype(np.float64)
+    s, _ = bn_map(model, "the_bn")
+    factor = s.reshape(2, 1, 3).repeat(2, axis=1).reshape(4, 3)  # row i is in group i // 2
+    w1 = (w * factor[:, :, None, None]).astype(np.float32)
+    cells = lambda a: np.abs(a).max(axis=(2, 3)).reshape(-1)  # noqa: E731
+    weight = entry(result, "the_bn").precision.tensors[0]
+    check_figures(weight, "weight", w_name, "ct", "ConvTranspose", 1, [4, 3, 3, 3], growth=peak(w1) / peak(w),
+                  spread=(spread_of(cells(w)), spread_of(cells(w1))), scaled="output", out_axis=1)
 
 
 def test_target_figures_of_a_uniform_fold(tmp_path):
