@@ -254,6 +254,16 @@ def test_scalar_mul_after_a_flatten_folds_into_the_conv(tmp_path):
 # --- after: into the producers ----------------------------------------------------------
 
 
+def test_a_bn_after_a_matmul_reports_its_channels_on_axis_1(tmp_path):
+    """MatMul's output channels are its last axis (-1 to the route): the ledger gives the
+    axis counted from the front, 1 of a rank-2 output."""
+    b = GraphBuilder(seed=6)
+    b.output(b.bn(b.node("MatMul", [b.input([2, 3]), b.random([3, 4])]), 4, name="the_bn"))
+    result, _ = fold_compare(b.model(), x_feed([2, 3]), tmp_path)
+    found = entry(result, "the_bn")
+    assert (found.status, found.channels, found.channel_axis) == ("folded", 4, 1)
+
+
 @pytest.mark.parametrize("widths", [(2, 3), (1, 1)])
 def test_bn_after_a_concat_counts_every_channel(tmp_path, widths):
     """A BN after a Concat of convs folds a share into each: the fold has all its channels
