@@ -389,6 +389,18 @@ def test_a_bn_before_a_matmul_takes_its_rank_from_its_output_if_its_input_has_no
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_bn_before_a_weight_without_elements_is_zero_size(tmp_path):
+    """A Gemm with no output features: its weight has no element to scale, so the BN
+    before it stays (``zero-size``), whatever its channels."""
+    b = GraphBuilder(seed=20)
+    y = b.bn(b.input([2, 3]), 3, name="the_bn")
+    b.output(b.node("Gemm", [y, b.const(np.zeros((0, 3), np.float32)), b.const(np.zeros(0, np.float32))],
+                    transB=1))
+    result, _ = fold_compare(b.model(), x_feed([2, 3]), tmp_path)
+    found = entry(result, "the_bn")
+    assert (found.status, found.reason) == ("kept", "zero-size")
+
+
 # --- subgraphs ---------------------------------------------------------------------------
 
 
