@@ -107,7 +107,20 @@ def test_zero_variance_with_zero_epsilon_is_kept(tmp_path):
     src = tmp_path / "in.onnx"
     onnx.save(b.model(), src)
     found = entry(bnfold.fold(src), "the_bn")
-    assert (found.status, found.reason) == ("kept", "negative-variance")
+    assert (found.status, found.reason, found.channels) == ("kept", "negative-variance", 4)
+
+
+def test_a_bn_whose_statistics_are_not_constants_is_kept_without_a_channel_count(tmp_path):
+    """A BN reading its mean from a graph input cannot be planned: kept, and the ledger
+    does not claim a channel count it never read."""
+    b = GraphBuilder(seed=2)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])])
+    gamma, beta, _, var = b.bn_params(4)
+    b.inputs.append(oh.make_tensor_value_info("mean", onnx.TensorProto.FLOAT, [4]))
+    b.output(b.node("BatchNormalization", [y, gamma, beta, "mean", var], name="the_bn"))
+    onnx.save(b.model(), tmp_path / "in.onnx")
+    found = entry(bnfold.fold(tmp_path / "in.onnx"), "the_bn")
+    assert (found.status, found.channels, found.converted_from_training) == ("kept", None, False)
 
 
 def test_a_zero_variance_with_a_positive_epsilon_folds(tmp_path):
@@ -697,6 +710,27 @@ def test_target_figures_of_a_fold_before_a_padded_conv(tmp_path):
 
 
 # --- weights read from the model file -----------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [0, 64])
+def test_a_weight_in_an_external_file_is_read_from_its_offset(tmp_path, offset):
+    """External data is mapped from its offset (0: the file's start) to check the fold."""
+    from builders import external
+
+    w = np.random.default_rng(21).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    (tmp_path / "w.bin").write_bytes(b"\x7f" * offset + w.tobytes())
+    b = GraphBuilder(seed=21)
+    y = b.node("Conv", [b.input([2, 3, 5, 5]), "w"])
+    b.output(b.bn(y, 4, name="the_bn"))
+    b.initializers.append(external("w", [4, 3, 3, 3], offset, "w.bin"))
+    model = b.model()
+    onnx.save(model, tmp_path / "in.onnx")
+    result = bnfold.fold(tmp_path / "in.onnx")
+    assert entry(result, "the_bn").status == "folded"
+    result.save(tmp_path / "out.onnx")
+    feeds = x_feed([2, 3, 5, 5])
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", feeds)[0], run(tmp_path / "in.onnx", feeds)[0],
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_a_model_file_replaced_before_planning_is_an_error_not_wrong_weights(tmp_path):
