@@ -733,6 +733,24 @@ def test_a_weight_in_an_external_file_is_read_from_its_offset(tmp_path, offset):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_weight_in_a_file_is_read_through_a_read_only_map(tmp_path):
+    """Planning reads external weights through a map that cannot write to the user's file."""
+    from bnfold.load import load_source
+    from bnfold.plan import weight_array
+    from builders import external
+
+    w = np.arange(12, dtype=np.float32).reshape(4, 3, 1, 1)
+    (tmp_path / "w.bin").write_bytes(w.tobytes())
+    b = GraphBuilder(seed=22)
+    b.output(b.node("Conv", [b.input([2, 3, 5, 5]), "w"]))
+    b.initializers.append(external("w", [4, 3, 1, 1], 0, "w.bin"))
+    onnx.save(b.model(), tmp_path / "in.onnx")
+    conv = next(iter(load_source(tmp_path / "in.onnx").model.graph))
+    array = weight_array(conv.inputs[1].const_value)
+    np.testing.assert_array_equal(array, w)
+    assert not array.flags.writeable
+
+
 def test_a_model_file_replaced_before_planning_is_an_error_not_wrong_weights(tmp_path):
     """Large weights are read from the model file while planning: a file replaced since it
     was loaded is refused, never read as the weights."""
