@@ -13,8 +13,9 @@ the repository, and writes the report with a verdict for every survivor:
 Which mutants run:
 
 - mutants that only change the text of a message (the detail of a ``NoMatch``, the
-  message of an ``InputError``/``ValueError``, a crossing's ``_refuse`` words) are counted
-  and not run: the issue's "Done when" excludes message text, and they are a tenth of all;
+  message of an ``InputError``/``ValueError``, a crossing's ``_refuse`` words, the
+  arguments of plan's checks that only name things in their refusal) are counted and not
+  run: the issue's "Done when" excludes message text, and they are a tenth of all;
 - mutants in a statement that no selected test executes (``coverage``, measured once per test
   selection on the unmutated copy) are not run either: they cannot change any outcome,
   so each is a survivor and listed with a verdict (a test to add, or why not);
@@ -110,6 +111,12 @@ SHARDS = [
 #: Message-building calls, and the first argument index that is message text.
 MESSAGE_ARGS = {"InputError": 0, "ValueError": 0, "IndexError": 0, "TypeError": 0, "RuntimeError": 0,
                 "NoMatch": 1, "Keep": 2}
+#: Checks whose arguments at these indices only name things in their refusal's message:
+#: plan's ``_cast(values, dtype, what, node)``, ``_finite(values, node, role)`` (merge's
+#: ``_finite(values, node)`` too), ``_require_nonempty(weight, scale, node)`` and
+#: ``_require_weight_fits(node, weight, factor, measure)``.
+MESSAGE_PARAMS = {"_cast": frozenset({2, 3}), "_finite": frozenset({1, 2}), "_require_nonempty": frozenset({2}),
+                  "_require_weight_fits": frozenset({0})}
 MESSAGE_KEYWORDS = {"detail", "what"}
 
 #: README/docs claims left without a unit test, and why (issue 27's last item).
@@ -161,11 +168,12 @@ def _callee(call) -> str | None:
     return None
 
 
-def _message_first(name: str | None, args) -> int | None:
-    """The first argument of a call to ``name`` that is message text (None: no message call)."""
+def _message_first(name: str | None, args) -> int | frozenset[int] | None:
+    """The first argument of a call to ``name`` that is message text, or the set of such
+    arguments (None: no message call)."""
     if name == "_refuse":  # crossing._refuse(node, what, reason), elementwise._refuse(detail)
         return 0 if len(args) == 1 else 1
-    return MESSAGE_ARGS.get(name)
+    return MESSAGE_ARGS.get(name, MESSAGE_PARAMS.get(name))
 
 
 def _is_message_arg(call, index: int) -> bool:
@@ -178,7 +186,7 @@ def _is_message_arg(call, index: int) -> bool:
         return arg.keyword.value in MESSAGE_KEYWORDS
     if name == "_refuse" and len(args) > 1:
         return index == 1
-    return index >= first
+    return index in first if isinstance(first, frozenset) else index >= first
 
 
 def _message_only(mutation, parents) -> bool:
@@ -194,7 +202,9 @@ def _message_only(mutation, parents) -> bool:
             return bool(changed) and all(_is_message_arg(node, i) for i in changed)
         if len(new) == len(old) - 1:
             removed = next((i for i in range(len(new)) if not old[i].deep_equals(new[i])), len(new))
-            return _is_message_arg(node, removed) and removed == len(old) - 1
+            # a message argument with a default (not the checks' required ones) may go
+            return _is_message_arg(node, removed) and removed == len(old) - 1 and \
+                not isinstance(_message_first(_callee(node), old), frozenset)
         return False
     child, parent = node, parents.get(node)
     while parent is not None and not isinstance(parent, (cst.FunctionDef, cst.Module)):
