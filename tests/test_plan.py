@@ -439,6 +439,64 @@ def test_bn_in_each_graph_of_a_graphs_attribute_folds():
                 if n.op_type == "BatchNormalization"]
 
 
+@pytest.mark.parametrize("ir_version, listed", [(3, True), (4, False)])
+def test_new_constants_are_listed_as_inputs_only_before_ir_4(tmp_path, ir_version, listed):
+    """IR 3 lists every initializer as a graph input too, so a fold's new bias is listed
+    there; from IR 4 on the inputs stay what the model's were."""
+    b = GraphBuilder(seed=23)
+    b.output(b.bn(b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 1, 1])]), 4, name="the_bn"))
+    model = b.model(opset=9, ir_version=ir_version)
+    if ir_version < 4:
+        model.graph.input.extend(oh.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims))
+                                 for t in model.graph.initializer)
+    # onnx's checker asks IR 3 for output shapes that a graph without them lacks
+    result, folded = fold_compare(model, x_feed([2, 3, 5, 5]), tmp_path, checked=ir_version >= 4)
+    assert entry(result, "the_bn").status == "folded"
+    inputs = [i.name for i in folded.graph.input]
+    assert inputs[0] == "x" and (sorted(inputs[1:]) == sorted(t.name for t in folded.graph.initializer)) == listed
+    assert len(inputs) > 1 if listed else inputs == ["x"]
+    assert count_ops(folded, "Constant") == 0
+
+
+def scan_of_conv_bn(num_scan_inputs: onnx.AttributeProto) -> onnx.NodeProto:
+    """``Scan(x)`` over ``Conv -> BN`` with ``num_scan_inputs`` listed before ``body``."""
+    body = GraphBuilder(seed=24)
+    y = body.node("Conv", [body.input([1, 3, 4, 4], name="sx"), body.random([4, 3, 1, 1])])
+    body.output(body.bn(y, 4, name="inner_bn"), [1, 4, 4, 4])
+    graph = oh.make_graph(body.nodes, "body", body.inputs, body.outputs, body.initializers)
+    scan = onnx.NodeProto(op_type="Scan", name="scan", input=["x"], output=["y"])
+    scan.attribute.extend([num_scan_inputs, oh.make_attribute("body", graph)])
+    return scan
+
+
+@pytest.mark.parametrize("in_function", [False, "called", "uncalled"])
+def test_a_subgraph_behind_another_attribute_is_searched_too(in_function):
+    """A node's attributes in any order: a Scan whose ``num_scan_inputs`` (a value, or in a
+    function a reference to the function's attribute, which stays one where no call gives
+    it) comes before its ``body`` still has its body planned."""
+    b = GraphBuilder(seed=24)
+    b.input([2, 1, 3, 4, 4])
+    b.output("y", [2, 1, 4, 4, 4])
+    if not in_function:
+        b.nodes.append(scan_of_conv_bn(oh.make_attribute("num_scan_inputs", 1)))
+        model, where = b.model(), "main/scan.body"
+    else:
+        ref = oh.make_attribute_ref("num_scan_inputs", onnx.AttributeProto.INT)
+        ref.ref_attr_name = "n"
+        function = oh.make_function("local.test", "F", ["x"], ["y"], [scan_of_conv_bn(ref)],
+                                    [oh.make_opsetid("", 17)], attributes=["n"])
+        b.nodes.append(oh.make_node("F", ["x"], ["y"], domain="local.test", n=1) if in_function == "called" else
+                       oh.make_node("Identity", ["x"], ["y"]))
+        graph = oh.make_graph(b.nodes, "g", b.inputs, b.outputs)
+        model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("local.test", 1)],
+                              functions=[function])
+        model.ir_version, where = 9, "function local.test::F/scan.body"
+    result = bnfold.fold(model)
+    assert [(e.node, e.graph, e.status) for e in result.ledger] == [("inner_bn", where, "folded")]
+    feeds = x_feed([2, 1, 3, 4, 4])
+    np.testing.assert_allclose(run(result.to_proto(), feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
 # --- decompose ---------------------------------------------------------------------------
 
 
