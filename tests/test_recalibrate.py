@@ -244,6 +244,29 @@ def test_bns_in_subgraphs_and_with_used_running_stats_are_skipped_with_a_reason(
     assert by_name["main_bn"].recalibrated and "train_bn" in by_name["main_bn"].detail
 
 
+def test_a_bn_in_a_function_is_skipped_with_a_reason():
+    """A function body's BN has no value recalibration can measure once the call is
+    inlined: skipped as in-subgraph, the main graph's BN still recalibrated."""
+    rng = np.random.default_rng(1)
+    body = [helper.make_node("Constant", [], [f"f_{role}"], value=t)
+            for role, t in zip(("scale", "bias", "mean", "var"), _bn_params("f", 3, rng))]
+    body.append(helper.make_node("BatchNormalization", ["a", "f_scale", "f_bias", "f_mean", "f_var"], ["o"],
+                                 name="function_bn"))
+    function = helper.make_function("local.test", "F", ["a"], ["o"], body, [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("BatchNormalization", ["x", "m_scale", "m_bias", "m_mean", "m_var"], ["h"],
+                              name="main_bn"),
+             helper.make_node("F", ["h"], ["y"], domain="local.test")]
+    model = _synthetic(nodes, _bn_params("m", 3, rng), [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                       ["n", 3, 4, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model.opset_import.append(helper.make_opsetid("local.test", 1))
+    model.functions.append(function)
+    result = recalibrate(model, {"x": rng.standard_normal((10, 3, 4, 4)).astype(np.float32)})
+    by_name = {e.bn: e for e in result.report}
+    assert by_name["function_bn"].reason == "in-subgraph" and not by_name["function_bn"].recalibrated
+    assert by_name["main_bn"].recalibrated
+
+
 def test_a_fixed_batch_is_fed_whole_batches():
     model = _conv_bn_chain(channels=4, batch=4)
     data = {"x": np.random.default_rng(3).standard_normal((10, 3, 6, 6)).astype(np.float32)}
