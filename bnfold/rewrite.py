@@ -281,8 +281,6 @@ class Editor:
                            converted_from_training=node in self.converted, **fields)
 
 
-
-
 class NameAllocator:
     """Unique value names across the whole model, for the values a fold creates."""
 
