@@ -38,6 +38,7 @@ in-process tests.
     python bench/mutation.py --shard affine --shard compare
     python bench/mutation.py --shard plan --sample 300
     python bench/mutation.py --rerun-survivors       # after adding tests
+    python bench/mutation.py --rerun-unexplained     # only the survivors without a verdict
     python bench/mutation.py --report-only --check-kills
 """
 
@@ -435,7 +436,12 @@ def run_shard(shard: Shard, root: Path, args) -> dict:
     runnable = [m for m in mutants if not m.message_only and m.statement in lines[m.file]]
     sampled = args.sample if args.sample is not None and args.sample < len(runnable) else None
     chosen = {m.ident for m in sorted(runnable, key=lambda m: m.ident)[:sampled]} if sampled else None
-    wanted = {"not checked", "no tests"} | ({"survived", "timeout"} if args.rerun_survivors else set())
+    wanted = {"not checked", "no tests"} | ({"survived", "timeout"} if args.rerun_survivors or args.rerun_unexplained
+                                            else set())
+    # A survivor explained as equivalent or as no value/decision runs every test that reaches
+    # it (minutes): re-test only the ones a new test should now kill.
+    explained = {ident for ident, v in load_verdicts().items()
+                 if kind_of(v["verdict"]) in ("equivalent", "not a value/decision")} if args.rerun_unexplained else set()
     log_path = root / "mutmut.log"
     runs_path = root / "runs.json"
     done: set[str] = set()
@@ -447,7 +453,8 @@ def run_shard(shard: Shard, root: Path, args) -> dict:
             sys.exit(f"mutmut's mutants of {files} are not the ones this script made: is mutmut {MUTMUT_VERSION} "
                      "installed, and bnfold/ synced?")
         todo = [m for m in runnable if status.get(m.name, "not checked") in wanted and m.name not in done
-                and (chosen is None or m.ident in chosen)]
+                and (chosen is None or m.ident in chosen)
+                and not (m.ident in explained and status.get(m.name) in ("survived", "timeout"))]
         if not todo:
             break
         print(f"[{shard.name}] running {len(todo)} of {len(mutants)} mutants "
@@ -623,6 +630,8 @@ def main() -> None:
     parser.add_argument("--max-children", type=int, default=2, help="mutmut workers (default 2)")
     parser.add_argument("--stop-after", type=float, help="stop each shard's mutmut run after this many minutes")
     parser.add_argument("--rerun-survivors", action="store_true", help="re-test survivors and timeouts too")
+    parser.add_argument("--rerun-unexplained", action="store_true",
+                        help="re-test the survivors and timeouts that have no verdict (after adding tests for them)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing; write the report of the copies as last run")
     parser.add_argument("--check-kills", action="store_true",

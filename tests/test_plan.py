@@ -383,6 +383,19 @@ def test_a_shift_an_average_pool_refuses_stays_as_an_add_and_the_scale_folds(tmp
                                rtol=1e-4, atol=1e-5)
 
 
+def test_a_one_channel_bn_whose_shift_an_average_pool_refuses_folds_its_scale(tmp_path):
+    """A one-channel BN is a uniform map: its scale alone travels through the pool into
+    every channel the Conv reads, the shift stays as an Add."""
+    b = GraphBuilder(seed=27)
+    y = b.node("AveragePool", [b.bn(b.input([2, 1, 6, 6]), 1, name="the_bn")], kernel_shape=[3, 3],
+               pads=[1, 1, 1, 1], count_include_pad=1)
+    b.output(b.node("Conv", [y, b.random([4, 1, 3, 3])], name="conv"))
+    result, folded = fold_compare(b.model(), x_feed([2, 1, 6, 6]), tmp_path)
+    found = entry(result, "the_bn")
+    assert (found.status, found.into) == ("folded", "conv") and "shift kept as an Add" in found.detail
+    assert ops(folded) == ["Add", "AveragePool", "Conv"]
+
+
 def test_a_bn_before_a_matmul_takes_its_rank_from_its_output_if_its_input_has_none(tmp_path):
     """MatMul reads the last axis: the BN's channels (axis 1) are that axis only at rank 2,
     which the BN's output proves when its input's shape is unknown."""
