@@ -316,6 +316,10 @@ def split_then(pieces: int, channels: int, opset: int, piece: int = 0, c_out: in
     ("sizes-input-other-piece-read", split_then(2, 3, 13, sizes=[3, 1], read_others=True), 13),
     # no axis attribute: axis 0, the batch; every piece keeps all the channels
     ("default-axis-is-the-batch", split_then(2, 4, 13, axis=None, sizes=[1, 1]), 13),
+    # the batch named from the end
+    ("negative-batch-axis", split_then(2, 4, 13, axis=-4, sizes=[1, 1]), 13),
+    # the third of three pieces starts after the first two: channels 2 and 3
+    ("third-of-three", split_then(3, 2, 18, piece=2, sizes=[1, 1, 2], read_others=True), 18),
 ])
 def test_channel_split_pieces(tmp_path, case, build, opset):
     """Split's sizes as an input, as Split-11's attribute, and as opset 18's equal parts."""
@@ -610,6 +614,21 @@ DOWN_FOLDS = {
     "pad-reflect": (then_conv("Pad", inputs=[[0, 0, 1, 1, 0, 0, 1, 1]], mode="reflect"), "bn-pad-conv"),
     "dropout": (then_conv("Dropout"), "bn-dropout-conv"),
 }
+
+
+def test_map_crosses_downstream_into_channel_pieces(tmp_path):
+    """``BN -> Split(channels 1 + 3) -> Conv, Conv``, ``BN -> Gather(channels 3, 0, 2) -> Conv``
+    and ``BN -> Slice(channels 1..2) -> Conv``: each conv takes the map of the channels it reads."""
+    b = GraphBuilder(seed=15)
+    y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4, sign=None)
+    first, rest = b.node("Split", [y, b.const(np.array([1, 3]))], n_out=2, axis=1)
+    picked = b.node("Gather", [y, b.const(np.array([3, 0, 2]))], axis=1)
+    sliced = b.node("Slice", [y, b.const(np.array([1])), b.const(np.array([3])), b.const(np.array([1]))])
+    b.output(b.node("Concat", [conv(b, first, c_in=1, name="a"), conv(b, rest, c_in=3, name="b"),
+                               conv(b, picked, c_in=3, name="c"), conv(b, sliced, c_in=2, name="d")], axis=1))
+    result, out = fold(b.model(18), tmp_path)
+    entry = folded(result, out)
+    assert entry.into == "a, b, c, d" and count_ops(out, "Add") == 0
 
 
 @pytest.mark.parametrize("case", DOWN_FOLDS)
