@@ -631,6 +631,20 @@ def test_map_crosses_downstream_into_channel_pieces(tmp_path):
     assert entry.into == "a, b, c, d" and count_ops(out, "Add") == 0
 
 
+@pytest.mark.parametrize("axes", [[2, 3], [0, 2, 3], [-1, -2]])
+def test_map_crosses_a_reduction_that_drops_axes_into_a_matmul(tmp_path, axes):
+    """``BN -> ReduceMean(axes, keepdims=0) -> MatMul``: the channels end on the last axis
+    of what is left (rank 4 - len(axes), the axis less the dropped axes before it), the
+    axis MatMul reads."""
+    b = GraphBuilder(seed=16)
+    y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4, sign=None)
+    y = b.node("ReduceMean", [y, b.const(np.array(axes))], keepdims=0)
+    b.output(b.node("MatMul", [y, b.random([4, 3])], name="mm"))
+    result, out = fold(b.model(18), tmp_path)
+    entry = folded(result, out)
+    assert entry.into == "mm" and entry.route.startswith("through ReduceMean")
+
+
 @pytest.mark.parametrize("case", DOWN_FOLDS)
 def test_map_crosses_downstream(tmp_path, case):
     build, pattern = DOWN_FOLDS[case]
