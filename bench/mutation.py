@@ -115,10 +115,14 @@ MESSAGE_ARGS = {"InputError": 0, "ValueError": 0, "IndexError": 0, "TypeError": 
 #: Checks whose arguments at these indices only name things in their refusal's message:
 #: plan's ``_cast(values, dtype, what, node)``, ``_finite(values, node, role)`` (merge's
 #: ``_finite(values, node)`` too), ``_require_nonempty(weight, scale, node)`` and
-#: ``_require_weight_fits(node, weight, factor, measure)``.
+#: ``_require_weight_fits(node, weight, factor, measure)``; crossing's ``_known(node,
+#: channel)`` and ``_require_axis_1(node, channel)``.
 MESSAGE_PARAMS = {"_cast": frozenset({2, 3}), "_finite": frozenset({1, 2}), "_require_nonempty": frozenset({2}),
-                  "_require_weight_fits": frozenset({0})}
+                  "_require_weight_fits": frozenset({0}), "_known": frozenset({0}), "_require_axis_1": frozenset({0})}
 MESSAGE_KEYWORDS = {"detail", "what"}
+#: Calls whose trailing message argument may be left out (NoMatch's detail has a default,
+#: an exception takes no argument at all).
+OPTIONAL_MESSAGE = {"InputError", "ValueError", "IndexError", "TypeError", "RuntimeError", "NoMatch"}
 
 #: README/docs claims left without a unit test, and why (issue 27's last item).
 UNTESTED_CLAIMS = [
@@ -185,8 +189,8 @@ def _is_message_arg(call, index: int) -> bool:
     arg = args[index]
     if arg.keyword is not None:
         return arg.keyword.value in MESSAGE_KEYWORDS
-    if name == "_refuse" and len(args) > 1:
-        return index == 1
+    if name == "_refuse" and len(args) > 1:  # the node and the words; the reason is a decision
+        return index in (0, 1)
     return index in first if isinstance(first, frozenset) else index >= first
 
 
@@ -203,9 +207,8 @@ def _message_only(mutation, parents) -> bool:
             return bool(changed) and all(_is_message_arg(node, i) for i in changed)
         if len(new) == len(old) - 1:
             removed = next((i for i in range(len(new)) if not old[i].deep_equals(new[i])), len(new))
-            # a message argument with a default (not the checks' required ones) may go
-            return _is_message_arg(node, removed) and removed == len(old) - 1 and \
-                not isinstance(_message_first(_callee(node), old), frozenset)
+            # only a message argument the callee can do without may go (a required one: TypeError)
+            return _is_message_arg(node, removed) and removed == len(old) - 1 and _callee(node) in OPTIONAL_MESSAGE
         return False
     child, parent = node, parents.get(node)
     while parent is not None and not isinstance(parent, (cst.FunctionDef, cst.Module)):
