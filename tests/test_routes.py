@@ -272,7 +272,42 @@ RULE_CASES = {
                                                     count_include_pad=1), ("kept", "shift-not-crossing"), 18),
     # keepdims defaults to 1: the channels stay on axis 1 of the batch-reduced output
     "reducemean-batch-default-keepdims": (producer_then("ReduceMean", inputs=[[0]]), "conv-reducemean-bn", 18),
+    # Dropout's ratio alone, and a training_mode that is a constant false
+    "dropout-ratio-input": (producer_then("Dropout", inputs=[np.float32(0.5)]), "conv-dropout-bn", 13),
+    "dropout-training-false": (producer_then("Dropout", inputs=[np.float32(0.5), np.array(False)]),
+                               "conv-dropout-bn", 13),
+    "globalmaxpool-negative-scale": (producer_then("GlobalMaxPool", sign=-1.0), ("kept", "negative-scale"), 18),
+    "averagepool-same-lower-counted": (producer_then("AveragePool", kernel_shape=[2, 2], auto_pad="SAME_LOWER",
+                                                     count_include_pad=1), ("kept", "shift-not-crossing"), 18),
+    # counting padding that is not there: nothing to count
+    "averagepool-counted-without-pads": (producer_then("AveragePool", kernel_shape=[2, 2], strides=[2, 2],
+                                                       count_include_pad=1), "conv-averagepool-bn", 18),
+    "pad-18-negative-axes": (producer_then("Pad", inputs=[[1, 2, 1, 0], None, [-2, -1]], mode="edge"), "conv-pad-bn",
+                             18),
+    "pad-18-negative-axis-on-channels": (producer_then("Pad", channels=6, inputs=[[1, 1], None, [-3]], mode="edge"),
+                                         ("kept", "channel-axis-mismatch"), 18),
 }
+
+
+@pytest.mark.parametrize("is_test, expected", [(None, ("kept", "unproven-crossing")), (1, ("folded", None))])
+def test_dropout_before_opset_7_crosses_only_with_is_test(tmp_path, is_test, expected):
+    """Dropout-6 runs in training mode unless is_test=1 (its default is 0)."""
+    b = GraphBuilder(seed=17)
+    y = b.node("Dropout", [conv(b, b.input(list(SHAPE)))], **({} if is_test is None else {"is_test": is_test}))
+    b.output(b.node("BatchNormalization", [y, *b.bn_params(4)], name="the_bn", is_test=1))
+    onnx.save(b.model(opset=6, ir_version=3), tmp_path / "in.onnx")
+    entry = the_bn(bnfold.fold(tmp_path / "in.onnx"))
+    assert (entry.status, entry.reason) == expected
+
+
+def test_a_uniform_map_crosses_a_pad(tmp_path):
+    """A scalar Mul after ``Conv -> Pad(edge)``: one value on every channel, no channel to follow."""
+    b = GraphBuilder(seed=18)
+    y = b.node("Pad", [conv(b, b.input(list(SHAPE))), b.const(np.array([1, 1])), b.const(np.array(0, np.float32)),
+                       b.const(np.array([-1]))], mode="edge")
+    b.output(b.node("Mul", [y, b.const(np.float32(3.0))], name="the_bn"))
+    result, out = fold(b.model(18), tmp_path)
+    folded(result, out, "conv-pad-mul")
 
 
 @pytest.mark.parametrize("case", RULE_CASES)
