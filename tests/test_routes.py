@@ -666,6 +666,29 @@ def test_map_crosses_downstream_into_channel_pieces(tmp_path):
     assert entry.into == "a, b, c, d" and count_ops(out, "Add") == 0
 
 
+@pytest.mark.parametrize("attrs", [{}, {"axis": -4}, {"axis": 3}])
+def test_map_crosses_a_gather_off_the_channel_axis_into_a_conv(tmp_path, attrs):
+    """``BN -> Gather(batch rows 1, 0 | width columns) -> Conv``: the channels stay on axis 1
+    of a rank-4 tensor (Gather's axis defaults to 0, the batch; -4 names it from the end)."""
+    b = GraphBuilder(seed=19)
+    y = bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4, sign=None)
+    y = b.node("Gather", [y, b.const(np.array([1, 0]))], **attrs)
+    b.output(conv(b, y, name="c"))
+    result, out = fold(b.model(18), tmp_path)
+    entry = folded(result, out)
+    assert entry.into == "c" and entry.route.startswith("through Gather")
+
+
+def test_map_crosses_a_batch_gather_into_a_matmul(tmp_path):
+    """``BN -> Gather(rows 1, 0) -> MatMul`` on ``[N, C]``: the rank stays 2, so the channels
+    are still the last axis, the one MatMul reads."""
+    b = GraphBuilder(seed=20)
+    y = bn(b, b.node("Relu", [b.input([2, 4])]), 4, sign=None)
+    b.output(b.node("MatMul", [b.node("Gather", [y, b.const(np.array([1, 0]))]), b.random([4, 3])], name="mm"))
+    result, out = fold(b.model(18), tmp_path, shape=(2, 4))
+    assert folded(result, out).into == "mm"
+
+
 @pytest.mark.parametrize("axes", [[2, 3], [0, 2, 3], [-1, -2]])
 def test_map_crosses_a_reduction_that_drops_axes_into_a_matmul(tmp_path, axes):
     """``BN -> ReduceMean(axes, keepdims=0) -> MatMul``: the channels end on the last axis
