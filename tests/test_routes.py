@@ -286,6 +286,11 @@ RULE_CASES = {
                              18),
     "pad-18-negative-axis-on-channels": (producer_then("Pad", channels=6, inputs=[[1, 1], None, [-3]], mode="edge"),
                                          ("kept", "channel-axis-mismatch"), 18),
+    # Slice's axes default to 0, 1, ...: the first three axes, the channels kept whole
+    "slice-no-axes": (producer_then("Slice", inputs=[[0, 0, 1], [2, 4, 7]]), "conv-slice-bn", 18),
+    "slice-1-no-axes": (producer_then("Slice", channels=2, starts=[0, 1], ends=[2, 3]), "conv-slice-bn", 9),
+    "slice-two-axes": (producer_then("Slice", channels=3, inputs=[[1, 1], [4, 7], [1, 2], [1, 2]]), "conv-slice-bn", 18),
+    "slice-batch-negative-axis": (producer_then("Slice", inputs=[[0], [1], [-4]]), "conv-slice-bn", 18),
 }
 
 
@@ -516,6 +521,8 @@ UNRUNNABLE = {
                                                     n_out=2, axis=1)[0], 5), "unproven-crossing"),
     "slice-keeps-no-channel": (relu_bn_then("Slice", 0, inputs=[[2], [2], [1]]), "zero-size"),
     "gather-keeps-no-channel": (relu_bn_then("Gather", 0, inputs=[np.zeros(0, np.int64)], axis=1), "zero-size"),
+    "slice-step-zero": (producer_then("Slice", inputs=[[0], [2], [1], [0]]), "unproven-crossing"),
+    "slice-axis-at-the-rank": (producer_then("Slice", inputs=[[0], [2], [4]]), "unproven-crossing"),
 }
 
 
