@@ -289,7 +289,8 @@ RULE_CASES = {
     # Slice's axes default to 0, 1, ...: the first three axes, the channels kept whole
     "slice-no-axes": (producer_then("Slice", inputs=[[0, 0, 1], [2, 4, 7]]), "conv-slice-bn", 18),
     "slice-1-no-axes": (producer_then("Slice", channels=2, starts=[0, 1], ends=[2, 3]), "conv-slice-bn", 9),
-    "slice-two-axes": (producer_then("Slice", channels=3, inputs=[[1, 1], [4, 7], [1, 2], [1, 2]]), "conv-slice-bn", 18),
+    "slice-two-axes": (producer_then("Slice", channels=3, inputs=[[1, 1], [4, 7], [1, 2], [1, 2]]), "conv-slice-bn",
+                       18),
     "slice-batch-negative-axis": (producer_then("Slice", inputs=[[0], [1], [-4]]), "conv-slice-bn", 18),
 }
 
