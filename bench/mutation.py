@@ -111,14 +111,15 @@ SHARDS = [
 
 #: Message-building calls, and the first argument index that is message text.
 MESSAGE_ARGS = {"InputError": 0, "ValueError": 0, "IndexError": 0, "TypeError": 0, "RuntimeError": 0,
-                "NoMatch": 1, "Keep": 2}
-#: Checks whose arguments at these indices only name things in their refusal's message:
-#: plan's ``_cast(values, dtype, what, node)``, ``_finite(values, node, role)`` (merge's
-#: ``_finite(values, node)`` too), ``_require_nonempty(weight, scale, node)`` and
-#: ``_require_weight_fits(node, weight, factor, measure)``; crossing's ``_known(node,
-#: channel)`` and ``_require_axis_1(node, channel)``.
-MESSAGE_PARAMS = {"_cast": frozenset({2, 3}), "_finite": frozenset({1, 2}), "_require_nonempty": frozenset({2}),
-                  "_require_weight_fits": frozenset({0}), "_known": frozenset({0}), "_require_axis_1": frozenset({0})}
+                "NoMatch": 1}
+#: Calls whose arguments at these indices only name things in a message: a Keep's detail
+#: (not its channels or conversion); plan's ``_cast(values, dtype, what, node)``,
+#: ``_finite(values, node, role)`` (merge's ``_finite(values, node)`` too),
+#: ``_require_nonempty(weight, scale, node)`` and ``_require_weight_fits(node, weight,
+#: factor, measure)``; crossing's ``_known(node, channel)`` and ``_require_axis_1(node, channel)``.
+MESSAGE_PARAMS = {"Keep": frozenset({2}), "_cast": frozenset({2, 3}), "_finite": frozenset({1, 2}),
+                  "_require_nonempty": frozenset({2}), "_require_weight_fits": frozenset({0}), "_known": frozenset({0}),
+                  "_require_axis_1": frozenset({0})}
 MESSAGE_KEYWORDS = {"detail", "what"}
 #: Calls whose trailing message argument may be left out (NoMatch's detail has a default,
 #: an exception takes no argument at all).

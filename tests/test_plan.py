@@ -64,6 +64,26 @@ def test_keep_on_request(tmp_path):
     assert count_ops(folded, "BatchNormalization") == 1
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_training_bn_kept_with_to_inference_is_kept_in_inference_form(tmp_path, keep):
+    """--to-inference converts a training-mode BN even where it stays: named by --keep, or
+    with nothing linear beside it. The model keeps an inference BN, and the ledger says so."""
+    b = GraphBuilder(seed=8)
+    x = b.input([2, 3, 4, 4])
+    y = b.node("Conv", [x, b.random([3, 3, 1, 1])]) if keep else b.node("Relu", [x])  # a conv: it would fold
+    b.nodes.append(oh.make_node("BatchNormalization", [y, *b.bn_params(3)], ["out", "rm", "rv"], name="the_bn",
+                                training_mode=1))
+    b.output("out", [2, 3, 4, 4])
+    onnx.save(b.model(opset=15), tmp_path / "in.onnx")
+    result = bnfold.fold(tmp_path / "in.onnx", to_inference=True, keep=frozenset({"the_bn"} if keep else ()))
+    found = entry(result, "the_bn")
+    assert (found.status, found.reason) == ("kept", "kept-on-request" if keep else "no-linear-producer")
+    assert (found.channels, found.converted_from_training) == (3, True)
+    result.save(tmp_path / "out.onnx")
+    (bn,) = [n for n in onnx.load(tmp_path / "out.onnx").graph.node if n.op_type == "BatchNormalization"]
+    assert list(bn.output) == ["out"] and not bn.attribute
+
+
 # --- statistics ------------------------------------------------------------------------
 
 
