@@ -292,6 +292,11 @@ RULE_CASES = {
     "slice-two-axes": (producer_then("Slice", channels=3, inputs=[[1, 1], [4, 7], [1, 2], [1, 2]]), "conv-slice-bn",
                        18),
     "slice-batch-negative-axis": (producer_then("Slice", inputs=[[0], [1], [-4]]), "conv-slice-bn", 18),
+    # scales as Resize-10's second input, as Upsample-7's attribute; Resize-11 reads roi there
+    "resize-10-scales-input": (producer_then("Resize", inputs=[SCALES]), "conv-resize-bn", 10),
+    "upsample-7-scales-attribute": (producer_then("Upsample", scales=[1.0, 1.0, 2.0, 2.0]), "conv-upsample-bn", 7),
+    "resize-11-roi-then-scales": (producer_then("Resize", inputs=[np.zeros(0, np.float32), SCALES]), "conv-resize-bn",
+                                  11),
 }
 
 
