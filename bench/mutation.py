@@ -38,7 +38,7 @@ in-process tests.
     python bench/mutation.py --shard affine --shard compare
     python bench/mutation.py --shard plan --sample 300
     python bench/mutation.py --rerun-survivors       # after adding tests
-    python bench/mutation.py --rerun-unexplained     # only the survivors without a verdict
+    python bench/mutation.py --rerun-unexplained     # skip survivors explained as equivalent
     python bench/mutation.py --report-only --check-kills
 """
 
@@ -635,7 +635,8 @@ def main() -> None:
     parser.add_argument("--stop-after", type=float, help="stop each shard's mutmut run after this many minutes")
     parser.add_argument("--rerun-survivors", action="store_true", help="re-test survivors and timeouts too")
     parser.add_argument("--rerun-unexplained", action="store_true",
-                        help="re-test the survivors and timeouts that have no verdict (after adding tests for them)")
+                        help="re-test the survivors and timeouts not explained as equivalent or as no value/decision "
+                             "(after adding tests for them)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing; write the report of the copies as last run")
     parser.add_argument("--check-kills", action="store_true",

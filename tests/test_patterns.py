@@ -432,12 +432,13 @@ def test_a_training_bn_converted_in_one_pass_and_folded_in_the_next_says_so(tmp_
     inference.CopyFrom(training)
     inference.graph.node[0].ClearField("attribute")
     inference.graph.node[0].output[1:] = []
+    from bnfold.verdict import outstanding_problems
+
     result = bnfold.fold(ir.serde.deserialize_model(training), to_inference=True)
     found = {e.node: e for e in result.ledger}
     assert (found["the_bn"].status, found["the_bn"].converted_from_training) == ("folded", True)
     assert "converted from training mode" in found["the_bn"].detail
     assert result.ledger.summary()["folded"] == 2
-    from bnfold.verdict import outstanding_problems
     assert outstanding_problems(found["the_bn"]) == []
     out = tmp_path / "f.onnx"
     result.save(out)
