@@ -716,6 +716,17 @@ def test_map_crosses_a_reduction_that_drops_axes_into_a_matmul(tmp_path, axes):
     assert entry.into == "mm" and entry.route.startswith("through ReduceMean")
 
 
+def test_a_reduction_over_every_axis_stops_a_channel_map(tmp_path):
+    """``BN -> ReduceMean(no axes) -> Conv``: no axes reduces every axis, the channels
+    included (noop_with_empty_axes defaults to 0), so the map cannot reach the conv."""
+    b = GraphBuilder(seed=22)
+    y = b.node("ReduceMean", [bn(b, b.node("Relu", [b.input(list(SHAPE))]), 4, sign=None)], keepdims=1)
+    b.output(conv(b, y, c_in=1))
+    model = b.model(18)
+    result, out = fold(model, tmp_path)
+    kept(result, out, model, "channel-axis-mismatch")
+
+
 @pytest.mark.parametrize("case", DOWN_FOLDS)
 def test_map_crosses_downstream(tmp_path, case):
     build, pattern = DOWN_FOLDS[case]
