@@ -292,6 +292,8 @@ RULE_CASES = {
     "slice-two-axes": (producer_then("Slice", channels=3, inputs=[[1, 1], [4, 7], [1, 2], [1, 2]]), "conv-slice-bn",
                        18),
     "slice-batch-negative-axis": (producer_then("Slice", inputs=[[0], [1], [-4]]), "conv-slice-bn", 18),
+    "gather-channels-counted-from-the-end": (producer_then("Gather", channels=2, inputs=[np.array([-4, 3])], axis=1),
+                                             "conv-gather-bn", 18),
     # scales as Resize-10's second input, as Upsample-7's attribute; Resize-11 reads roi there
     "resize-10-scales-input": (producer_then("Resize", inputs=[SCALES]), "conv-resize-bn", 10),
     "upsample-7-scales-attribute": (producer_then("Upsample", scales=[1.0, 1.0, 2.0, 2.0]), "conv-upsample-bn", 7),
@@ -528,6 +530,12 @@ UNRUNNABLE = {
     "slice-keeps-no-channel": (relu_bn_then("Slice", 0, inputs=[[2], [2], [1]]), "zero-size"),
     "gather-keeps-no-channel": (relu_bn_then("Gather", 0, inputs=[np.zeros(0, np.int64)], axis=1), "zero-size"),
     "slice-step-zero": (producer_then("Slice", inputs=[[0], [2], [1], [0]]), "unproven-crossing"),
+    "gather-axis-at-the-rank": (producer_then("Gather", inputs=[np.array([0])], axis=4), "unproven-crossing"),
+    "gather-channel-past-the-count": (producer_then("Gather", channels=2, inputs=[np.array([2, 4])], axis=1),
+                                      "unproven-crossing"),
+    "split-axis-at-the-rank": (lambda b: bn(b, b.node("Split", [conv(b, b.input(list(SHAPE))),
+                                                                 b.const(np.array([1, 1]))], n_out=2, axis=4)[0], 4),
+                               "unproven-crossing"),
     "slice-axis-at-the-rank": (producer_then("Slice", inputs=[[0], [2], [4]]), "unproven-crossing"),
 }
 
