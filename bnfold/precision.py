@@ -372,23 +372,22 @@ class _Sample:
         stride = int8_stride(size, self.row, limit)
         self.by_columns = out_axis == 0 and (stride == 1 or self.row >= 4 * stride)
         self.stride = stride if self.by_columns else int8_stride(size, shape[0], limit)
-        self.blocks: list[tuple[int, int, int, np.ndarray]] = []  # (start, stop, first sampled row, values)
+        self.blocks: list[np.ndarray] = []  # the sampled values of each block, in row order
 
     def take(self, block: np.ndarray, start: int) -> None:
-        stop = start + block.shape[0]
         if self.by_columns:
-            self.blocks.append((start, stop, 0, np.array(_columns(block, self.stride, block.shape))))
+            self.blocks.append(np.array(_columns(block, self.stride, block.shape)))
             return
         first = (-start) % self.stride  # global rows 0, stride, 2 stride, ...
         if first < block.shape[0]:
-            self.blocks.append((start, stop, first, np.array(block[first::self.stride])))
+            self.blocks.append(np.array(block[first::self.stride]))
 
-    def pick(self, array, start: int, stop: int, first: int, block_shape):
-        """``array`` (broadcasting against the weight) at the sampled elements of rows ``start:stop``."""
-        rows = _rows(array, start, stop)
+    def pick(self, array):
+        """``array`` (broadcasting against the weight) at the sampled elements, laid out as
+        the concatenated blocks."""
         if self.by_columns:
-            return _columns(rows, self.stride, block_shape)
-        return rows[first::self.stride] if np.ndim(rows) and np.shape(rows)[0] > 1 else rows
+            return _columns(array, self.stride, self.shape)
+        return array[::self.stride] if np.ndim(array) and np.shape(array)[0] > 1 else array
 
 
 class _Int8:
@@ -441,8 +440,8 @@ class _Int8:
         blocks = self.sample.blocks
         if not blocks:
             return
-        x = np.concatenate([block for *_, block in blocks]).astype(self.work, copy=False)
-        self._add(x, 0, self.shape[0], 0, sample_signal=energy is None)
+        x = np.concatenate(blocks).astype(self.work, copy=False)
+        self._add(x, sample_signal=energy is None)
         scale = int(np.prod(self.shape, dtype=np.int64)) / x.size
         for view, signal in zip(self.views, self.signal):
             view.pt_noise *= scale
@@ -453,13 +452,8 @@ class _Int8:
             else:
                 view.signal = np.asarray([signal * scale])
 
-    def _add(self, x: np.ndarray, start: int, stop: int, first: int, sample_signal: bool) -> None:
-        sample = self.sample
-        block_shape = (stop - start, *self.shape[1:])
-
-        def pick(array):
-            return sample.pick(array, start, stop, first, block_shape)
-
+    def _add(self, x: np.ndarray, sample_signal: bool) -> None:
+        sample, pick = self.sample, self.sample.pick
         folded = {}
         for source, kind, i, multiplier in self.lanes:
             if source is None:
@@ -481,10 +475,8 @@ class _Int8:
                 continue
             t -= np.rint(t)
             noise = self._per_channel(t)
-            if sample.by_columns:
-                where = slice(start, stop)
-            else:
-                where = slice(start + first, stop, sample.stride) if self.out_axis == 0 else slice(None)
+            # the channels of the sampled rows (all of them when sampled by columns)
+            where = slice(None, None, sample.stride) if not sample.by_columns and self.out_axis == 0 else slice(None)
             for target in (self.views if kind == "shared" else [view]):
                 target.pc_noise[where] += noise * target.pc_step[where] ** 2
 
