@@ -177,8 +177,9 @@ def _callee(call) -> str | None:
 def _message_first(name: str | None, args) -> int | frozenset[int] | None:
     """The first argument of a call to ``name`` that is message text, or the set of such
     arguments (None: no message call)."""
-    if name == "_refuse":  # crossing._refuse(node, what, reason), elementwise._refuse(detail)
-        return 0 if len(args) == 1 else 1
+    # crossing._refuse(node, what, reason): its reason is a decision; elementwise._refuse(detail)
+    if name == "_refuse":
+        return frozenset({0}) if len(args) == 1 else frozenset({0, 1})
     return MESSAGE_ARGS.get(name, MESSAGE_PARAMS.get(name))
 
 
@@ -190,8 +191,6 @@ def _is_message_arg(call, index: int) -> bool:
     arg = args[index]
     if arg.keyword is not None:
         return arg.keyword.value in MESSAGE_KEYWORDS
-    if name == "_refuse" and len(args) > 1:  # the node and the words; the reason is a decision
-        return index in (0, 1)
     return index in first if isinstance(first, frozenset) else index >= first
 
 
@@ -444,8 +443,9 @@ def run_shard(shard: Shard, root: Path, args) -> dict:
                                             else set())
     # A survivor explained as equivalent or as no value/decision runs every test that reaches
     # it (minutes): re-test only the ones a new test should now kill.
-    explained = {ident for ident, v in load_verdicts().items()
-                 if kind_of(v["verdict"]) in ("equivalent", "not a value/decision")} if args.rerun_unexplained else set()
+    settled = ("equivalent", "not a value/decision")
+    explained = {ident for ident, v in load_verdicts().items() if kind_of(v["verdict"]) in settled} \
+        if args.rerun_unexplained else set()
     log_path = root / "mutmut.log"
     runs_path = root / "runs.json"
     done: set[str] = set()
