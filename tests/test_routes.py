@@ -37,9 +37,9 @@ def conv(b: GraphBuilder, x: str, c_out: int = 4, c_in: int = 4, k: int = 1, pad
     return b.node("Conv", [x, b.random([c_out, c_in, k, k]), b.random([c_out])], name=name, **attrs)
 
 
-def fold(model, tmp_path, shape=SHAPE):
+def fold(model, tmp_path, shape=SHAPE, full_check=True):
     feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    return fold_and_compare(model, feeds, tmp_path)
+    return fold_and_compare(model, feeds, tmp_path, full_check=full_check)
 
 
 def the_bn(result):
@@ -87,6 +87,8 @@ UP_FOLDS = {
     "reducemean": (producer_then("ReduceMean", inputs=[[2, 3]], keepdims=1), "conv-reducemean-bn"),
     "reducesum": (producer_then("ReduceSum", inputs=[[2]], keepdims=1), "conv-reducesum-bn"),
     "reducemax": (producer_then("ReduceMax", inputs=[[3]], keepdims=1), "conv-reducemax-bn"),
+    # the batch named from the end: -4 is the first axis of a rank-4 tensor
+    "reducemean-batch-from-the-end": (producer_then("ReduceMean", inputs=[[-4]], keepdims=1), "conv-reducemean-bn"),
     "resize-nearest": (producer_then("Resize", inputs=[None, SCALES], mode="nearest"), "conv-resize-bn"),
     "resize-linear": (producer_then("Resize", inputs=[None, SCALES], mode="linear"), "conv-resize-bn"),
     "resize-cubic": (producer_then("Resize", inputs=[None, SCALES], mode="cubic"), "conv-resize-bn"),
@@ -145,7 +147,8 @@ def test_map_crosses_a_wrapping_pad(tmp_path):
 @pytest.mark.parametrize("gamma, named", [
     ([1.0, -1.0, 2.0, -0.5], "(channel(s) 1, 3)"),
     ([-1.0] * 10, "(channel(s) 0, 1, 2, 3, 4, 5, 6, 7, ... (10 in all))"),  # eight named, then the count
-], ids=["two-of-four", "ten-of-ten"])
+    ([1.0, 0.0, 2.0, 0.5], "(channel(s) 1)"),  # the rule is s > 0, as documented: a zero scale is named too
+], ids=["two-of-four", "ten-of-ten", "a-zero-scale"])
 def test_negative_scale_names_the_channels(tmp_path, gamma, named):
     b = GraphBuilder(seed=3)
     y = b.node("MaxPool", [conv(b, b.input(list(SHAPE)), c_out=len(gamma))], kernel_shape=[2, 2], name="pool")
@@ -164,6 +167,19 @@ def test_pure_scale_crosses_a_zero_pad(tmp_path):
     b = GraphBuilder(seed=4)
     y = b.node("Pad", [conv(b, b.input(list(SHAPE))), b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))])
     b.output(bn(b, y, 4, shift=False))
+    result, out = fold(b.model(18), tmp_path)
+    folded(result, out, "conv-pad-bn")
+
+
+def test_a_constant_pad_the_map_leaves_in_place_is_crossed(tmp_path):
+    """``s*v + t == v`` on every channel (here ``v = 1``, ``t = 1 - s``): the padded border
+    comes out of the folded model as the original writes it, so the BN folds."""
+    b = GraphBuilder(seed=41)
+    y = b.node("Pad", [conv(b, b.input(list(SHAPE))), b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1])),
+                       b.const(np.array(1.0, np.float32))])
+    gamma = np.array([0.5, 2.0, -1.0, 0.25], np.float32)  # var + eps == 1 and mean == 0: s == gamma, t == beta
+    params = [b.const(a) for a in (gamma, 1 - gamma, np.zeros(4, np.float32), np.full(4, 0.75, np.float32))]
+    b.output(b.node("BatchNormalization", [y, *params], name="the_bn", epsilon=0.25))
     result, out = fold(b.model(18), tmp_path)
     folded(result, out, "conv-pad-bn")
 
@@ -235,6 +251,8 @@ RULE_CASES = {
     "resize-axes-with-channels": (producer_then("Resize", inputs=[None, np.array([1, 2, 2], np.float32)],
                                                 axes=[1, 2, 3]), "conv-resize-bn", 18),
     "resize-sizes": (producer_then("Resize", inputs=[None, None, ALL_SPATIAL]), "conv-resize-bn", 18),
+    "resize-sizes-of-the-channels": (producer_then("Resize", channels=8, inputs=[None, None, np.array([2, 8, 8, 8])]),
+                                     ("kept", "channel-axis-mismatch"), 18),
     # not_larger scales every axis by the smallest ratio: here the channels halve
     "resize-sizes-not-larger": (producer_then("Resize", channels=2, inputs=[None, None, np.array([2, 4, 4, 4])],
                                               keep_aspect_ratio_policy="not_larger"),
@@ -368,6 +386,10 @@ def split_then(pieces: int, channels: int, opset: int, piece: int = 0, c_out: in
     ("negative-batch-axis", split_then(2, 4, 13, axis=-4, sizes=[1, 1]), 13),
     # the third of three pieces starts after the first two: channels 2 and 3
     ("third-of-three", split_then(3, 2, 18, piece=2, sizes=[1, 1, 2], read_others=True), 18),
+    # 4 channels in 3 equal parts: 2, 2 and an empty last one
+    ("equal-parts-last-empty", split_then(3, 2, 18, piece=1, num_outputs=3), 18),
+    # a piece of size 0 is a valid piece: the BN's piece still starts at channel 2
+    ("an-empty-piece-between", split_then(3, 2, 13, piece=2, sizes=[2, 0, 2]), 13),
 ])
 def test_channel_split_pieces(tmp_path, case, build, opset):
     """Split's sizes as an input, as Split-11's attribute, and as opset 18's equal parts."""
@@ -665,6 +687,8 @@ DOWN_FOLDS = {
     "globalmaxpool": (then_conv("GlobalMaxPool"), "bn-globalmaxpool-conv"),
     "reducesum": (then_conv("ReduceSum", inputs=[[2, 3]], keepdims=1), "bn-reducesum-conv"),
     "reducemean": (then_conv("ReduceMean", inputs=[[3]], keepdims=1), "bn-reducemean-conv"),
+    "reducemax": (then_conv("ReduceMax", inputs=[[2, 3]], keepdims=1), "bn-reducemax-conv"),
+    "reducemean-noop-without-axes": (then_conv("ReduceMean", noop_with_empty_axes=1), "bn-reducemean-conv"),
     "resize-linear": (then_conv("Resize", inputs=[None, SCALES], mode="linear"), "bn-resize-conv"),
     "slice-spatial": (then_conv("Slice", inputs=[[-1], [0], [3], [-1]]), "bn-slice-conv"),
     "pad-reflect": (then_conv("Pad", inputs=[[0, 0, 1, 1, 0, 0, 1, 1]], mode="reflect"), "bn-pad-conv"),
@@ -1199,7 +1223,7 @@ def test_a_scalar_map_into_a_concat_1_without_axis_folds_into_its_channels(tmp_p
 
 
 @pytest.mark.parametrize("case, domain", [("producer", "AI.ONNX"), ("returned", "XXai.onnxXX"),
-                                          ("second-reader", "AI.ONNX")])
+                                          ("second-reader", "AI.ONNX"), ("crossing", "com.example")])
 def test_an_op_of_another_domain_named_like_a_standard_op_is_no_step(tmp_path, case, domain):
     """A custom domain's Concat or Conv (here in domains spelt like 'ai.onnx', which is not
     theirs) is no join and no linear op: a map does not travel through or into it. The
@@ -1209,6 +1233,11 @@ def test_an_op_of_another_domain_named_like_a_standard_op_is_no_step(tmp_path, c
     if case == "producer":
         b.output(bn(b, b.node("Concat", [conv(b, x), conv(b, b.node("Sigmoid", [x]))], axis=1), 8), shape=[2, 8, 8, 8])
         b.nodes[-2].domain = domain
+    elif case == "crossing":  # a MaxPool of another domain between the BN and one of its convs
+        y = bn(b, b.node("Relu", [x]), 4)
+        b.output(conv(b, b.node("MaxPool", [y], kernel_shape=[2, 2])), shape=[2, 4, 7, 7])
+        b.nodes[-2].domain = domain
+        b.output(conv(b, y), shape=list(SHAPE))
     else:
         y = bn(b, b.node("Relu", [x]), 4)
         b.output(y if case == "returned" else conv(b, y), shape=list(SHAPE))
@@ -1220,5 +1249,131 @@ def test_an_op_of_another_domain_named_like_a_standard_op_is_no_step(tmp_path, c
     onnx.save(model, tmp_path / "m.onnx")  # onnxruntime has no kernel for the custom ops: not run
     result = bnfold.fold(tmp_path / "m.onnx")
     result.save(tmp_path / "out.onnx")
-    reason = "fan-out" if case == "second-reader" else "no-linear-producer"
+    reason = "fan-out" if case in ("second-reader", "crossing") else "no-linear-producer"
     kept(result, onnx.load(tmp_path / "out.onnx"), model, reason)
+
+
+# --- facts the graph leaves open -----------------------------------------------------
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "Pad", "Pad-axes"])
+def test_the_producers_weight_proves_the_rank_shape_inference_cannot(tmp_path, op):
+    """``Conv -> op -> BN`` on an input of unknown shape: nothing is inferred after the
+    Conv, but its 4-d weight proves the rank the op's axes are read against (Pad-18's
+    axes input counted from the end too)."""
+    b = GraphBuilder(seed=120)
+    y = conv(b, b.input(None))
+    y = {"ReduceMean": lambda: b.node("ReduceMean", [y, b.const(np.array([2, 3]))]),
+         "Pad": lambda: b.node("Pad", [y, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1]))], mode="reflect"),
+         "Pad-axes": lambda: b.node("Pad", [y, b.const(np.array([1, 2, 0, 1])), "", b.const(np.array([-2, 3]))],
+                                    mode="edge")}[op]()
+    b.output(bn(b, y, 4, sign=None), shape=None)
+    result, out = fold(b.model(18), tmp_path, full_check=False)
+    folded(result, out, "conv-pad-bn" if op == "Pad-axes" else f"conv-{op.lower()}-bn")
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_sum_over_axes_of_unknown_extent_takes_no_shift(tmp_path, shift):
+    """``ReduceSum`` multiplies a shift by the number of elements it sums: unknown here (an
+    input of unknown shape), so a BN with a shift stays and a pure scale folds."""
+    b = GraphBuilder(seed=121)
+    y = b.node("ReduceSum", [conv(b, b.input(None)), b.const(np.array([2, 3]))])
+    b.output(bn(b, y, 4, sign=None, shift=shift), shape=None)
+    model = b.model(18)
+    result, out = fold(model, tmp_path, full_check=False)
+    if shift:
+        entry = kept(result, out, model, "shift-not-crossing")
+        assert "cannot be proven" in entry.detail
+    else:
+        folded(result, out, "conv-reducesum-bn")
+
+
+def test_a_downstream_sum_over_symbolic_axes_takes_a_pure_scale(tmp_path):
+    """``BN(no shift) -> ReduceSum(height, width of symbolic size) -> Conv``."""
+    b = GraphBuilder(seed=122)
+    y = bn(b, b.node("Relu", [b.input(["n", 4, "h", "w"])]), 4, sign=None, shift=False)
+    b.output(conv(b, b.node("ReduceSum", [y, b.const(np.array([2, 3]))]), name="c"), shape=None)
+    result, out = fold(b.model(18), tmp_path)
+    entry = folded(result, out, "bn-reducesum-conv")
+    assert entry.into == "c"
+
+
+@pytest.mark.parametrize("site", ["bn", "scalar-mul"])
+def test_a_map_crosses_a_spatial_split_downstream_into_a_conv_per_piece(tmp_path, site):
+    """``BN -> Split(height 3 + 5) -> Conv, Conv``: each piece carries every channel."""
+    b = GraphBuilder(seed=123)
+    x = b.node("Relu", [b.input(list(SHAPE))])
+    y = bn(b, x, 4, sign=None) if site == "bn" else b.node("Mul", [x, b.const(np.float32(0.7))], name="the_bn")
+    top, bottom = b.node("Split", [y, b.const(np.array([3, 5]))], n_out=2, axis=2)
+    b.output(b.node("Concat", [conv(b, top, name="a"), conv(b, bottom, name="b")], axis=2))
+    result, out = fold(b.model(18), tmp_path)
+    entry = the_bn(result)
+    assert (entry.status, entry.into) == ("folded", "a, b"), (entry.reason, entry.detail)
+    assert "through Split" in entry.route and count_ops(out, "Split") == 1
+    assert count_ops(out, "BatchNormalization") + count_ops(out, "Mul") == 0
+
+
+def test_channel_pieces_keep_their_rank_for_the_next_crossing(tmp_path):
+    """``Conv -> Split(channels) -> Gather(channels) -> Gather(width) -> ReduceMean -> BN``:
+    each step says the rank of what it hands on, which the next one's axes need."""
+    b = GraphBuilder(seed=124)
+    _, y = b.node("Split", [conv(b, b.input(list(SHAPE)), c_out=6), b.const(np.array([2, 4]))], n_out=2, axis=1)
+    y = b.node("Gather", [y, b.const(np.array([3, 0, 1]))], axis=1)
+    y = b.node("Gather", [y, b.const(np.array([0, 2, 5]))], axis=3)
+    b.output(bn(b, b.node("ReduceMean", [y, b.const(np.array([2]))]), 3, sign=None))
+    result, out = fold(b.model(18), tmp_path)
+    folded(result, out, "conv-split-gather-gather-reducemean-bn")
+
+
+@pytest.mark.parametrize("site, op", [("scalar-mul", "ReduceMean"), ("scalar-mul", "Pad-axes"),
+                                      ("bn", "Slice"), ("bn", "Resize"), ("bn", "ReduceMean")])
+def test_axes_on_data_of_unknown_rank_stop_the_route(tmp_path, site, op):
+    """On an input of unknown shape a map that must be placed on axes (a reduction's, Pad's
+    axes input, a BN's channels met by Slice or Resize downstream) is refused, with the op
+    named; nothing is guessed and nothing fails."""
+    b = GraphBuilder(seed=125)
+    x = b.input(None)
+    if site == "bn":
+        y = bn(b, b.node("Relu", [x]), 4)
+        y = {"Slice": lambda: b.node("Slice", [y, b.const(np.array([1])), b.const(np.array([5])),
+                                              b.const(np.array([2]))]),
+             "Resize": lambda: b.node("Resize", [y, "", b.const(SCALES)]),
+             "ReduceMean": lambda: b.node("ReduceMean", [y, b.const(np.array([2, 3]))])}[op]()
+        b.output(conv(b, y), shape=None)
+    else:
+        y = conv(b, x)
+        y = b.node("ReduceMean", [y, b.const(np.array([2, 3]))]) if op == "ReduceMean" else \
+            b.node("Pad", [y, b.const(np.array([1, 1])), "", b.const(np.array([-1]))], mode="edge")
+        b.output(b.node("Mul", [y, b.const(np.float32(0.7))], name="the_bn"), shape=None)
+    model = b.model(18)
+    result, out = fold(model, tmp_path, full_check=False)
+    entry = kept(result, out, model, "channel-axis-mismatch" if op == "Resize" else "unproven-crossing")
+    assert entry.detail.startswith(op.removesuffix("-axes") + " ")
+
+
+def test_a_declared_shape_after_an_input_of_unknown_rank_is_no_channel_proof(tmp_path):
+    """``MatMul(x of unknown rank) -> ReduceMean -> BN`` with the MatMul's output shape
+    declared: its channels are the last axis of a rank the MatMul does not prove, so the
+    reduction's axes cannot be placed against them and the BN stays."""
+    b = GraphBuilder(seed=126)
+    y = b.node("MatMul", [b.input(None), b.random([4, 3])])
+    b.value_info = [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [2, 3])]
+    b.output(bn(b, b.node("ReduceMean", [y, b.const(np.array([0]))]), 3), shape=None)
+    model = b.model(18)
+    model.graph.value_info.extend(b.value_info)
+    result, out = fold(model, tmp_path, shape=(2, 4), full_check=False)
+    entry = kept(result, out, model, "unproven-crossing")
+    assert entry.detail.startswith("ReduceMean ") and "not proven" in entry.detail
+
+
+def test_upsample_scales_that_do_not_match_the_rank_stop_the_route(tmp_path):
+    """Upsample-9 with one scale for a rank-4 tensor (an invalid model, which onnxruntime
+    refuses to run): the scale of the channel axis is unknown, so the BN stays."""
+    b = GraphBuilder(seed=127)
+    b.output(producer_then("Upsample", inputs=[np.array([2.0], np.float32)])(b), shape=None)
+    model = b.model(9)
+    onnx.save(model, tmp_path / "m.onnx")
+    result = bnfold.fold(tmp_path / "m.onnx")
+    result.save(tmp_path / "out.onnx")
+    entry = kept(result, onnx.load(tmp_path / "out.onnx"), model, "channel-axis-mismatch")
+    assert entry.detail.startswith("Upsample ")

@@ -174,8 +174,8 @@ def _reduce(node: ir.Node, channel: Channel | None, consts: Constants, opset: in
     axes = sorted({a % rank for a in axes})
     out_channel = None
     if channel is not None:
-        known = channel.normalized()
-        if known is None or known.axis is None or known.axis in axes:
+        known = _known(node, channel)
+        if known.axis in axes:
             raise _refuse(node, "reduces over the channel axis", "channel-axis-mismatch")
         kept = bool(node.attributes.get_int("keepdims", 1))
         out_channel = Channel(rank if kept else rank - len(axes),
@@ -206,7 +206,7 @@ def _resize(node: ir.Node, channel: Channel | None, consts: Constants, opset: in
     """Resize/Upsample: each output element is a weighted mean of input elements of its
     own channel, with weights that sum to 1 (nearest: one weight), unless it extrapolates."""
     mode = node.attributes.get_string("mode", "nearest")
-    if mode not in ("nearest", "linear", "bilinear", "cubic"):
+    if mode not in ("nearest", "linear", "cubic"):
         raise _refuse(node, f"uses mode {mode!r}")
     if node.attributes.get_string("coordinate_transformation_mode", "half_pixel") == "tf_crop_and_resize":
         raise _refuse(node, "crops with tf_crop_and_resize, which fills with an extrapolation value")
