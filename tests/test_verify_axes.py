@@ -159,7 +159,7 @@ def test_verify_judges_along_the_axis_the_fold_scaled(tmp_path, pattern, input_s
 import onnx_ir as ir  # noqa: E402
 
 from bnfold.constant_eval import Constants  # noqa: E402
-from bnfold.patterns.channels import channel_of  # noqa: E402
+from bnfold.patterns.channels import WALK_LIMIT, channel_of  # noqa: E402
 from bnfold.patterns.layout import Channel  # noqa: E402
 
 
@@ -215,8 +215,18 @@ WALKS = {
     "first-axis-broadcast-to-a-higher-rank": (lambda b: b.node("Add", [
         b.node("Transpose", [conv(b, b.input([2, 3, 4, 4]))], perm=[1, 0, 2, 3]), b.input([5, 1, 1, 1, 1], "y")]),
         Channel(5, 1, C)),
-    "concats-beyond-the-walk": (lambda b: concats(b, conv(b, b.input([2, 3, 4, 4])), 70), None),
-    "concats-within-the-walk": (lambda b: concats(b, conv(b, b.input([2, 3, 4, 4])), 60), Channel(4, 1, C)),
+    # WALK_LIMIT nested Concats are walked, one more is not
+    "concats-beyond-the-walk": (lambda b: concats(b, conv(b, b.input([2, 3, 4, 4])), WALK_LIMIT + 1), None),
+    "concats-within-the-walk": (lambda b: concats(b, conv(b, b.input([2, 3, 4, 4])), WALK_LIMIT), Channel(4, 1, C)),
+    "concat-of-unknown-ranks": (lambda b: b.node("Concat", [b.node("Conv", [fed(b, "x", None), fed(b, "w", None)]),
+                                                            b.node("Conv", [fed(b, "y", None), fed(b, "v", None)])],
+                                                 axis=1), None),
+    # constant weights prove rank and count where shape inference knows nothing
+    "conv-of-an-input-of-unknown-shape": (lambda b: conv(b, fed(b, "x", None)), Channel(4, 1, C)),
+    "convtranspose-of-an-input-of-unknown-shape": (
+        lambda b: b.node("ConvTranspose", [fed(b, "x", None), b.random([3, C, 2, 2])]), Channel(4, 1, C)),
+    "gemm-of-an-input-of-unknown-shape": (lambda b: b.node("Gemm", [fed(b, "x", None), b.random([3, C])]),
+                                          Channel(2, 1, C)),
     "concat-with-an-empty-part": (lambda b: b.node("Concat", [
         b.node("Conv", [b.input([2, 3, 4, 4]), fed(b, "w", [0, 3, 1, 1])]), conv(b, b.input([2, 3, 4, 4], "y"))],
         axis=1), Channel(4, 1, C)),
@@ -252,13 +262,23 @@ def test_the_walk_says_it_cannot_through_a_layout_op_without_input():
     assert channel_of(model.graph.outputs[0], Constants(model.ir_version, graphs=[model.graph])) is None
 
 
-def test_the_walk_says_it_cannot_when_a_sum_is_declared_narrower_than_its_channels():
-    """A Conv of unknown rank (channels on its axis 1) added to a vector, the sum declared of
-    rank 1 (shape inference cannot refute it): no axis 1 there, so no channels, not axis 1."""
+@pytest.mark.parametrize("case, declared, expected", [
+    # a Conv of unknown rank (channels on its axis 1) added to a vector, the sum declared of
+    # rank 1 (shape inference cannot refute it): no axis 1 there, so no channels, not axis 1
+    ("sum-declared-narrower", [C], None),
+    # added to a rank-4 tensor, the sum declared so: the channels stay on axis 1
+    ("sum-declared-of-rank-4", [2, C, 4, 4], Channel(4, 1, -1)),
+    # the Conv itself declared of rank 1: it has no axis 1 for its channels
+    ("conv-declared-of-rank-1", [C], None),
+])
+def test_the_walk_reads_declared_shapes_of_outputs_inference_cannot_refute(case, declared, expected):
     b = GraphBuilder(seed=0)
-    b.output(b.node("Add", [b.node("Conv", [fed(b, "x", None), fed(b, "w", None)]), b.input([C], "y")]), shape=[C])
+    y = b.node("Conv", [fed(b, "x", None), fed(b, "w", None)])
+    if case.startswith("sum"):
+        y = b.node("Add", [y, b.input(declared, "y")])
+    b.output(y, shape=declared)
     model = ir.serde.deserialize_model(onnx.shape_inference.infer_shapes(b.model()))
-    assert channel_of(model.graph.outputs[0], Constants(model.ir_version, graphs=[model.graph])) is None
+    assert channel_of(model.graph.outputs[0], Constants(model.ir_version, graphs=[model.graph])) == expected
 
 
 def test_an_opset_3_concat_without_axis_joins_the_channels():

@@ -79,8 +79,9 @@ def _origin(value: ir.Value, node: ir.Node, consts: Constants, depth: int) -> Ch
             return match_producer(value, consts).channel
         except (NoMatch, InputError):  # not foldable here; its channels are still where the op puts them
             pass
-    if op in CHANNELS_FIRST:
-        return Channel(rank_of(value), 1, _count(value, 1))
+    if op in CHANNELS_FIRST:  # a declared rank without an axis 1 contradicts the op: no channels
+        rank = rank_of(value)
+        return Channel(rank, 1, _count(value, 1)) if rank is None or rank > 1 else None
     if op in CHANNELS_LAST:
         return Channel(rank_of(value), -1, _count(value, -1))
     return None
