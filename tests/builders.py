@@ -114,9 +114,9 @@ def count_ops(model: onnx.ModelProto, op: str) -> int:
     return sum(node.op_type == op for node in model.graph.node)
 
 
-def fold_and_compare(model: onnx.ModelProto, feeds, tmp_path: Path, rtol=1e-4, atol=1e-5, full_check=True):
+def fold_and_compare(model: onnx.ModelProto, feeds, tmp_path: Path, rtol=1e-4, atol=1e-5, check=True):
     """Fold ``model`` from a file, check it, run both in ORT and assert the outputs match
-    (``full_check`` False: inputs or outputs of unknown shape, which onnx's checker refuses;
+    (``check`` False: inputs or outputs of unknown shape, which onnx's checker refuses;
     onnxruntime still loads both models).
 
     Returns the FoldResult and the saved folded ModelProto.
@@ -127,7 +127,7 @@ def fold_and_compare(model: onnx.ModelProto, feeds, tmp_path: Path, rtol=1e-4, a
     result = bnfold.fold(src)
     result.save(out)
     folded = onnx.load(out)
-    if full_check:
+    if check:
         onnx.checker.check_model(folded, full_check=True)
     expected = run(src, feeds)
     actual = run(out, feeds)
