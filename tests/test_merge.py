@@ -201,6 +201,11 @@ def test_absorbed_bns_point_to_the_merged_conv(exported, exporter):
     bns = result.ledger.batch_norms
     assert len(bns) == 8 and all(e.folded for e in bns)
     assert {e.into for e in bns} == merged, [(e.node, e.into) for e in bns]
+    # a BN the merge itself took in (the identity branch's) says so and names the sum
+    sums = {f"Add '{e.node}'" for e in result.ledger if e.status == "merged"}
+    absorbed = [e for e in bns if e.pattern == "merge"]
+    assert absorbed and all(e.route.removeprefix("one of the branches merged at ") in sums for e in absorbed), \
+        [(e.pattern, e.route) for e in bns]
     assert all(e.into in {n.name for n in onnx.load(out).graph.node} for e in bns)
     plans = [f.plan for f in bnfold.inspect(path)]
     assert all(any(name in plan for name in merged) for plan in plans), plans

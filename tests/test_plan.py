@@ -10,6 +10,7 @@ import onnx.numpy_helper as onh
 import pytest
 
 import bnfold
+from bnfold._onnx_ir import ir
 from bnfold.errors import InputError
 from bnfold.plan import FoldOptions
 from builders import GraphBuilder, count_ops, ops, run
@@ -64,17 +65,21 @@ def test_keep_on_request(tmp_path):
     assert count_ops(folded, "BatchNormalization") == 1
 
 
+@pytest.mark.parametrize("stats", [["rm", "rv"], ["", ""]], ids=["named-stats", "unnamed-stats"])
 @pytest.mark.parametrize("keep", [False, True])
-def test_a_training_bn_kept_with_to_inference_is_kept_in_inference_form(tmp_path, keep):
+def test_a_training_bn_kept_with_to_inference_is_kept_in_inference_form(tmp_path, keep, stats):
     """--to-inference converts a training-mode BN even where it stays: named by --keep, or
-    with nothing linear beside it. The model keeps an inference BN, and the ledger says so."""
+    with nothing linear beside it. The model keeps an inference BN with its one output
+    (onnxruntime refuses an inference BN that lists even empty running-stat outputs), and
+    the ledger says so."""
     b = GraphBuilder(seed=8)
     x = b.input([2, 3, 4, 4])
     y = b.node("Conv", [x, b.random([3, 3, 1, 1])]) if keep else b.node("Relu", [x])  # a conv: it would fold
-    b.nodes.append(oh.make_node("BatchNormalization", [y, *b.bn_params(3)], ["out", "rm", "rv"], name="the_bn",
+    b.nodes.append(oh.make_node("BatchNormalization", [y, *b.bn_params(3)], ["out", *stats], name="the_bn",
                                 training_mode=1))
     b.output("out", [2, 3, 4, 4])
-    onnx.save(b.model(opset=15), tmp_path / "in.onnx")
+    model = b.model(opset=15)
+    onnx.save(model, tmp_path / "in.onnx")
     result = bnfold.fold(tmp_path / "in.onnx", to_inference=True, keep=frozenset({"the_bn"} if keep else ()))
     found = entry(result, "the_bn")
     assert (found.status, found.reason) == ("kept", "kept-on-request" if keep else "no-linear-producer")
@@ -82,6 +87,37 @@ def test_a_training_bn_kept_with_to_inference_is_kept_in_inference_form(tmp_path
     result.save(tmp_path / "out.onnx")
     (bn,) = [n for n in onnx.load(tmp_path / "out.onnx").graph.node if n.op_type == "BatchNormalization"]
     assert list(bn.output) == ["out"] and not bn.attribute
+    model.graph.node[-1].ClearField("attribute")
+    model.graph.node[-1].output[1:] = []  # the reference: the same BN in inference form
+    np.testing.assert_allclose(run(tmp_path / "out.onnx", x_feed([2, 3, 4, 4]))[0], run(model, x_feed([2, 3, 4, 4]))[0],
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_an_opset_6_bn_converted_by_to_inference_gets_is_test(tmp_path):
+    """BatchNormalization-6 runs in training mode unless is_test=1 (its default is 0): the
+    conversion sets it (onnxruntime has no BatchNormalization-6 to run, so the saved node
+    is read)."""
+    b = GraphBuilder(seed=9)
+    b.output(b.bn(b.node("Relu", [b.input([2, 3, 4, 4])]), 3, name="the_bn", is_test=0))
+    onnx.save(b.model(opset=6), tmp_path / "in.onnx")
+    result = bnfold.fold(tmp_path / "in.onnx", to_inference=True)
+    assert (entry(result, "the_bn").status, entry(result, "the_bn").converted_from_training) == ("kept", True)
+    result.save(tmp_path / "out.onnx")
+    (bn,) = [n for n in onnx.load(tmp_path / "out.onnx").graph.node if n.op_type == "BatchNormalization"]
+    assert {a.name: oh.get_attribute_value(a) for a in bn.attribute}["is_test"] == 1
+
+
+def test_a_decomposed_graph_output_keeps_its_type_and_shape():
+    """A BN whose output is a graph output, decomposed in memory: the Add that replaces it
+    takes the output's name, element type and shape (a serialised graph output needs a type)."""
+    b = GraphBuilder(seed=10)
+    b.output(b.bn(b.node("Relu", [b.input([2, 3, 4, 4])]), 3, name="the_bn"), shape=[2, 3, 4, 4])
+    model = b.model(opset=15)
+    result = bnfold.fold(ir.serde.deserialize_model(model), decompose_standalone=True)
+    assert entry(result, "the_bn").status == "decomposed"
+    out = result.to_proto()
+    assert out.graph.output[0] == model.graph.output[0]
+    assert ops(out) == ["Relu", "Mul", "Add"]
 
 
 # --- statistics ------------------------------------------------------------------------
