@@ -1473,3 +1473,108 @@ def test_assert_same_outside_notices_what_it_must():
     typed.graph.initializer[0].CopyFrom(oh.make_tensor("u1", FLOAT, [2], [1.0, 1.0]))
     with pytest.raises(AssertionError):
         assert_same_outside(model2, typed, ledger)
+
+
+# ---------------------------------------------------------------------------------------
+# what mutation testing of the writer found untested
+
+
+def nested_if_model() -> onnx.ModelProto:
+    """``If(c) -> If(c) -> Conv -> BN`` two graphs down, the weights and BN parameters
+    main-graph initializers (read from the inner graph): every main initializer goes with
+    the fold, and the value_info describing the old weight with it, while no node of the
+    main graph changes and nothing comes into it (the folded weight lives with its reader)."""
+    rng = np.random.default_rng(7)
+    params = {"w": rng.standard_normal((3, 3, 1, 1)), "gamma": rng.uniform(0.5, 2, 3), "beta": rng.standard_normal(3),
+              "mean": rng.standard_normal(3), "var": rng.uniform(0.5, 2, 3)}
+    inits = [onh.from_array(v.astype(np.float32), k) for k, v in params.items()]
+    info = oh.make_tensor_value_info
+    inner = oh.make_graph([oh.make_node("Conv", ["x", "w"], ["conv_out"], name="conv"),
+                           oh.make_node("BatchNormalization", ["conv_out", "gamma", "beta", "mean", "var"], ["yi"],
+                                        name="the_bn")], "inner", [], [info("yi", T.FLOAT, [2, 3, 4, 4])])
+    plain = oh.make_graph([oh.make_node("Identity", ["x"], ["yp"])], "plain", [], [info("yp", T.FLOAT, [2, 3, 4, 4])])
+    outer = oh.make_graph([oh.make_node("If", ["c"], ["yo"], then_branch=inner, else_branch=plain)], "outer", [],
+                          [info("yo", T.FLOAT, [2, 3, 4, 4])])
+    plain2 = oh.make_graph([oh.make_node("Identity", ["x"], ["yq"])], "plain2", [],
+                           [info("yq", T.FLOAT, [2, 3, 4, 4])])
+    graph = oh.make_graph([oh.make_node("If", ["c"], ["y"], then_branch=outer, else_branch=plain2)], "main",
+                          [info("x", T.FLOAT, [2, 3, 4, 4]), info("c", T.BOOL, [])],
+                          [info("y", T.FLOAT, [2, 3, 4, 4])], inits)
+    graph.value_info.append(info("w", T.FLOAT, [3, 3, 1, 1]))  # described, as some exporters do
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_fold_two_graphs_down_is_written_and_its_old_main_initializers_go(tmp_path):
+    model = nested_if_model()
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "in.onnx")
+    result = bnfold.fold(tmp_path / "in.onnx")
+    assert [(e.node, e.status) for e in result.ledger] == [("the_bn", "folded")]
+    result.save(tmp_path / "out.onnx")
+    out = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(out, full_check=True)
+    def then(node):
+        return next(a.g for a in node.attribute if a.name == "then_branch")
+    inner = then(then(out.graph.node[0]).node[0])
+    assert [n.op_type for n in inner.node] == ["Conv"] and len(inner.initializer) == 2  # weight and bias
+    assert not out.graph.initializer and not out.graph.value_info  # all five were read by the fold alone
+    feeds = {"x": np.random.default_rng(8).standard_normal((2, 3, 4, 4)).astype(np.float32), "c": np.array(True)}
+    np.testing.assert_allclose(run(out, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_weights_written_to_a_data_file_say_where_they_end(tmp_path):
+    """Moved to a data file, each tensor's entry gives its offset and length: a reader that
+    takes a missing length as "to the end of the file" (onnx.load does) reads the right bytes."""
+    rng = np.random.default_rng(9)
+    info = oh.make_tensor_value_info
+    inits = [onh.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("w", (16, 8, 3, 3)), ("v", (16, 16, 3, 3)), ("gamma", (16,)), ("beta", (16,)),
+                                 ("mean", (16,)), ("var", (16,)))]
+    inits[-1] = onh.from_array(rng.uniform(0.5, 2, 16).astype(np.float32), "var")
+    graph = oh.make_graph([oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                           oh.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["b"]),
+                           oh.make_node("Conv", ["b", "v"], ["y"], pads=[1, 1, 1, 1])], "g",
+                          [info("x", T.FLOAT, [1, 8, 5, 5])], [info("y", T.FLOAT, [1, 16, 5, 5])], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, tmp_path / "in.onnx")
+    bnfold.fold(tmp_path / "in.onnx").save(tmp_path / "out.onnx", external_data=True)
+    out = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    external = [t for t in out.graph.initializer if t.data_location == T.EXTERNAL]
+    assert len(external) == 2
+    for tensor in external:
+        keys = {e.key: e.value for e in tensor.external_data}
+        assert int(keys["length"]) == 4 * math.prod(tensor.dims), keys
+    loaded = onnx.load(tmp_path / "out.onnx")
+    feeds = {"x": rng.standard_normal((1, 8, 5, 5)).astype(np.float32)}
+    np.testing.assert_allclose(run(loaded, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_attribute_tensors_stay_inline_when_weights_go_to_a_data_file(tmp_path):
+    """Only initializers move to a data file: a node's tensor-list and sparse attributes
+    stay in the node, however large (here 1.6 kB each, past the 1 kB from which weights move)."""
+    rng = np.random.default_rng(10)
+
+    def big_sparse(name):
+        linear = np.arange(0, 1200, 3)
+        return oh.make_sparse_tensor(onh.from_array(rng.standard_normal(linear.size).astype(np.float32), name),
+                                     onh.from_array(linear.astype(np.int64), ""), [1200])
+    info = oh.make_tensor_value_info
+    custom = oh.make_node("Sparse", ["x"], ["s"], name="custom", domain="com.example")
+    custom.attribute.extend([
+        oh.make_attribute("dense", [onh.from_array(rng.standard_normal(400).astype(np.float32), "attr_dense")]),
+        oh.make_attribute("one", big_sparse("attr_one")),
+        oh.make_attribute("many", [big_sparse("attr_many")])])
+    inits = [onh.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "w")] + \
+        [onh.from_array(rng.uniform(0.5, 2, 8).astype(np.float32), n) for n in ("gamma", "beta", "mean", "var")]
+    graph = oh.make_graph([oh.make_node("Conv", ["x", "w"], ["c"]),
+                           oh.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"]), custom],
+                          "g", [info("x", T.FLOAT, [1, 4, 5, 5])],
+                          [info("y", T.FLOAT, [1, 8, 3, 3]), info("s", T.FLOAT, None)], inits)
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("com.example", 1)],
+                          ir_version=8)
+    onnx.save(model, tmp_path / "in.onnx")
+    bnfold.fold(tmp_path / "in.onnx").save(tmp_path / "out.onnx", external_data=True)
+    out = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    assert [t.data_location for t in out.graph.initializer] == [T.EXTERNAL, T.DEFAULT]  # folded weight, bias
+    (node,) = [n for n in out.graph.node if n.op_type == "Sparse"]
+    assert node == custom

@@ -93,12 +93,13 @@ def test_a_training_bn_kept_with_to_inference_is_kept_in_inference_form(tmp_path
                                rtol=1e-6, atol=1e-6)
 
 
-def test_an_opset_6_bn_converted_by_to_inference_gets_is_test(tmp_path):
+@pytest.mark.parametrize("given", [{"is_test": 0}, {}], ids=["is-test-0", "is-test-unset"])
+def test_an_opset_6_bn_converted_by_to_inference_gets_is_test(tmp_path, given):
     """BatchNormalization-6 runs in training mode unless is_test=1 (its default is 0): the
-    conversion sets it (onnxruntime has no BatchNormalization-6 to run, so the saved node
-    is read)."""
+    conversion sets it, or adds it (onnxruntime has no BatchNormalization-6 to run, so the
+    saved node is read)."""
     b = GraphBuilder(seed=9)
-    b.output(b.bn(b.node("Relu", [b.input([2, 3, 4, 4])]), 3, name="the_bn", is_test=0))
+    b.output(b.bn(b.node("Relu", [b.input([2, 3, 4, 4])]), 3, name="the_bn", **given))
     onnx.save(b.model(opset=6), tmp_path / "in.onnx")
     result = bnfold.fold(tmp_path / "in.onnx", to_inference=True)
     assert (entry(result, "the_bn").status, entry(result, "the_bn").converted_from_training) == ("kept", True)
