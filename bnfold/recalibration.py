@@ -508,9 +508,9 @@ class Moments:
         self.count = total
 
     @property
-    def var(self) -> np.ndarray:
-        """The biased (population) variance."""
-        return self.m2 / self.count
+    def var(self) -> np.ndarray | None:
+        """The biased (population) variance; None before any element."""
+        return None if self.m2 is None else self.m2 / self.count
 
 
 def _measure(session, from_graph: list[str], captures: dict[str, ir.Value], arrays: dict[str, np.ndarray],
@@ -600,11 +600,12 @@ def _store(bn: ir.Node, entry: BNRecalibration, moments: Moments, editor: Editor
            target: _Target, samples: int) -> None:
     """Give ``bn`` tensors of its own holding the new statistics; convert it if it runs in
     training mode; drop the old tensors if nothing else reads them."""
-    mean, var = moments.mean, moments.var
+    mean = moments.mean
     channels = target.old_mean.shape[0]
     entry.samples, entry.count = samples, moments.count
     if mean is None:
         raise InputError(f"BatchNormalization {entry.bn!r}: its input is empty on the data")
+    var = moments.var
     if mean.shape[0] != channels:
         raise InputError(f"BatchNormalization {entry.bn!r} has {channels} channels but its input has "
                          f"{mean.shape[0]} on axis 1: invalid model")

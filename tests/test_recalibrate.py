@@ -418,3 +418,104 @@ def test_cli_fold_recalibrate(train_images, tmp_path):
     assert ledger["recalibration"]["summary"]["recalibrated"] == 5
     refused = invoke("fold", MODELS / "cnn_ts13.onnx", "--recalibrate", data, "--verify", "-o", tmp_path / "v.onnx")
     assert refused.exit_code == 2 and "--recalibrate changes" in refused.output
+
+
+def _beside_a_good_bn(kind: str):
+    """``x -> Conv -> BN 'good'`` and, beside it, an unnamed BN that recalibrate must skip
+    for ``kind`` (docs/recalibrate.md's reasons), as the third node."""
+    rng = np.random.default_rng(5)
+    opset = 8 if kind == "unsupported-form" else 17
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])
+    inputs, inits = [x], [numpy_helper.from_array(rng.standard_normal((3, 3, 1, 1)).astype(np.float32), "w"),
+                          *_bn_params("g", 3, rng), *_bn_params("o", 3, rng)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g_scale", "g_bias", "g_mean", "g_var"], ["y"], name="good")]
+    data, params, attrs, before = "c", ["o_scale", "o_bias", "o_mean", "o_var"], {}, []
+    if kind == "unsupported-form":
+        attrs = {"spatial": 0}
+        inits[-4:] = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in zip(
+            params, (rng.uniform(0.5, 2, (3, 4, 4)), rng.standard_normal((3, 4, 4)), np.zeros((3, 4, 4)),
+                     np.ones((3, 4, 4))))]
+    elif kind == "stats-not-constant":  # an initializer listed as an input: an overridable default
+        inputs.append(helper.make_tensor_value_info("o_mean", TensorProto.FLOAT, [3]))
+    elif kind == "constant-input":
+        data = "k"
+        inits.append(numpy_helper.from_array(rng.standard_normal((2, 3, 4, 4)).astype(np.float32), "k"))
+    elif kind == "dtype-overflow":  # activations ~1e4: their variance does not fit float16
+        data = "c16"
+        inits[-4:] = [numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name) for t in inits[-4:]]
+        inits.append(numpy_helper.from_array(np.array(3000, np.float32), "big"))
+        before = [helper.make_node("Mul", ["c", "big"], ["scaled"]),
+                  helper.make_node("Cast", ["scaled"], ["c16"], to=TensorProto.FLOAT16)]
+    nodes.append(helper.make_node("BatchNormalization", [data, *params], ["z"], **attrs))
+    nodes[1:1] = before
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+               helper.make_tensor_value_info("z", TensorProto.FLOAT16 if kind == "dtype-overflow" else TensorProto.FLOAT,
+                                             None)]
+    return _synthetic(nodes, inits, inputs, outputs, opset=opset)
+
+
+@pytest.mark.parametrize("kind", ["unsupported-form", "stats-not-constant", "constant-input", "dtype-overflow"])
+def test_each_documented_skip_leaves_its_bn_and_the_others_recalibrate(kind):
+    model = _beside_a_good_bn(kind)
+    data = {"x": np.random.default_rng(6).standard_normal((8, 3, 4, 4)).astype(np.float32)}
+    result = recalibrate(model, data)
+    by_label = {e.bn: e for e in result.report}
+    skipped = by_label.pop(f"BatchNormalization#{len(model.graph.node) - 1} -> 'z'")  # unnamed: labelled as fold does
+    assert (skipped.status, skipped.reason, skipped.recalibrated) == ("skipped", kind, False), skipped.detail
+    assert skipped.detail
+    assert list(by_label) == ["good"] and by_label["good"].recalibrated
+    out = result.to_proto()
+    params = {t.name for t in out.graph.initializer}
+    assert {"o_mean", "o_var"} <= params and not {"g_mean", "g_var"} & params  # the skipped BN's stay as they were
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "its input is empty on the data"),
+    ("channels", "has 3 channels but its input has 4 on axis 1: invalid model"),
+])
+def test_a_bn_input_that_cannot_give_its_statistics_is_one_input_error(case, message):
+    rng = np.random.default_rng(7)
+    if case == "empty":  # a slice that keeps no row of the image
+        nodes = [helper.make_node("Slice", ["x", "start", "stop", "axis"], ["c"])]
+        inits = [numpy_helper.from_array(np.array([v]), n) for n, v in (("start", 2), ("stop", 2), ("axis", 2))]
+    else:  # a 4-channel conv read by a 3-channel BN
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"])]
+        inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w")]
+    nodes.append(helper.make_node("BatchNormalization", ["c", "b_scale", "b_bias", "b_mean", "b_var"], ["y"],
+                                  name="the_bn"))
+    model = _synthetic(nodes, inits + _bn_params("b", 3, rng),
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    with pytest.raises(InputError, match=f"BatchNormalization 'the_bn'.*{message}"):
+        recalibrate(model, {"x": rng.standard_normal((4, 3, 4, 4)).astype(np.float32)})
+
+
+def test_the_report_is_a_table_on_a_terminal_and_one_line_per_bn_elsewhere(train_images):
+    """On a terminal each BN is a row (level, status, old -> new ranges, the change, the
+    detail, under headers that say what they are); piped, one plain line per BN."""
+    import io
+
+    from rich.console import Console
+
+    from bnfold.recalibration import render_report
+
+    result = recalibrate(MODELS / "cnn-nostats_ts17.onnx", train_images, samples=200)
+    table, plain = io.StringIO(), io.StringIO()
+    render_report(result, Console(file=table, width=400, force_terminal=True, color_system=None), out=Path("r.onnx"))
+    render_report(result, Console(file=plain, width=400), out=Path("r.onnx"))
+    shown, lines = table.getvalue(), plain.getvalue().splitlines()
+    assert "bnfold recalibrate: 5 of 5 BatchNormalization recalibrated" in shown and shown.rstrip().endswith("wrote r.onnx")
+    header = next(line for line in shown.splitlines() if "BN" in line and "status" in line)
+    assert [c.strip() for c in header.strip("┃│ ").split("┃")] == ["BN", "level", "status", "mean: old -> new",
+                                                                   "var: old -> new", "max rel change", "detail"]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("│ ").split("│")]
+                                          for line in shown.splitlines() if line.startswith("│"))}
+    for level, e in enumerate(result.report, start=1):
+        cells = rows[e.bn]
+        assert cells[1:3] == [str(level), "recalibrated"]
+        assert cells[3] == f"[{e.old.mean_min:.3g}, {e.old.mean_max:.3g}] -> [{e.new.mean_min:.3g}, {e.new.mean_max:.3g}]"
+        assert cells[4] == f"[{e.old.var_min:.3g}, {e.old.var_max:.3g}] -> [{e.new.var_min:.3g}, {e.new.var_max:.3g}]"
+        assert cells[5] == f"{e.max_rel_change:.3g}"
+        assert lines[level].startswith(f"{e.bn}  level {level}  recalibrated  mean [")
+    assert lines[0].startswith("bnfold recalibrate: 5 of 5") and lines[-1] == "wrote r.onnx"
