@@ -519,3 +519,72 @@ def test_the_report_is_a_table_on_a_terminal_and_one_line_per_bn_elsewhere(train
         assert cells[5] == f"{e.max_rel_change:.3g}"
         assert lines[level].startswith(f"{e.bn}  level {level}  recalibrated  mean [")
     assert lines[0].startswith("bnfold recalibrate: 5 of 5") and lines[-1] == "wrote r.onnx"
+
+
+def test_the_json_summary_gives_batch_seconds_and_notes(train_images, tmp_path):
+    """The report's summary says the batch fed and the seconds taken (a float, within the
+    call's own time), and the notes are a list."""
+    import time
+
+    started = time.perf_counter()
+    result = recalibrate(MODELS / "cnn-nostats_ts17.onnx", train_images, samples=120, batch=40)
+    elapsed = time.perf_counter() - started
+    report = json.loads(json.dumps(result.to_dict()))
+    assert report["summary"]["batch"] == 40 and report["summary"]["samples"] == 120
+    seconds = report["summary"]["seconds"]
+    assert isinstance(seconds, float) and 0 < seconds <= elapsed + 1e-3
+    assert report["notes"] == list(result.notes)
+
+
+def test_samples_default_to_seed_0_and_one_sample_is_enough(train_images):
+    """``seed`` picks the samples (0 unless given); a single sample is a valid choice."""
+    model = MODELS / "cnn-nostats_ts17.onnx"
+    means = [recalibrate(model, train_images, samples=30, **seed).report[0].mean for seed in ({}, {"seed": 0},
+                                                                                            {"seed": 1})]
+    np.testing.assert_array_equal(means[0], means[1])
+    assert not np.array_equal(means[0], means[2])
+    assert recalibrate(model, train_images, samples=1).samples == 1
+
+
+def test_data_is_not_cast_to_an_integer_input():
+    """Integers are cast to a float input, never floats to an integer one (an index input)."""
+    rng = np.random.default_rng(11)
+    nodes = [helper.make_node("Gather", ["table", "idx"], ["row"], axis=0),
+             helper.make_node("Add", ["x", "row"], ["h"]),
+             helper.make_node("BatchNormalization", ["h", "b_scale", "b_bias", "b_mean", "b_var"], ["y"], name="bn")]
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 3, 1, 1)).astype(np.float32), "table"),
+             *_bn_params("b", 3, rng)]
+    model = _synthetic(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4]),
+                                      helper.make_tensor_value_info("idx", TensorProto.INT64, ["n"])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    x = rng.standard_normal((4, 3, 4, 4)).astype(np.float32)
+    with pytest.raises(InputError, match="'idx' is float32, the model input is int64"):
+        recalibrate(model, {"x": x, "idx": np.zeros(4, np.float32)})
+
+
+def test_constant_nodes_typed_values_and_subgraphs_upstream_are_measured_through():
+    """A Constant node read beside data, value_info typing what is measured, and an If whose
+    branches read outer values: each BN's statistics are those of its input as numpy
+    computes them from the same samples."""
+    rng = np.random.default_rng(12)
+    then = helper.make_graph([helper.make_node("Add", ["x", "shift"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.float32(1.5), "one_t")),
+             helper.make_node("Mul", ["x", "one"], ["m"]),
+             helper.make_node("BatchNormalization", ["m", "a_scale", "a_bias", "a_mean", "a_var"], ["y1"], name="a"),
+             helper.make_node("If", ["flag"], ["f"], then_branch=then, else_branch=other),
+             helper.make_node("BatchNormalization", ["f", "b_scale", "b_bias", "b_mean", "b_var"], ["y2"], name="b")]
+    inits = [*_bn_params("a", 3, rng), *_bn_params("b", 3, rng),
+             numpy_helper.from_array(np.array(True), "flag"),
+             numpy_helper.from_array(np.array([1.0, -2.0, 3.0], np.float32).reshape(1, 3, 1, 1), "shift")]
+    model = _synthetic(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+                       [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y1", "y2")])
+    model = onnx.shape_inference.infer_shapes(model)
+    assert {v.name for v in model.graph.value_info} >= {"m", "f"}
+    x = rng.standard_normal((6, 3, 4, 4)).astype(np.float32)
+    result = {e.bn: e for e in recalibrate(model, {"x": x}).report}
+    for name, data in (("a", x * 1.5), ("b", x + np.array([1.0, -2.0, 3.0], np.float32).reshape(1, 3, 1, 1))):
+        np.testing.assert_allclose(result[name].mean, data.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose(result[name].var, data.astype(np.float64).var(axis=(0, 2, 3)), rtol=1e-5)
