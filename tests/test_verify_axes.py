@@ -189,6 +189,7 @@ WALKS = {
     "conv-beyond-the-walk": (lambda b: relus(b, conv(b, b.input([2, 3, 4, 4])), 70), None),
     "conv-with-weights-fed": (lambda b: b.node("Conv", [b.input([2, 3, 4, 4]), fed(b, "w", [5, 3, 1, 1])]),
                               Channel(4, 1, 5)),
+    "gemm-with-weights-fed": (lambda b: b.node("Gemm", [b.input([2, 3]), fed(b, "w", [3, 7])]), Channel(2, 1, 7)),
     "matmul-with-weights-fed": (lambda b: b.node("MatMul", [b.input([2, 3, 4]), fed(b, "w", [4, 7])]),
                                 Channel(3, -1, 7)),
     "instance-norm": (lambda b: b.node("InstanceNormalization", [b.input([2, 6, 4]), b.random([6]), b.random([6])]),
