@@ -501,7 +501,10 @@ def check_kills(root: Path, mutants: list[Mutant]) -> None:
     for m in mutants:
         if kind_of(m.verdict) != "killed by" or m.status == "killed":
             continue
-        tests = [t.strip() for t in m.verdict[len("killed by"):].split(" and ")]
+        tests = re.findall(r"tests/[\w/]+\.py::\w+", m.verdict)  # the words after each say which case
+        if not tests:
+            m.check = "NAMES NO TEST (tests/<file>.py::<test>)"
+            continue
         run = subprocess.run(["nice", "-n", "10", sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
                               "-p", "no:randomly", *tests], cwd=mutated, env={**env, "MUTANT_UNDER_TEST": m.name},
                              capture_output=True, text=True)
