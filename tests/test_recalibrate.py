@@ -449,9 +449,9 @@ def _beside_a_good_bn(kind: str):
                   helper.make_node("Cast", ["scaled"], ["c16"], to=TensorProto.FLOAT16)]
     nodes.append(helper.make_node("BatchNormalization", [data, *params], ["z"], **attrs))
     nodes[1:1] = before
+    z_type = TensorProto.FLOAT16 if kind == "dtype-overflow" else TensorProto.FLOAT
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
-               helper.make_tensor_value_info("z", TensorProto.FLOAT16 if kind == "dtype-overflow" else TensorProto.FLOAT,
-                                             None)]
+               helper.make_tensor_value_info("z", z_type, None)]
     return _synthetic(nodes, inits, inputs, outputs, opset=opset)
 
 
@@ -505,7 +505,8 @@ def test_the_report_is_a_table_on_a_terminal_and_one_line_per_bn_elsewhere(train
     render_report(result, Console(file=table, width=400, force_terminal=True, color_system=None), out=Path("r.onnx"))
     render_report(result, Console(file=plain, width=400), out=Path("r.onnx"))
     shown, lines = table.getvalue(), plain.getvalue().splitlines()
-    assert "bnfold recalibrate: 5 of 5 BatchNormalization recalibrated" in shown and shown.rstrip().endswith("wrote r.onnx")
+    assert "bnfold recalibrate: 5 of 5 BatchNormalization recalibrated" in shown
+    assert shown.rstrip().endswith("wrote r.onnx")
     header = next(line for line in shown.splitlines() if "BN" in line and "status" in line)
     assert [c.strip() for c in header.strip("┃│ ").split("┃")] == ["BN", "level", "status", "mean: old -> new",
                                                                    "var: old -> new", "max rel change", "detail"]
@@ -514,8 +515,9 @@ def test_the_report_is_a_table_on_a_terminal_and_one_line_per_bn_elsewhere(train
     for level, e in enumerate(result.report, start=1):
         cells = rows[e.bn]
         assert cells[1:3] == [str(level), "recalibrated"]
-        assert cells[3] == f"[{e.old.mean_min:.3g}, {e.old.mean_max:.3g}] -> [{e.new.mean_min:.3g}, {e.new.mean_max:.3g}]"
-        assert cells[4] == f"[{e.old.var_min:.3g}, {e.old.var_max:.3g}] -> [{e.new.var_min:.3g}, {e.new.var_max:.3g}]"
+        old, new = e.old, e.new
+        assert cells[3] == f"[{old.mean_min:.3g}, {old.mean_max:.3g}] -> [{new.mean_min:.3g}, {new.mean_max:.3g}]"
+        assert cells[4] == f"[{old.var_min:.3g}, {old.var_max:.3g}] -> [{new.var_min:.3g}, {new.var_max:.3g}]"
         assert cells[5] == f"{e.max_rel_change:.3g}"
         assert lines[level].startswith(f"{e.bn}  level {level}  recalibrated  mean [")
     assert lines[0].startswith("bnfold recalibrate: 5 of 5") and lines[-1] == "wrote r.onnx"
