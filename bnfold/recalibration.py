@@ -508,9 +508,9 @@ class Moments:
         self.count = total
 
     @property
-    def var(self) -> np.ndarray | None:
-        """The biased (population) variance; None before any element."""
-        return None if self.m2 is None else self.m2 / self.count
+    def var(self) -> np.ndarray:
+        """The biased (population) variance."""
+        return self.m2 / self.count
 
 
 def _measure(session, from_graph: list[str], captures: dict[str, ir.Value], arrays: dict[str, np.ndarray],
