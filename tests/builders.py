@@ -114,20 +114,20 @@ def count_ops(model: onnx.ModelProto, op: str) -> int:
     return sum(node.op_type == op for node in model.graph.node)
 
 
-def fold_and_compare(model: onnx.ModelProto, feeds, tmp_path: Path, rtol=1e-4, atol=1e-5, check=True):
-    """Fold ``model`` from a file, check it, run both in ORT and assert the outputs match
-    (``check`` False: inputs or outputs of unknown shape, which onnx's checker refuses;
-    onnxruntime still loads both models).
+def fold_and_compare(model: onnx.ModelProto, feeds, tmp_path: Path, rtol=1e-4, atol=1e-5, checked=True, **flags):
+    """Fold ``model`` from a file with ``flags`` (FoldOptions fields), check it, run both in
+    ORT and assert the outputs match (``checked`` False: inputs or outputs of unknown shape,
+    which onnx's checker refuses; onnxruntime still loads both models).
 
     Returns the FoldResult and the saved folded ModelProto.
     """
     src = tmp_path / "in.onnx"
     out = tmp_path / "out.onnx"
     onnx.save(model, src)
-    result = bnfold.fold(src)
+    result = bnfold.fold(src, **flags)
     result.save(out)
     folded = onnx.load(out)
-    if check:
+    if checked:
         onnx.checker.check_model(folded, full_check=True)
     expected = run(src, feeds)
     actual = run(out, feeds)

@@ -1,8 +1,6 @@
 """bnfold.plan's legality and numeric decisions, one promise per test (issue 27: each
 test kills mutants of plan.py that the other tests let live)."""
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnx.helper as oh
@@ -13,23 +11,7 @@ import bnfold
 from bnfold._onnx_ir import ir
 from bnfold.errors import InputError
 from bnfold.plan import FoldOptions
-from builders import GraphBuilder, count_ops, ops, run
-
-
-def fold_compare(model: onnx.ModelProto, feeds, tmp_path: Path, rtol=1e-4, atol=1e-5, checked=True, **flags):
-    """Fold ``model`` with ``flags`` (FoldOptions fields), run both in ORT (ORT_DISABLE_ALL)
-    and assert the outputs match; the result and the folded ModelProto. ``checked``: run
-    onnx's checker, which refuses a graph input or output without a shape."""
-    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
-    onnx.save(model, src)
-    result = bnfold.fold(src, **flags)
-    result.save(out)
-    folded = onnx.load(out)
-    if checked:
-        onnx.checker.check_model(folded, full_check=True)
-    for e, a in zip(run(src, feeds), run(out, feeds), strict=True):
-        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
-    return result, folded
+from builders import GraphBuilder, count_ops, fold_and_compare, ops, run
 
 
 def entry(result, node: str):
@@ -59,7 +41,7 @@ def test_keep_on_request(tmp_path):
     """--keep: a BN that would fold stays, with its reason and its channel count."""
     b = GraphBuilder(seed=1)
     b.output(conv_bn(b))
-    result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path, keep=frozenset({"the_bn"}))
+    result, folded = fold_and_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path, keep=frozenset({"the_bn"}))
     found = entry(result, "the_bn")
     assert (found.status, found.reason, found.channels) == ("kept", "kept-on-request", 4)
     assert count_ops(folded, "BatchNormalization") == 1
@@ -187,7 +169,7 @@ def test_a_zero_variance_with_a_positive_epsilon_folds(tmp_path):
     gamma, beta, mean, _ = b.bn_params(4)
     var = b.const(np.float32([0.5, 0.0, 1.0, 2.0]), "var")
     b.output(b.node("BatchNormalization", [y, gamma, beta, mean, var], name="the_bn", epsilon=1e-3))
-    result, _ = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
+    result, _ = fold_and_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
     assert entry(result, "the_bn").status == "folded"
 
 
@@ -244,7 +226,7 @@ def test_a_one_element_vector_on_data_of_unknown_rank_is_refused(tmp_path):
     b.inputs.append(oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None))
     y = b.node("Mul", ["x", b.const(np.float32([2.0]))], name="the_mul")
     b.output(b.node("MatMul", [y, b.random([1, 5])]), shape=None)
-    result, _ = fold_compare(b.model(), {"x": np.array(1.5, np.float32)}, tmp_path, checked=False)
+    result, _ = fold_and_compare(b.model(), {"x": np.array(1.5, np.float32)}, tmp_path, checked=False)
     found = entry(result, "the_mul")
     assert (found.status, found.reason) == ("kept", "non-channel-constant")
 
@@ -254,7 +236,7 @@ def test_a_0d_constant_on_data_of_unknown_rank_folds(tmp_path):
     b.inputs.append(oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None))
     y = b.node("Mul", ["x", b.const(np.float32(2.0))], name="the_mul")
     b.output(b.node("MatMul", [y, b.random([4, 5])]), shape=None)
-    result, folded = fold_compare(b.model(), x_feed([3, 4]), tmp_path, checked=False)
+    result, folded = fold_and_compare(b.model(), x_feed([3, 4]), tmp_path, checked=False)
     assert entry(result, "the_mul").status == "folded"
     assert count_ops(folded, "Mul") == 0
 
@@ -265,7 +247,7 @@ def test_a_constant_that_would_stretch_a_leading_axis_is_refused(tmp_path):
     b = GraphBuilder(seed=15)
     y = b.node("Mul", [b.input([2, 1, 1]), b.const(np.float32([[1.0], [-2.0], [3.0], [0.5]]))], name="the_mul")
     b.output(b.node("MatMul", [y, b.random([1, 5])]))
-    result, folded = fold_compare(b.model(), x_feed([2, 1, 1]), tmp_path)
+    result, folded = fold_and_compare(b.model(), x_feed([2, 1, 1]), tmp_path)
     found = entry(result, "the_mul")
     assert (found.status, found.reason) == ("kept", "non-channel-constant")
     assert count_ops(folded, "Mul") == 1
@@ -287,7 +269,7 @@ def test_a_vector_constant_on_data_of_known_rank_but_unknown_dims_is_refused(tmp
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid(local, 1)],
                           functions=[function])
     model.ir_version = 9
-    result, _ = fold_compare(model, x_feed([2, 1]), tmp_path, checked=False)
+    result, _ = fold_and_compare(model, x_feed([2, 1]), tmp_path, checked=False)
     found = entry(result, "the_mul")
     assert (found.status, found.reason) == ("kept", "non-channel-constant")
 
@@ -295,7 +277,7 @@ def test_a_vector_constant_on_data_of_known_rank_but_unknown_dims_is_refused(tmp
 def test_a_vector_constant_on_vector_data_folds(tmp_path):
     """1-d data and a constant of its full length: the constant spans the data's every axis."""
     b = mul_before_matmul([1.0, -2.0, 3.0, 0.5], [4], [4, 5], seed=16)
-    result, folded = fold_compare(b.model(), x_feed([4]), tmp_path)
+    result, folded = fold_and_compare(b.model(), x_feed([4]), tmp_path)
     assert entry(result, "the_mul").status == "folded"
     assert count_ops(folded, "Mul") == 0
 
@@ -303,7 +285,7 @@ def test_a_vector_constant_on_vector_data_folds(tmp_path):
 def test_mul_before_dropout_and_matmul_folds(tmp_path):
     """The route from a Mul down to the linear op crosses version-dependent ops (Dropout)."""
     b = mul_before_matmul([1.0, -2.0, 3.0, 0.5], [2, 3, 4], [4, 5], between="Dropout")
-    result, folded = fold_compare(b.model(), x_feed([2, 3, 4]), tmp_path)
+    result, folded = fold_and_compare(b.model(), x_feed([2, 3, 4]), tmp_path)
     assert entry(result, "the_mul").status == "folded"
     assert count_ops(folded, "Mul") == 0
     assert count_ops(folded, "Add") == 0  # a pure scale: no zero bias added after the MatMul
@@ -315,7 +297,7 @@ def test_scalar_mul_after_a_flatten_folds_into_the_conv(tmp_path):
     b = GraphBuilder(seed=4)
     y = b.node("Flatten", [b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])])])
     b.output(b.node("Mul", [y, b.const(np.float32(3.0))], name="the_mul"))
-    result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
+    result, folded = fold_and_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
     found = entry(result, "the_mul")
     assert (found.status, found.channels, found.channel_axis) == ("folded", 4, None)  # the conv's 4 channels
     assert count_ops(folded, "Mul") == 0
@@ -329,7 +311,7 @@ def test_a_bn_after_a_matmul_reports_its_channels_on_axis_1(tmp_path):
     axis counted from the front, 1 of a rank-2 output."""
     b = GraphBuilder(seed=6)
     b.output(b.bn(b.node("MatMul", [b.input([2, 3]), b.random([3, 4])]), 4, name="the_bn"))
-    result, _ = fold_compare(b.model(), x_feed([2, 3]), tmp_path)
+    result, _ = fold_and_compare(b.model(), x_feed([2, 3]), tmp_path)
     found = entry(result, "the_bn")
     assert (found.status, found.channels, found.channel_axis) == ("folded", 4, 1)
 
@@ -342,7 +324,7 @@ def test_bn_after_a_concat_counts_every_channel(tmp_path, widths):
     x = b.input([2, 3, 5, 5])
     y = b.node("Concat", [b.node("Conv", [x, b.random([width, 3, 1, 1])]) for width in widths], axis=1)
     b.output(b.bn(y, sum(widths), name="the_bn"))
-    result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
+    result, folded = fold_and_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
     found = entry(result, "the_bn")
     assert (found.status, found.channels, found.channel_axis) == ("folded", sum(widths), 1)
     assert count_ops(folded, "BatchNormalization") == 0
@@ -354,7 +336,7 @@ def test_a_mul_after_a_dropout_folds_into_the_conv_before_it(tmp_path):
     b = GraphBuilder(seed=6)
     y = b.node("Dropout", [b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])])], name="d")
     b.output(b.node("Mul", [y, b.const(np.float32([1.0, -2.0, 3.0, 0.5]).reshape(4, 1, 1))], name="the_mul"))
-    result, folded = fold_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
+    result, folded = fold_and_compare(b.model(), x_feed([2, 3, 5, 5]), tmp_path)
     found = entry(result, "the_mul")
     assert (found.status, found.channels, found.channel_axis, found.route) == ("folded", 4, 1, "through Dropout 'd'")
     assert not found.converted_from_training
@@ -447,7 +429,7 @@ def test_a_one_channel_bn_whose_shift_an_average_pool_refuses_folds_its_scale(tm
     y = b.node("AveragePool", [b.bn(b.input([2, 1, 6, 6]), 1, name="the_bn")], kernel_shape=[3, 3],
                pads=[1, 1, 1, 1], count_include_pad=1)
     b.output(b.node("Conv", [y, b.random([4, 1, 3, 3])], name="conv"))
-    result, folded = fold_compare(b.model(), x_feed([2, 1, 6, 6]), tmp_path)
+    result, folded = fold_and_compare(b.model(), x_feed([2, 1, 6, 6]), tmp_path)
     found = entry(result, "the_bn")
     assert (found.status, found.into) == ("folded", "conv") and "shift kept as an Add" in found.detail
     assert ops(folded) == ["Add", "AveragePool", "Conv"]
@@ -479,7 +461,7 @@ def test_a_bn_before_a_weight_without_elements_is_zero_size(tmp_path):
     y = b.bn(b.input([2, 3]), 3, name="the_bn")
     b.output(b.node("Gemm", [y, b.const(np.zeros((0, 3), np.float32)), b.const(np.zeros(0, np.float32))],
                     transB=1))
-    result, _ = fold_compare(b.model(), x_feed([2, 3]), tmp_path)
+    result, _ = fold_and_compare(b.model(), x_feed([2, 3]), tmp_path)
     found = entry(result, "the_bn")
     assert (found.status, found.reason) == ("kept", "zero-size")
 
@@ -520,7 +502,7 @@ def test_new_constants_are_listed_as_inputs_only_before_ir_4(tmp_path, ir_versio
         model.graph.input.extend(oh.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims))
                                  for t in model.graph.initializer)
     # onnx's checker asks IR 3 for output shapes that a graph without them lacks
-    result, folded = fold_compare(model, x_feed([2, 3, 5, 5]), tmp_path, checked=ir_version >= 4)
+    result, folded = fold_and_compare(model, x_feed([2, 3, 5, 5]), tmp_path, checked=ir_version >= 4)
     assert entry(result, "the_bn").status == "folded"
     inputs = [i.name for i in folded.graph.input]
     assert inputs[0] == "x" and (sorted(inputs[1:]) == sorted(t.name for t in folded.graph.initializer)) == listed
@@ -702,7 +684,7 @@ def test_target_figures_of_folds_after_a_conv(tmp_path):
     c = np.float32([1, -2, 3, 0.5])
     b.output(b.node("Mul", [b.bn(y, 4, name="the_bn"), b.const(c.reshape(4, 1, 1))], name="the_mul"))
     model = b.model()
-    result, folded = fold_compare(model, x_feed([2, 3, 5, 5]), tmp_path, targets=("fp16",))
+    result, folded = fold_and_compare(model, x_feed([2, 3, 5, 5]), tmp_path, targets=("fp16",))
     w_name = model.graph.node[0].input[1]
     w = onh.to_array(next(t for t in model.graph.initializer if t.name == w_name)).astype(np.float64)
     s, t = bn_map(model, "the_bn")
@@ -733,7 +715,7 @@ def test_target_figures_of_folds_before_a_conv(tmp_path):
     y = b.node("Mul", [y, b.const(d.reshape(3, 1, 1))], name="mul_b")
     b.output(b.node("Conv", [y, b.random([4, 3, 3, 3])], name="conv"))
     model = b.model()
-    result, _ = fold_compare(model, x_feed([2, 3, 5, 5]), tmp_path, targets=("fp16",))
+    result, _ = fold_and_compare(model, x_feed([2, 3, 5, 5]), tmp_path, targets=("fp16",))
     w_name = model.graph.node[-1].input[1]
     w = onh.to_array(next(t for t in model.graph.initializer if t.name == w_name)).astype(np.float64)
     w1 = (w * d[None, :, None, None]).astype(np.float32)
@@ -753,7 +735,7 @@ def test_target_figures_of_a_grouped_conv_transpose(tmp_path):
     b.output(b.bn(b.node("ConvTranspose", [b.input([2, 4, 5, 5]), b.random([4, 3, 3, 3])], name="ct", group=2),
                   6, name="the_bn"))
     model = b.model()
-    result, _ = fold_compare(model, x_feed([2, 4, 5, 5]), tmp_path, targets=("fp16",))
+    result, _ = fold_and_compare(model, x_feed([2, 4, 5, 5]), tmp_path, targets=("fp16",))
     w_name = model.graph.node[0].input[1]
     w = onh.to_array(next(t for t in model.graph.initializer if t.name == w_name)).astype(np.float64)
     s, _ = bn_map(model, "the_bn")
@@ -771,7 +753,7 @@ def test_target_figures_of_a_uniform_fold(tmp_path):
     y = b.node("Conv", [b.input([2, 3, 5, 5]), b.random([4, 3, 3, 3])], name="conv")
     b.output(b.node("Mul", [y, b.const(np.float32(-2.5))], name="the_mul"))
     model = b.model()
-    result, _ = fold_compare(model, x_feed([2, 3, 5, 5]), tmp_path, targets=("fp16",))
+    result, _ = fold_and_compare(model, x_feed([2, 3, 5, 5]), tmp_path, targets=("fp16",))
     w_name = model.graph.node[0].input[1]
     w = onh.to_array(next(t for t in model.graph.initializer if t.name == w_name)).astype(np.float64)
     rows = np.abs(w).reshape(4, -1).max(axis=1)
@@ -803,7 +785,7 @@ def test_target_figures_of_a_fold_before_a_linear_op(tmp_path, op, features):
     else:
         b.output(b.node("MatMul", [y, b.random([features, 4])], name="lin"))
     model = b.model()
-    result, _ = fold_compare(model, x_feed([2, features]), tmp_path, targets=("fp16",))
+    result, _ = fold_and_compare(model, x_feed([2, features]), tmp_path, targets=("fp16",))
     lin = model.graph.node[-1]
     init = {t.name: onh.to_array(t).astype(np.float64) for t in model.graph.initializer}
     s, t = bn_map(model, "the_bn")
@@ -828,7 +810,7 @@ def test_target_figures_of_a_fold_before_a_padded_conv(tmp_path):
     input channels scaled), and the shift kept as an Add has its own figures."""
     b = GraphBuilder(seed=17)
     model = bn_then(b, "Identity", False, pads=[1, 1, 1, 1])
-    result, _ = fold_compare(model, x_feed([2, 3, 6, 6]), tmp_path, targets=("fp16", "int8"))
+    result, _ = fold_and_compare(model, x_feed([2, 3, 6, 6]), tmp_path, targets=("fp16", "int8"))
     conv = model.graph.node[-1]
     w = {t.name: onh.to_array(t).astype(np.float64) for t in model.graph.initializer}[conv.input[1]]
     s, _ = bn_map(model, "the_bn")

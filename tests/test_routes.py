@@ -37,9 +37,9 @@ def conv(b: GraphBuilder, x: str, c_out: int = 4, c_in: int = 4, k: int = 1, pad
     return b.node("Conv", [x, b.random([c_out, c_in, k, k]), b.random([c_out])], name=name, **attrs)
 
 
-def fold(model, tmp_path, shape=SHAPE, check=True):
+def fold(model, tmp_path, shape=SHAPE, checked=True):
     feeds = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    return fold_and_compare(model, feeds, tmp_path, check=check)
+    return fold_and_compare(model, feeds, tmp_path, checked=checked)
 
 
 def the_bn(result):
@@ -1268,7 +1268,7 @@ def test_the_producers_weight_proves_the_rank_shape_inference_cannot(tmp_path, o
          "Pad-axes": lambda: b.node("Pad", [y, b.const(np.array([1, 2, 0, 1])), "", b.const(np.array([-2, 3]))],
                                     mode="edge")}[op]()
     b.output(bn(b, y, 4, sign=None), shape=None)
-    result, out = fold(b.model(18), tmp_path, check=False)
+    result, out = fold(b.model(18), tmp_path, checked=False)
     folded(result, out, "conv-pad-bn" if op == "Pad-axes" else f"conv-{op.lower()}-bn")
 
 
@@ -1280,7 +1280,7 @@ def test_a_sum_over_axes_of_unknown_extent_takes_no_shift(tmp_path, shift):
     y = b.node("ReduceSum", [conv(b, b.input(None)), b.const(np.array([2, 3]))])
     b.output(bn(b, y, 4, sign=None, shift=shift), shape=None)
     model = b.model(18)
-    result, out = fold(model, tmp_path, check=False)
+    result, out = fold(model, tmp_path, checked=False)
     if shift:
         entry = kept(result, out, model, "shift-not-crossing")
         assert "cannot be proven" in entry.detail
@@ -1346,7 +1346,7 @@ def test_axes_on_data_of_unknown_rank_stop_the_route(tmp_path, site, op):
             b.node("Pad", [y, b.const(np.array([1, 1])), "", b.const(np.array([-1]))], mode="edge")
         b.output(b.node("Mul", [y, b.const(np.float32(0.7))], name="the_bn"), shape=None)
     model = b.model(18)
-    result, out = fold(model, tmp_path, check=False)
+    result, out = fold(model, tmp_path, checked=False)
     entry = kept(result, out, model, "channel-axis-mismatch" if op == "Resize" else "unproven-crossing")
     assert entry.detail.startswith(op.removesuffix("-axes") + " ")
 
@@ -1360,7 +1360,7 @@ def test_a_declared_shape_after_an_input_of_unknown_rank_is_no_channel_proof(tmp
     b.output(bn(b, b.node("ReduceMean", [y, b.const(np.array([0]))]), 3), shape=None)
     model = b.model(18)
     model.graph.value_info.append(onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [2, 3]))
-    result, out = fold(model, tmp_path, shape=(2, 4), check=False)
+    result, out = fold(model, tmp_path, shape=(2, 4), checked=False)
     entry = kept(result, out, model, "unproven-crossing")
     assert entry.detail.startswith("ReduceMean ") and "not proven" in entry.detail
 
