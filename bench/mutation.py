@@ -439,8 +439,8 @@ def run_shard(shard: Shard, root: Path, args) -> dict:
     runnable = [m for m in mutants if not m.message_only and m.statement in lines[m.file]]
     sampled = args.sample if args.sample is not None and args.sample < len(runnable) else None
     chosen = {m.ident for m in sorted(runnable, key=lambda m: m.ident)[:sampled]} if sampled else None
-    wanted = {"not checked", "no tests"} | ({"survived", "timeout"} if args.rerun_survivors or args.rerun_unexplained
-                                            else set())
+    lived = {"survived", "timeout"}
+    wanted = {"not checked", "no tests"} | (lived if args.rerun_survivors or args.rerun_unexplained else set())
     # A survivor explained as equivalent or as no value/decision runs every test that reaches
     # it (minutes): re-test only the ones a new test should now kill.
     settled = ("equivalent", "not a value/decision")
@@ -458,7 +458,7 @@ def run_shard(shard: Shard, root: Path, args) -> dict:
                      "installed, and bnfold/ synced?")
         todo = [m for m in runnable if status.get(m.name, "not checked") in wanted and m.name not in done
                 and (chosen is None or m.ident in chosen)
-                and not (m.ident in explained and status.get(m.name) in ("survived", "timeout"))]
+                and not (m.ident in explained and status.get(m.name) in lived)]
         if not todo:
             break
         print(f"[{shard.name}] running {len(todo)} of {len(mutants)} mutants "
