@@ -19,6 +19,7 @@ the per-cell maxima planning already computed (``affine.peak_by_factor``), exact
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -205,7 +206,7 @@ class View:
 
 
 def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, targets: Sequence[str],
-                   block_elements: int = 1 << 18, sample_limit: int | None = None,
+                   block_elements: int = 1 << 16, sample_limit: int | None = None,
                    done: Callable[[], None] | None = None) -> tuple[np.ndarray, list[View]]:
     """Read ``source``: ``max |w|`` per cell (shaped to broadcast against the weight and
     the factors: kept along every axis a factor varies along, and along ``out_axis`` unless
@@ -218,8 +219,9 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
     quantisation noise and signal energies, on a sample (all of a weight up to
     ``INT8_SAMPLE`` elements: ``_Sample``). ``source`` is only sliced along axis 0 (a
     memory map, or rows computed on demand), in cache-sized blocks through reused buffers;
-    ``done()`` runs after each block. The first pass is the one planning makes anyway to
-    prove that the folded weight fits its dtype (``affine.peak_by_factor``).
+    ``done()`` runs after every ``RELEASE_ELEMENTS`` or so, and at the end. The first pass
+    is the one planning makes anyway to prove that the folded weight fits its dtype
+    (``affine.peak_by_factor``).
 
     Returns the peak and the views.
 
@@ -236,11 +238,11 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
     counts = [{fmt.name: [0, 0] for fmt in formats} for _ in factors]
     varying = {a for f in factors if f is not None for a, size in enumerate(f.shape) if size > 1}
     cells = tuple(shape[a] if a in varying | {out_axis} else 1 for a in range(ndim))
-    size = int(np.prod(shape, dtype=np.int64))
+    size = math.prod(shape)
     # A factor along other axes than the output channels (a BN before a Gemm: K, and channels
     # along N) would make the cells the whole weight: then each view's channel maxima are
     # taken in the pass instead.
-    by_cells = out_axis in varying or not varying or int(np.prod(cells)) <= max(size // 8, 1 << 16)
+    by_cells = out_axis in varying or not varying or math.prod(cells) <= max(size // 8, 1 << 16)
     if not by_cells:
         cells = tuple(shape[a] if a in varying else 1 for a in range(ndim))
     reduced = tuple(a for a in range(ndim) if cells[a] == 1)
@@ -250,46 +252,60 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
     found: list = []  # (flat index, value) of the elements that may underflow, block by block
     small = _bounds(factors, cells, max((fmt.zero_up_to for fmt in formats), default=0.0) * (1 + 1e-3),
                     np.maximum, 0.0, work) if formats else None
-    sample = _Sample(shape, out_axis, INT8_SAMPLE if sample_limit is None else sample_limit) \
+    sample = _Sample(shape, out_axis, INT8_SAMPLE if sample_limit is None else sample_limit, work) \
         if "int8" in targets else None
     # int8 on a sample: the signal energy per cell over every element. A strided sample is
     # faithful to the quantisation noise (nearly uniform within a channel) but not to the
     # energy of a few dominant channels: from the sample, the SQNR of a weight whose channel
     # ranges lie 30x apart erred by up to 1.2 dB (tests/test_precision.py).
     energy = np.zeros(cells) if sample is not None and by_cells and sample.stride > 1 else None
-    row = int(np.prod(shape[1:], dtype=np.int64))
+    row = math.prod(shape[1:])
     rows = max(1, block_elements // max(1, row))
-    converted = np.empty((rows, *shape[1:]), dtype=work) if dtype != work else None
-    magnitude = np.empty((rows, *shape[1:]), dtype=work) if formats else None
-    mask = np.empty((rows, *shape[1:]), dtype=bool) if formats else None
-    for start in range(0, shape[0], rows):
-        stop = min(shape[0], start + rows)
-        n = stop - start
-        block = np.asarray(source[start:stop])
-        if converted is not None:
-            converted[:n] = block
-            block = converted[:n]
-        if formats:  # |w| is needed for the candidates: the peak is its maximum
-            np.abs(block, out=magnitude[:n])
-            local = np.max(magnitude[:n], axis=reduced, keepdims=True) if reduced else magnitude[:n]
-        else:  # as affine.peak_by_factor: max(max w, -min w), in the weight's type
-            with np.errstate(invalid="ignore"):
+    converted = _scratch("converted", (rows, *shape[1:]), work)
+    magnitude = _scratch("magnitude", (rows, *shape[1:]), work) if formats else None
+    mask = _scratch("mask", (rows, *shape[1:]), bool) if formats else None
+    if isinstance(source, np.ndarray):
+        source = source.view(np.ndarray)  # a memory map's subclass costs more per slice than a block's work
+    energy_kept = [a for a in range(ndim) if a not in reduced]
+    unreleased = 0
+    with np.errstate(invalid="ignore"):  # a NaN is the answer (the peak), not a problem
+        for start in range(0, shape[0], rows):
+            stop = min(shape[0], start + rows)
+            n = stop - start
+            block = np.asarray(source[start:stop])
+            if dtype != work or not block.flags.aligned:
+                # Converted, or copied once: numpy's loops over misaligned data (a weight stored
+                # at any byte offset of the file) buffer every operation, at several times the cost.
+                converted[:n] = block
+                block = converted[:n]
+            if sample is not None:  # before |w| is written over the cache the block is in
+                sample.take(block, start)
+                if energy is not None:
+                    sums = _square_sums(block, energy_kept)
+                    if cells[0] > 1:
+                        energy[start:stop] += sums
+                    else:
+                        energy += sums
+            if formats:  # |w| is needed for the candidates: the peak is its maximum
+                np.abs(block, out=magnitude[:n])
+                local = magnitude[:n].max(axis=reduced, keepdims=True) if reduced else magnitude[:n]
+            else:  # as affine.peak_by_factor: max(max w, -min w), in the weight's type
                 high, low = block.max(axis=reduced, keepdims=True), block.min(axis=reduced, keepdims=True)
-            local = np.maximum(high.astype(np.float64), -low.astype(np.float64))
-        if cells[0] > 1:
-            peak[start:stop] = local
-        else:
-            np.maximum(peak, local, out=peak)
-        if channel_max is not None:
-            for factor, most in zip(factors, channel_max):
-                scaled = np.abs(block) * (1.0 if factor is None else np.abs(_rows(factor, start, stop)))
-                _max_into(most, np.max(scaled, axis=others), start, stop, out_axis == 0)
-        if formats:
-            _candidates(block, magnitude[:n], mask[:n], start, small, np.less, found)
-        if sample is not None:
-            _take(sample, energy, block, start, reduced, cells)
-        if done is not None:
-            done()
+                local = np.maximum(high.astype(np.float64), -low.astype(np.float64))
+            if cells[0] > 1:
+                peak[start:stop] = local
+            else:
+                np.maximum(peak, local, out=peak)
+            if channel_max is not None:
+                for factor, most in zip(factors, channel_max):
+                    scaled = np.abs(block) * (1.0 if factor is None else np.abs(_rows(factor, start, stop)))
+                    _max_into(most, np.max(scaled, axis=others), start, stop, out_axis == 0)
+            if formats:
+                _candidates(block, magnitude[:n], mask[:n], start, small, True, found)
+            unreleased += block.size
+            if done is not None and (unreleased >= RELEASE_ELEMENTS or stop == shape[0]):
+                done()
+                unreleased = 0
     views = [_view(f, peak, out_axis, dtype, None if channel_max is None else most)
              for f, most in zip(factors, channel_max or [None] * len(factors))]
     for view, tally in zip(views, counts):
@@ -306,7 +322,7 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
             stop = min(shape[0], start + rows)
             block = np.asarray(source[start:stop]).astype(work, copy=False)
             np.abs(block, out=magnitude[:stop - start])
-            _candidates(block, magnitude[:stop - start], mask[:stop - start], start, large, np.greater_equal, found)
+            _candidates(block, magnitude[:stop - start], mask[:stop - start], start, large, False, found)
             if done is not None:
                 done()
         _classify(found, 0, shape, factors, counts, formats, cells, dtype)
@@ -315,28 +331,20 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
     return peak, views
 
 
-def _take(sample: _Sample, energy: np.ndarray | None, block: np.ndarray, start: int, reduced, cells) -> None:
-    """Set aside a block's sampled elements, and add its signal energy per cell if measured."""
-    sample.take(block, start)
-    if energy is not None:
-        sums = _square_sums(block, reduced)
-        if cells[0] > 1:
-            energy[start:start + block.shape[0]] += sums
-        else:
-            energy += sums
-
-
-def _square_sums(block: np.ndarray, reduced: tuple[int, ...]) -> np.ndarray:
-    """``sum w^2`` over the ``reduced`` axes of a block, keeping them as size 1, in float64."""
-    kept = [a for a in range(block.ndim) if a not in reduced]
-    if kept == [0] and block.ndim > 1:  # a row each: one dot product per row
+def _square_sums(block: np.ndarray, kept: list[int]) -> np.ndarray:
+    """``sum w^2`` over the axes of a block not ``kept``, keeping them as size 1 (in the
+    block's type: a block's sums are short, the caller adds them up in float64)."""
+    if kept == [0] and block.ndim > 1:  # a row each: a dot product per row (matmul: half einsum's time)
         rows = block.reshape(block.shape[0], -1)
-        sums = np.einsum("ij,ij->i", rows, rows)
-    else:
-        subscripts = list(range(block.ndim))
-        sums = np.einsum(block, subscripts, block, subscripts, kept)
-    return sums.astype(np.float64).reshape([block.shape[a] if a in kept else 1 for a in range(block.ndim)])
+        return np.matmul(rows[:, None, :], rows[:, :, None]).reshape((-1,) + (1,) * (block.ndim - 1))
+    subscripts = list(range(block.ndim))
+    sums = np.einsum(block, subscripts, block, subscripts, kept)
+    return sums.reshape([block.shape[a] if a in kept else 1 for a in range(block.ndim)])
 
+
+#: A mapped weight's pages are released (``done()``) after about this many elements: a
+#: call per block would cost more than small blocks save.
+RELEASE_ELEMENTS = 1 << 18
 
 #: The int8 noise of a weight with more elements than this comes from an evenly strided
 #: sample of about this many: every ``stride``-th element of each output channel (or every
@@ -361,30 +369,36 @@ def int8_stride(size: int, period: int, limit: int = INT8_SAMPLE) -> int:
 
 
 class _Sample:
-    """The elements of a weight the int8 figures are computed on, set aside block by block:
-    with the output channels along axis 0 (and many elements each), every ``stride``-th
-    element of each channel; otherwise every ``stride``-th row."""
+    """The elements of a weight the int8 figures are computed on, set aside block by block
+    into ``values``: with the output channels along axis 0 (and many elements each), every
+    ``stride``-th element of each channel, a row each; otherwise every ``stride``-th row."""
 
-    def __init__(self, shape: tuple[int, ...], out_axis: int, limit: int):
+    def __init__(self, shape: tuple[int, ...], out_axis: int, limit: int, dtype):
         self.shape, self.out_axis = shape, out_axis
-        self.row = int(np.prod(shape[1:], dtype=np.int64))
-        size = int(np.prod(shape, dtype=np.int64))
+        self.row = math.prod(shape[1:])
+        size = math.prod(shape)
         stride = int8_stride(size, self.row, limit)
         self.by_columns = out_axis == 0 and (stride == 1 or self.row >= 4 * stride)
         self.stride = stride if self.by_columns else int8_stride(size, shape[0], limit)
-        self.blocks: list[np.ndarray] = []  # the sampled values of each block, in row order
+        if self.by_columns:
+            self.values = _scratch("sample", (shape[0], -(-self.row // self.stride)), dtype)
+        else:
+            self.values = _scratch("sample", (-(-shape[0] // self.stride), *shape[1:]), dtype)
 
     def take(self, block: np.ndarray, start: int) -> None:
+        n = block.shape[0]
         if self.by_columns:
-            self.blocks.append(np.array(_columns(block, self.stride, block.shape)))
+            self.values[start:start + n] = block.reshape(n, -1)[:, ::self.stride]
             return
         first = (-start) % self.stride  # global rows 0, stride, 2 stride, ...
-        if first < block.shape[0]:
-            self.blocks.append(np.array(block[first::self.stride]))
+        if first < n:
+            picked = block[first::self.stride]
+            at = (start + first) // self.stride
+            self.values[at:at + picked.shape[0]] = picked
 
     def pick(self, array):
         """``array`` (broadcasting against the weight) at the sampled elements, laid out as
-        the concatenated blocks."""
+        ``values``."""
         if self.by_columns:
             return _columns(array, self.stride, self.shape)
         return array[::self.stride] if np.ndim(array) and np.shape(array)[0] > 1 else array
@@ -404,7 +418,6 @@ class _Int8:
             views, shape, out_axis, work, dtype, sample
         ndim = len(shape)
         self.materialise = dtype.itemsize < 4  # float16/bfloat16: fold and cast first, as the save does
-        cells = tuple(peak.shape)
         for view in views:
             view.pt_noise, view.pc_noise = 0.0, np.zeros(shape[out_axis])
         self.signal = [0.0] * len(views)
@@ -426,28 +439,27 @@ class _Int8:
             # w / step, up to a sign): one lane, in steps, serves every such view. (Such
             # factors keep the output axis in the peak's cells.)
             lanes.append((None, "shared", None, per_channel(_channel_max(peak, out_axis) / INT8_LEVELS)))
-        self.lanes = [(source, kind, i, np.asarray(np.broadcast_to(m, _fit(np.shape(m), cells)), dtype=work))
+        self.lanes = [(source, kind, i, np.asarray(m, dtype=work).reshape((1,) * (ndim - np.ndim(m)) + np.shape(m)))
                       for source, kind, i, m in lanes]
 
     def run(self, energy: np.ndarray | None) -> None:
         """Quantise the whole sample at once: it is small, and per-block calls would cost more
-        than the arithmetic. Concatenated, the blocks are every sampled element of each row
-        (columns), or rows 0, stride, 2 stride, ... of the weight (rows).
+        than the arithmetic. The sample is every sampled element of each row (columns), or rows
+        0, stride, 2 stride, ... of the weight (rows).
 
         The noise of a sample stands for the whole weight's in proportion to the elements it
         holds (in each channel alike); the signal is every element's (``energy`` per cell,
         ``sum w^2``), else the sample's in the same proportion."""
-        blocks = self.sample.blocks
-        if not blocks:
+        x = self.sample.values
+        if not x.size:
             return
-        x = np.concatenate(blocks).astype(self.work, copy=False)
         self._add(x, sample_signal=energy is None)
-        scale = int(np.prod(self.shape, dtype=np.int64)) / x.size
+        scale = math.prod(self.shape) / x.size
         for view, signal in zip(self.views, self.signal):
             view.pt_noise *= scale
             view.pc_noise *= scale
             if energy is not None:  # sum (w f)^2: within 2^-10 of the cast values' (float16 weights)
-                weighted = energy if view.factor is None else energy * np.broadcast_to(view.factor, energy.shape) ** 2
+                weighted = energy if view.factor is None else energy * np.square(view.factor)
                 view.signal = np.asarray([float(weighted.sum())])
             else:
                 view.signal = np.asarray([signal * scale])
@@ -455,6 +467,7 @@ class _Int8:
     def _add(self, x: np.ndarray, sample_signal: bool) -> None:
         sample, pick = self.sample, self.sample.pick
         folded = {}
+        t, whole = _scratch("steps", x.shape, x.dtype), _scratch("rounded", x.shape, x.dtype)
         for source, kind, i, multiplier in self.lanes:
             if source is None:
                 values = x
@@ -464,16 +477,16 @@ class _Int8:
                     values = x.astype(np.float64) if f is None else x.astype(np.float64) * pick(f)
                     folded[source] = values.astype(self.dtype).astype(self.work)
                 values = folded[source]
-            t = values * pick(multiplier)
+            np.multiply(values, pick(multiplier), out=t)
             view = None if i is None else self.views[i]
             if kind == "tensor":
                 if view.pt_step > 0:
                     if sample_signal:
                         self.signal[i] += _energy(t) * view.pt_step ** 2  # (w f / step)^2 step^2
-                    t -= np.rint(t)  # round half to even, as QuantizeLinear
+                    t -= np.rint(t, out=whole)  # round half to even, as QuantizeLinear
                     view.pt_noise += _energy(t) * view.pt_step ** 2
                 continue
-            t -= np.rint(t)
+            t -= np.rint(t, out=whole)
             noise = self._per_channel(t)
             # the channels of the sampled rows (all of them when sampled by columns)
             where = slice(None, None, sample.stride) if not sample.by_columns and self.out_axis == 0 else slice(None)
@@ -483,14 +496,29 @@ class _Int8:
     def _per_channel(self, t: np.ndarray) -> np.ndarray:
         """``sum t^2`` per output channel of a sampled block, in float64."""
         if self.sample.by_columns:
-            return np.einsum("ij,ij->i", t, t).astype(np.float64)
+            return np.matmul(t[:, None, :], t[:, :, None]).reshape(-1).astype(np.float64)
         subscripts = list(range(t.ndim))
         return np.einsum(t, subscripts, t, subscripts, [self.out_axis]).astype(np.float64)
 
 
-def _fit(shape, cells) -> tuple[int, ...]:
-    """The broadcast of a multiplier's shape with the cells' shape."""
-    return np.broadcast_shapes(tuple(shape), (1,) * len(cells))
+#: Scratch buffers up to this size are kept for the next weight (per thread).
+SCRATCH_BYTES = 1 << 22
+_scratch_buffers = threading.local()
+
+
+def _scratch(name: str, shape, dtype) -> np.ndarray:
+    """A buffer of this shape and dtype, contents undefined, reused from weight to weight:
+    a fresh array of a few hundred KiB is fresh pages, and faulting them in cost a weight
+    more than the arithmetic on them. (Nothing measured keeps a reference to one.)"""
+    dtype = np.dtype(dtype)
+    need = math.prod(shape) * dtype.itemsize
+    if need > SCRATCH_BYTES:
+        return np.empty(shape, dtype=dtype)
+    pool = _scratch_buffers.__dict__
+    buffer = pool.get(name)
+    if buffer is None or buffer.size < need:
+        buffer = pool[name] = np.empty(max(need, 1 << 16), dtype=np.uint8)
+    return buffer[:need].view(dtype).reshape(shape)
 
 
 def _columns(rows, stride: int, block_shape) -> np.ndarray:
@@ -592,14 +620,29 @@ def _bounds(factors: list, cells, limit: float, combine, empty: float, work) -> 
         return bounds.astype(work)
 
 
-def _candidates(block: np.ndarray, magnitude: np.ndarray, mask: np.ndarray, start: int, bound: np.ndarray, compare,
-                found: list) -> None:
-    """Set aside the elements of this block whose |w| passes ``compare`` with the per-cell
-    ``bound`` (flat index in the weight, value): one comparison and a count, usually."""
-    compare(magnitude, _rows(bound, start, start + block.shape[0]), out=mask)
-    if np.count_nonzero(mask):
-        flat = np.flatnonzero(mask)
-        found.append((flat + start * (block.size // block.shape[0]), block.reshape(-1)[flat].astype(np.float64)))
+def _candidates(block: np.ndarray, magnitude: np.ndarray, mask: np.ndarray, start: int, bound: np.ndarray,
+                below: bool, found: list) -> None:
+    """Set aside the elements of this block whose |w| lies below the per-cell ``bound``
+    (``below``: nonzero ones, 0 stays 0) or at or above it (flat index in the weight, value).
+    Usually one reduction shows there are none: the smallest |w| is at least the loosest
+    bound, or the largest below the tightest. (Zeros are left out as they are found, or a
+    pruned weight would keep half its elements here.)"""
+    bound = _rows(bound, start, start + block.shape[0])
+    if below:
+        if magnitude.min() >= bound.max():
+            return
+        np.less(magnitude, bound, out=mask)
+    else:
+        if magnitude.max() < bound.min():
+            return
+        np.greater_equal(magnitude, bound, out=mask)
+    flat = np.flatnonzero(mask)
+    values = block.reshape(-1)[flat]
+    if below:
+        keep = values != 0
+        flat, values = flat[keep], values[keep]
+    if flat.size:
+        found.append((flat + start * (block.size // block.shape[0]), values.astype(np.float64)))
 
 
 def _classify(found: list, kind: int, shape, factors: list, counts: list, formats: list[FloatFormat], cells,

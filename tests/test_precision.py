@@ -111,6 +111,65 @@ def test_scan_matches_the_folded_tensor_quantised_directly(dtype, shape, out_axi
         assert np.array_equal(view.channel_max, want["max"])
 
 
+def _figures(views) -> list:
+    return [(v.signal.sum(), v.pt_noise, v.pc_noise.tolist(), v.counts, v.channel_max.tolist()) for v in views]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_weight_stored_at_any_byte_offset_measures_as_an_aligned_one(dtype):
+    """Weights embedded in a file sit at any byte offset; the scan copies such blocks before
+    its arithmetic (numpy's loops over misaligned data are several times slower), and
+    the figures are those of the same values aligned."""
+    rng = np.random.default_rng(5)
+    weight = (rng.standard_normal((96, 40, 3, 3)) * 0.05).astype(dtype)
+    weight.reshape(-1)[::997] = dtype(1e-9)  # underflow candidates in several blocks
+    raw = np.zeros(weight.nbytes + 1, dtype=np.uint8)
+    misaligned = raw[1:].view(dtype).reshape(weight.shape)
+    misaligned[...] = weight
+    assert not misaligned.flags.aligned
+    factor = rng.uniform(1e-3, 2, (96, 1, 1, 1))
+    _, aligned = P.measure_weight(weight, [None, factor], 0, ALL, block_elements=4096, sample_limit=20000)
+    _, shifted = P.measure_weight(misaligned, [None, factor], 0, ALL, block_elements=4096, sample_limit=20000)
+    assert _figures(shifted) == _figures(aligned)
+    assert aligned[1].counts["fp16"][1] > 0
+
+
+def test_figures_do_not_depend_on_the_block_size_or_the_weight_before():
+    """Blocks and the reused scratch buffers are an implementation detail: a weight
+    measured after a bigger one, in blocks of any size, gives the same figures."""
+    rng = np.random.default_rng(6)
+    weight = (rng.standard_normal((64, 300, 5)) * 0.05).astype(np.float32)
+    factor = rng.uniform(0.1, 30, (64, 1, 1))
+    first = _figures(P.measure_weight(weight, [None, factor], 0, ALL, sample_limit=4000)[1])
+    P.measure_weight((rng.standard_normal((300, 900)) * 9).astype(np.float32), [None, None], 0, ALL)
+    for block in (1500, 1 << 12, 1 << 20):
+        again = _figures(P.measure_weight(weight, [None, factor], 0, ALL, sample_limit=4000, block_elements=block)[1])
+        for (signal, pt, pc, counts, peak), want in zip(again, first):
+            assert (signal, pt, *pc) == pytest.approx((want[0], want[1], *want[2]), rel=1e-6)  # float32 sums per block
+            assert (counts, peak) == (want[3], want[4])
+
+
+def test_a_pruned_weights_zeros_are_not_kept_as_candidates():
+    """Zeros lie below any underflow bound, but a cast keeps them 0: a pruned weight's
+    zeros set aside as candidates would hold memory in proportion to the weight (16 bytes
+    each) instead of a few blocks."""
+    import tracemalloc
+
+    rng = np.random.default_rng(7)
+    weight = (rng.standard_normal((1024, 4096)) * 0.05).astype(np.float32)
+    weight[:, ::2] = 0
+    weight[3, 1] = 1e-30  # one that does flush to 0
+    tracemalloc.start()
+    try:
+        _, views = P.measure_weight(weight, [None, np.full((1024, 1), 0.5)], 0, ("fp16",))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    want = [list(P.FP16.classify(weight)), list(P.FP16.classify((weight * np.float64(0.5)).astype(np.float32)))]
+    assert [v.counts["fp16"] for v in views] == want and want[0][1] >= 1
+    assert peak < weight.nbytes // 4, peak
+
+
 @pytest.mark.parametrize("seed", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape, out_axis", [((512, 256, 3, 3), 0), ((2048, 640), 1)])
 def test_a_big_weights_int8_figures_come_from_a_sample_within_01_db(shape, out_axis, seed):
