@@ -4,6 +4,8 @@ Answers "what does this change cost?" on the bench models (``bench/models.py``):
 this checkout, side B the bnfold package under ``--baseline`` (a ``git worktree`` of
 another commit; default: this checkout too), each with its own extra fold arguments
 (``--args``, ``--baseline-args``: e.g. ``--args "--target fp16"`` against no flags).
+The models and the outputs live in ``--workdir``; on a tmpfs (``--workdir /dev/shm/ab``)
+the disk's flush, which varies from run to run, neither hides a cost nor adds noise.
 Every fold is its own child process, the two sides alternating in a rotating order;
 wall time and peak RSS are medians, and A/B ratios the medians of per-round ratios, so a
 slow spell of the machine hits both sides of each ratio alike. Writes
@@ -59,12 +61,25 @@ def measure(model: dict, sides: list[dict], workdir: Path, reps: int, warmup: in
     }
 
 
+def filesystem(path: Path) -> str:
+    """The type of the filesystem ``path`` lies on (Linux), e.g. tmpfs or ext4."""
+    best, kind = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, fstype, *_ = line.split()
+            if (str(path) + "/").startswith(mount.rstrip("/") + "/") and len(mount) >= len(best):
+                best, kind = mount, fstype
+    except OSError:
+        pass
+    return kind
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [f"# A/B: {meta['name']}", "",
              f"{meta['date']}; {meta['machine'].get('cpu', '')}, {meta['machine'].get('cores', '?')} cores; "
              f"{meta['reps']} rounds (+{meta['warmup']} warm-up), sides alternating.", "",
-             f"- A: `{meta['a']}`", f"- B: `{meta['b']}`", "",
+             f"- A: `{meta['a']}`", f"- B: `{meta['b']}`", f"- models and outputs in `{meta['workdir']}`", "",
              "| model | A s | B s | A/B wall | A MiB | B MiB | A/B peak RSS |", "|---|---|---|---|---|---|---|"]
     for key, r in results["models"].items():
         wa, wb = r["wall_s_median"]["A"], r["wall_s_median"]["B"]
@@ -107,7 +122,7 @@ def main(argv=None) -> int:
                         "machine": machine_info(), "reps": args.reps, "warmup": args.warmup,
                         "a": " ".join([sides[0]["bnfold"].describe(), *sides[0]["args"]]),
                         "b": " ".join([sides[1]["bnfold"].describe(), *sides[1]["args"]]),
-                        "loadavg_start": os.getloadavg()},
+                        "loadavg_start": os.getloadavg(), "workdir": f"{workdir} ({filesystem(workdir)})"},
                "models": {}}
     try:
         for model in models:

@@ -812,9 +812,10 @@ def lean_process() -> None:
 
     - numpy's OpenBLAS starts one thread per core when numpy is imported, and they spin
       waiting for work while the imports go on: 0.04-0.05 s of a 0.2 s fold on a busy
-      2-core machine. bnfold does no BLAS work (its arithmetic is elementwise, its checks
-      reductions), so its processes, the verify worker included, ask for one thread
-      (``bnfold train`` excepted: torch may use that BLAS).
+      2-core machine. bnfold's arithmetic is elementwise, its checks reductions, and the
+      BLAS work of ``--target`` (a dot product per channel of a block) too small to share,
+      so its processes, the verify worker included, ask for one thread (``bnfold train``
+      excepted: torch may use that BLAS).
     - Importing onnx, onnx_ir, numpy and typer allocates ~60,000 objects that live until
       the end, and Python's default threshold (700) collects them ~100 times on the way:
       ~0.01 s. A higher threshold keeps collecting, ~30x less often.

@@ -170,13 +170,12 @@ def test_a_pruned_weights_zeros_are_not_kept_as_candidates():
     assert peak < weight.nbytes // 4, peak
 
 
-@pytest.mark.parametrize("seed", [2, 3, 4, 8])
-@pytest.mark.parametrize("shape, out_axis", [((512, 256, 3, 3), 0), ((2048, 640), 1)])
-def test_a_big_weights_int8_figures_come_from_a_sample_within_01_db(shape, out_axis, seed):
-    """Structure a sample could miss: channel ranges 30x apart and a fold scaling them up to
-    55x, input channels (rows of the MatMul weight, sampled whole) e^+-1 apart, a centre
-    tap 3x the others in each kernel. (With the signal energy taken from the sample too,
-    the conv's SQNR erred by 0.05, 0.32, 0.21 and 1.2 dB for these seeds.)"""
+def _sampling_error(shape, out_axis: int, seed: int) -> float:
+    """The largest gap, in dB, between the sampled and the whole-tensor int8 SQNR (per
+    tensor and per channel, before and after the fold) of a weight with structure a sample
+    could miss: channel ranges 30x apart and a fold scaling them up to 55x, input channels
+    (rows of the MatMul weight, sampled whole) e^+-1 apart, a centre tap 3x the others in
+    each kernel."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal(shape) * 0.02
     weight *= np.exp(rng.uniform(0, np.log(30), shape[out_axis])).reshape(
@@ -190,10 +189,22 @@ def test_a_big_weights_int8_figures_come_from_a_sample_within_01_db(shape, out_a
     _, sampled = P.measure_weight(weight, [None, factor], out_axis, ("int8",))
     _, whole = P.measure_weight(weight, [None, factor], out_axis, ("int8",), sample_limit=weight.size)
     assert sampled[0].pc_noise.sum() != whole[0].pc_noise.sum()  # a sample indeed
+    gaps = []
     for a, b in zip(sampled, whole):
         for noise in ("pt_noise", "pc_noise"):
             db = lambda v: P.sqnr_db(float(v.signal.sum()), float(np.sum(getattr(v, noise))))
-            assert abs(db(a) - db(b)) < 0.1
+            gaps.append(abs(db(a) - db(b)))
+    return max(gaps)
+
+
+@pytest.mark.parametrize("shape, out_axis", [((512, 256, 3, 3), 0), ((2048, 640), 1)])
+def test_a_big_weights_int8_figures_come_from_a_sample_within_02_db(shape, out_axis):
+    """What docs/precision.md states of the sample, on 16 random weights of each kind: every
+    SQNR within 0.2 dB of the whole tensor's, 0.05 dB apart on average (a sample of 2^16
+    averages 0.07). (With the signal energy taken from the sample too, the conv's SQNR
+    erred by 0.05, 0.32, 0.21 and 1.2 dB for seeds 2, 3, 4 and 8.)"""
+    gaps = np.array([_sampling_error(shape, out_axis, seed) for seed in range(16)])
+    assert gaps.max() < 0.2 and gaps.mean() < 0.06, gaps.round(3)
 
 
 def test_spread_and_growth():
