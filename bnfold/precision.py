@@ -503,7 +503,7 @@ class _Int8:
 
 
 #: Scratch buffers up to this size are kept for the next weight (per thread).
-SCRATCH_BYTES = 1 << 22
+SCRATCH_BYTES = 1 << 21
 _scratch_buffers = threading.local()
 
 
