@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
@@ -111,6 +112,50 @@ def test_scan_matches_the_folded_tensor_quantised_directly(dtype, shape, out_axi
         assert np.array_equal(view.channel_max, want["max"])
 
 
+@given(st.data())
+def test_the_scan_of_any_layout_matches_the_folded_tensor_quantised_directly(data):
+    """The scan against the direct computation, composing what it special-cases: rank,
+    output axis, factors along it or another axis or none, dtype, block size, a weight at
+    an odd byte offset, pruned zeros, values fp16 flushes or overflows, a strided sample,
+    and the scratch buffers a weight measured before leaves behind."""
+    dtype = data.draw(st.sampled_from([np.float32, np.float64, np.float16]))
+    rank = data.draw(st.integers(2, 4))
+    shape = tuple(data.draw(st.lists(st.integers(1, 9), min_size=rank, max_size=rank)))
+    out_axis = data.draw(st.integers(0, 1))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    weight = rng.standard_normal(shape) * data.draw(st.sampled_from([0.05, 1.0]))
+    weight[rng.random(shape) < data.draw(st.sampled_from([0.0, 0.5]))] = 0
+    weight.reshape(-1)[rng.random(weight.size) < 0.1] *= 1e-6  # folded, some flush in fp16
+    weight = weight.astype(dtype)
+    if data.draw(st.booleans()):  # stored at an odd byte offset, as in a file
+        shifted = np.zeros(weight.nbytes + 1, dtype=np.uint8)[1:].view(dtype).reshape(shape)
+        shifted[...] = weight
+        weight = shifted
+
+    def factor_along(axes):
+        high = 10.0 if dtype == np.float16 else 1e6  # fp16 overflow from float32 and float64 weights
+        return np.exp(rng.uniform(np.log(1e-4), np.log(high), [shape[a] if a in axes else 1 for a in range(rank)]))
+
+    axes = data.draw(st.sampled_from([{out_axis}, {1 - out_axis}, {0, 1}, set()]))
+    factors = [data.draw(st.sampled_from([None, "prior"])), "fold"]
+    factors = [None if f is None else factor_along({out_axis} if f == "prior" else axes) for f in factors]
+    block = data.draw(st.sampled_from([1, 7, 64, 1 << 16]))
+    limit = data.draw(st.sampled_from([None, 64]))  # 64: a strided sample of any weight bigger
+    if data.draw(st.booleans()):
+        P.measure_weight(rng.standard_normal((33, 65)).astype(np.float32), [None, None], 0, ALL)
+    _, views = P.measure_weight(weight, factors, out_axis, ALL, block_elements=block, sample_limit=limit)
+    sampled = limit is not None and weight.size > limit
+    for view, f in zip(views, factors):
+        want = direct(np.array(weight), f, out_axis)
+        assert tuple(view.counts["fp16"]) == want["fp16"]
+        assert np.array_equal(view.channel_max, want["max"])
+        assert view.signal.sum() == pytest.approx(want["signal"], rel=2.0**-9 if dtype == np.float16 else 1e-5)
+        if not sampled:  # positions w * (f / step) in the weight's type err by ~127 * 2^-23 steps each
+            slack = weight.size * 2e-5 * (want["max"].max() / 127) ** 2 + 1e-30
+            assert view.pt_noise == pytest.approx(want["pt"], rel=1e-4, abs=slack)
+            assert view.pc_noise.sum() == pytest.approx(want["pc"], rel=1e-4, abs=slack)
+
+
 def _figures(views) -> list:
     return [(v.signal.sum(), v.pt_noise, v.pc_noise.tolist(), v.counts, v.channel_max.tolist()) for v in views]
 
@@ -147,6 +192,27 @@ def test_figures_do_not_depend_on_the_block_size_or_the_weight_before():
         for (signal, pt, pc, counts, peak), want in zip(again, first):
             assert (signal, pt, *pc) == pytest.approx((want[0], want[1], *want[2]), rel=1e-6)  # float32 sums per block
             assert (counts, peak) == (want[3], want[4])
+
+
+def test_a_mapped_weights_pages_are_released_as_it_is_read_and_at_the_end():
+    """``done()`` (planning releases the mapped pages read so far) runs every
+    ``RELEASE_ELEMENTS`` elements or so, and after the last block: a huge mapped weight
+    never holds more than that resident."""
+    weight = np.ones((10, P.RELEASE_ELEMENTS // 4 + 3), dtype=np.float32)
+    read = []
+
+    class Rows:  # a source that records how far it has been read
+        shape, dtype = weight.shape, weight.dtype
+
+        def __getitem__(self, rows):
+            read.append(rows.stop)
+            return weight[rows]
+
+    released = []
+    P.measure_weight(Rows(), [None, np.full((10, 1), 2.0)], 0, ALL, done=lambda: released.append(read[-1]))
+    assert released[-1] == weight.shape[0]
+    gaps = np.diff([0] + released) * weight.shape[1]
+    assert len(released) >= 2 and gaps.max() <= P.RELEASE_ELEMENTS + weight.shape[1], released
 
 
 def test_a_pruned_weights_zeros_are_not_kept_as_candidates():
