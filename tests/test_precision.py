@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import ml_dtypes
@@ -219,8 +220,6 @@ def test_a_pruned_weights_zeros_are_not_kept_as_candidates():
     """Zeros lie below any underflow bound, but a cast keeps them 0: a pruned weight's
     zeros set aside as candidates would hold memory in proportion to the weight (16 bytes
     each) instead of a few blocks."""
-    import tracemalloc
-
     rng = np.random.default_rng(7)
     weight = (rng.standard_normal((1024, 4096)) * 0.05).astype(np.float32)
     weight[:, ::2] = 0
