@@ -264,20 +264,10 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
     converted = _scratch("converted", (rows, *shape[1:]), work)
     magnitude = _scratch("magnitude", (rows, *shape[1:]), work) if formats else None
     mask = _scratch("mask", (rows, *shape[1:]), bool) if formats else None
-    if isinstance(source, np.ndarray):
-        source = source.view(np.ndarray)  # a memory map slices through Python code: a plain view does not
     energy_kept = [a for a in range(ndim) if a not in reduced]
-    unreleased = 0
     with np.errstate(invalid="ignore"):  # a NaN is the answer (the peak), not a problem
-        for start in range(0, shape[0], rows):
-            stop = min(shape[0], start + rows)
+        for start, stop, block in _blocks(source, rows, work, converted, done):
             n = stop - start
-            block = np.asarray(source[start:stop])
-            if dtype != work or not block.flags.aligned:
-                # Converted, or copied once: numpy's loops over misaligned data (a weight stored
-                # at any byte offset of the file) buffer every operation, at several times the cost.
-                converted[:n] = block
-                block = converted[:n]
             if sample is not None:  # before |w| is written over the cache the block is in
                 sample.take(block, start)
                 if energy is not None:
@@ -302,10 +292,6 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
                     _max_into(most, np.max(scaled, axis=others), start, stop, out_axis == 0)
             if formats:
                 _candidates(block, magnitude[:n], mask[:n], start, small, True, found)
-            unreleased += block.size
-            if done is not None and (unreleased >= RELEASE_ELEMENTS or stop == shape[0]):
-                done()
-                unreleased = 0
     views = [_view(f, peak, out_axis, dtype, None if channel_max is None else most)
              for f, most in zip(factors, channel_max or [None] * len(factors))]
     for view, tally in zip(views, counts):
@@ -318,17 +304,34 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
         # dtype could hold it but a 16-bit float cannot).
         large = _bounds(factors, cells, limit * (1 - 1e-3), np.minimum, np.inf, work)
         found = []
-        for start in range(0, shape[0], rows):
-            stop = min(shape[0], start + rows)
-            block = np.asarray(source[start:stop]).astype(work, copy=False)
+        for start, stop, block in _blocks(source, rows, work, converted, done):
             np.abs(block, out=magnitude[:stop - start])
             _candidates(block, magnitude[:stop - start], mask[:stop - start], start, large, False, found)
-            if done is not None:
-                done()
         _classify(found, 0, shape, factors, counts, formats, cells, dtype)
     if sample is not None:
         _Int8(views, peak, shape, out_axis, work, dtype, sample).run(energy)
     return peak, views
+
+
+def _blocks(source, rows: int, work, converted: np.ndarray, done: Callable[[], None] | None):
+    """``(start, stop, block)`` for every ``rows`` rows of ``source``, in the ``work`` type and
+    aligned, ``done()`` run after every ``RELEASE_ELEMENTS`` or so and after the last."""
+    if isinstance(source, np.ndarray):
+        source = source.view(np.ndarray)  # a memory map slices through Python code: a plain view does not
+    unreleased = 0
+    for start in range(0, source.shape[0], rows):
+        stop = min(source.shape[0], start + rows)
+        block = np.asarray(source[start:stop])
+        if block.dtype != work or not block.flags.aligned:
+            # Converted, or copied once: numpy's loops over misaligned data (a weight stored
+            # at any byte offset of the file) buffer every operation, at several times the cost.
+            converted[:stop - start] = block
+            block = converted[:stop - start]
+        yield start, stop, block
+        unreleased += block.size
+        if done is not None and (unreleased >= RELEASE_ELEMENTS or stop == source.shape[0]):
+            done()
+            unreleased = 0
 
 
 def _square_sums(block: np.ndarray, kept: list[int]) -> np.ndarray:
