@@ -193,7 +193,8 @@ class View:
     #: max |value| per cell (the peak's shape) and per output channel, in float64.
     cell_max: np.ndarray
     channel_max: np.ndarray
-    #: int8 steps: max |value| / 127 of the tensor, and of each output channel.
+    #: the largest |value|; int8 steps: that over 127 (the tensor's), and each output channel's.
+    largest: float
     pt_step: float
     pc_step: np.ndarray
     #: int8, in the value domain: quantisation noise energy of the tensor and per output
@@ -250,8 +251,8 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
     peak = np.zeros(cells)
     channel_max = [np.zeros(shape[out_axis]) for _ in factors] if not by_cells else None
     found: list = []  # (flat index, value) of the elements that may underflow, block by block
-    small = _bounds(factors, cells, max((fmt.zero_up_to for fmt in formats), default=0.0) * (1 + 1e-3),
-                    np.maximum, 0.0, work) if formats else None
+    small = _Bound(factors, cells, max(fmt.zero_up_to for fmt in formats) * (1 + 1e-3), True, work) \
+        if formats else None
     sample = _Sample(shape, out_axis, INT8_SAMPLE if sample_limit is None else sample_limit, work) \
         if "int8" in targets else None
     # int8 on a sample: the signal energy per cell over every element. A strided sample is
@@ -261,37 +262,43 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
     energy = np.zeros(cells) if sample is not None and by_cells and sample.stride > 1 else None
     row = math.prod(shape[1:])
     rows = max(1, block_elements // max(1, row))
-    converted = _scratch("converted", (rows, *shape[1:]), work)
-    magnitude = _scratch("magnitude", (rows, *shape[1:]), work) if formats else None
+    magnitude = _scratch("magnitude", (rows, *shape[1:]), work)
     mask = _scratch("mask", (rows, *shape[1:]), bool) if formats else None
+    # A cell per row (the output channels on axis 0, the factors along them: a BN after a
+    # conv): the reductions run on the block as rows, the fastest numpy has for them.
+    by_rows = cells[0] == shape[0] > 1 and all(c == 1 for c in cells[1:])
+    as_rows = magnitude.reshape(rows, row)
     energy_kept = [a for a in range(ndim) if a not in reduced]
+    # Every figure depends on |w| only (each rounding is symmetric), so the scan reads |w|.
     with np.errstate(invalid="ignore"):  # a NaN is the answer (the peak), not a problem
-        for start, stop, block in _blocks(source, rows, work, converted, done):
-            n = stop - start
-            if sample is not None:  # before |w| is written over the cache the block is in
-                sample.take(block, start)
-                if energy is not None:
-                    sums = _square_sums(block, energy_kept)
-                    if cells[0] > 1:
-                        energy[start:stop] += sums
-                    else:
-                        energy += sums
-            if formats:  # |w| is needed for the candidates: the peak is its maximum
-                np.abs(block, out=magnitude[:n])
-                local = magnitude[:n].max(axis=reduced, keepdims=True) if reduced else magnitude[:n]
-            else:  # as affine.peak_by_factor: max(max w, -min w), in the weight's type
-                high, low = block.max(axis=reduced, keepdims=True), block.min(axis=reduced, keepdims=True)
-                local = np.maximum(high.astype(np.float64), -low.astype(np.float64))
-            if cells[0] > 1:
-                peak[start:stop] = local
+        for start, stop, block in _magnitudes(source, rows, work, magnitude, done):
+            if by_rows:
+                flat = as_rows[:stop - start]
+                if sample is not None:
+                    sample.take(block, start)
+                    if energy is not None:  # a dot product per row (matmul: half einsum's time)
+                        energy.reshape(-1)[start:stop] = np.matmul(flat[:, None, :], flat[:, :, None]).reshape(-1)
+                peak.reshape(-1)[start:stop] = np.maximum.reduce(flat, axis=1)
             else:
-                np.maximum(peak, local, out=peak)
-            if channel_max is not None:
-                for factor, most in zip(factors, channel_max):
-                    scaled = np.abs(block) * (1.0 if factor is None else np.abs(_rows(factor, start, stop)))
-                    _max_into(most, np.max(scaled, axis=others), start, stop, out_axis == 0)
-            if formats:
-                _candidates(block, magnitude[:n], mask[:n], start, small, True, found)
+                if sample is not None:
+                    sample.take(block, start)
+                    if energy is not None:
+                        sums = _square_sums(block, energy_kept)
+                        if cells[0] > 1:
+                            energy[start:stop] += sums
+                        else:
+                            energy += sums
+                local = np.maximum.reduce(block, axis=reduced, keepdims=True) if reduced else block
+                if cells[0] > 1:
+                    peak[start:stop] = local
+                else:
+                    np.maximum(peak, local, out=peak)
+                if channel_max is not None:
+                    for factor, most in zip(factors, channel_max):
+                        scaled = block if factor is None else block * np.abs(_rows(factor, start, stop))
+                        _max_into(most, np.max(scaled, axis=others), start, stop, out_axis == 0)
+            if small is not None and small.may_cross(block, start, stop):
+                small.collect(block, mask[:stop - start], start, found)
     views = [_view(f, peak, out_axis, dtype, None if channel_max is None else most)
              for f, most in zip(factors, channel_max or [None] * len(factors))]
     for view, tally in zip(views, counts):
@@ -299,34 +306,32 @@ def measure_weight(source, factors: Sequence[np.ndarray | None], out_axis: int, 
     if formats:
         _classify(found, 1, shape, factors, counts, formats, cells, dtype)
     limit = min((fmt.overflow_from for fmt in formats), default=math.inf)
-    if formats and any(np.any(view.cell_max >= limit) for view in views):
+    if formats and any(view.largest >= limit for view in views):
         # A value may overflow: a second pass counts them (only here, where the fold's own
         # dtype could hold it but a 16-bit float cannot).
-        large = _bounds(factors, cells, limit * (1 - 1e-3), np.minimum, np.inf, work)
+        large = _Bound(factors, cells, limit * (1 - 1e-3), False, work)
         found = []
-        for start, stop, block in _blocks(source, rows, work, converted, done):
-            np.abs(block, out=magnitude[:stop - start])
-            _candidates(block, magnitude[:stop - start], mask[:stop - start], start, large, False, found)
+        for start, stop, block in _magnitudes(source, rows, work, magnitude, done):
+            if large.may_cross(block, start, stop):
+                large.collect(block, mask[:stop - start], start, found)
         _classify(found, 0, shape, factors, counts, formats, cells, dtype)
     if sample is not None:
         _Int8(views, peak, shape, out_axis, work, dtype, sample).run(energy)
     return peak, views
 
 
-def _blocks(source, rows: int, work, converted: np.ndarray, done: Callable[[], None] | None):
-    """``(start, stop, block)`` for every ``rows`` rows of ``source``, in the ``work`` type and
-    aligned, ``done()`` run after every ``RELEASE_ELEMENTS`` or so and after the last."""
+def _magnitudes(source, rows: int, work, out: np.ndarray, done: Callable[[], None] | None):
+    """``(start, stop, |block|)`` for every ``rows`` rows of ``source``: |w| in the ``work``
+    type, written into ``out`` (reused, aligned: numpy's loops over misaligned data, a
+    weight stored at any byte offset of the file, buffer every operation at several times
+    the cost, so the one read that converts is the only one that pays it). ``done()`` runs
+    after every ``RELEASE_ELEMENTS`` or so and after the last block."""
     if isinstance(source, np.ndarray):
         source = source.view(np.ndarray)  # a memory map slices through Python code: a plain view does not
     unreleased = 0
     for start in range(0, source.shape[0], rows):
         stop = min(source.shape[0], start + rows)
-        block = np.asarray(source[start:stop])
-        if block.dtype != work or not block.flags.aligned:
-            # Converted, or copied once: numpy's loops over misaligned data (a weight stored
-            # at any byte offset of the file) buffer every operation, at several times the cost.
-            converted[:stop - start] = block
-            block = converted[:stop - start]
+        block = np.abs(source[start:stop], out=out[:stop - start], dtype=work)
         yield start, stop, block
         unreleased += block.size
         if done is not None and (unreleased >= RELEASE_ELEMENTS or stop == source.shape[0]):
@@ -337,9 +342,6 @@ def _blocks(source, rows: int, work, converted: np.ndarray, done: Callable[[], N
 def _square_sums(block: np.ndarray, kept: list[int]) -> np.ndarray:
     """``sum w^2`` over the axes of a block not ``kept``, keeping them as size 1 (in the
     block's type: a block's sums are short, the caller adds them up in float64)."""
-    if kept == [0] and block.ndim > 1:  # a row each: a dot product per row (matmul: half einsum's time)
-        rows = block.reshape(block.shape[0], -1)
-        return np.matmul(rows[:, None, :], rows[:, :, None]).reshape((-1,) + (1,) * (block.ndim - 1))
     subscripts = list(range(block.ndim))
     sums = np.einsum(block, subscripts, block, subscripts, kept)
     return sums.reshape([block.shape[a] if a in kept else 1 for a in range(block.ndim)])
@@ -560,8 +562,9 @@ def _view(factor, peak: np.ndarray, out_axis: int, dtype: np.dtype, channel_max:
     else:
         with np.errstate(over="ignore"):
             channel_max = np.asarray(channel_max, dtype=np.float64).astype(dtype).astype(np.float64)
-    return View(factor=factor, cell_max=cell_max, channel_max=channel_max,
-                pt_step=float(channel_max.max(initial=0.0)) / INT8_LEVELS, pc_step=channel_max / INT8_LEVELS)
+    largest = float(np.maximum.reduce(channel_max, axis=None))
+    return View(factor=factor, cell_max=cell_max, channel_max=channel_max, largest=largest,
+                pt_step=largest / INT8_LEVELS, pc_step=channel_max / INT8_LEVELS)
 
 
 def _max_into(total: np.ndarray, part: np.ndarray, start: int, stop: int, by_rows: bool) -> None:
@@ -572,8 +575,16 @@ def _max_into(total: np.ndarray, part: np.ndarray, start: int, stop: int, by_row
 
 
 def _channel_max(cells: np.ndarray, out_axis: int) -> np.ndarray:
-    axes = tuple(a for a in range(cells.ndim) if a != out_axis)
-    return np.max(np.asarray(cells, dtype=np.float64), axis=axes, initial=0.0).reshape(-1)
+    """The largest of the cells of each output channel (read-only: it may be ``cells``)."""
+    return _max_keeping(cells, (out_axis,))
+
+
+def _max_keeping(cells: np.ndarray, keep: tuple[int, ...]) -> np.ndarray:
+    """The largest of ``cells`` over every axis not in ``keep``, flat (read-only: it may be
+    ``cells`` itself)."""
+    cells = np.asarray(cells, dtype=np.float64)
+    axes = tuple(a for a in range(cells.ndim) if a not in keep and cells.shape[a] > 1)
+    return (np.maximum.reduce(cells, axis=axes) if axes else cells).reshape(-1)
 
 
 def _channel_sum(cells: np.ndarray, out_axis: int) -> np.ndarray:
@@ -607,46 +618,68 @@ def _rows(array, start: int, stop: int):
 # --- float formats: the rare candidates one comparison finds, classified exactly -------
 
 
-def _bounds(factors: list, cells, limit: float, combine, empty: float, work) -> np.ndarray:
-    """Per cell, ``limit / |f|`` combined over the factors (None: 1): a bound on |w| past
-    which a view's value may cross ``limit``. Bounds within 16x of each other become one
-    scalar, the loosest (a comparison with a scalar is faster, and the few extra elements
-    it lets through are classified exactly anyway)."""
-    bounds = np.full(cells, empty)
-    for factor in factors:
-        f = np.ones(cells) if factor is None else np.abs(np.broadcast_to(factor, cells))
-        with np.errstate(over="ignore", divide="ignore"):
-            bounds = combine(bounds, np.where(f > 0, limit / np.where(f > 0, f, 1.0), empty))
-    finite = bounds[np.isfinite(bounds) & (bounds > 0)]
-    if finite.size == bounds.size and finite.size and finite.max() <= 16 * finite.min():
-        bounds = np.full([1] * len(cells), finite.max() if combine is np.maximum else finite.min())
-    with np.errstate(over="ignore"):
-        return bounds.astype(work)
+class _Bound:
+    """Per cell, ``limit / |f|`` combined over the factors (None: 1; the loosest with
+    ``below``, the tightest without): a bound on |w| past which a view's value may cross
+    ``limit``, below it (``below``: underflow) or at or above it (overflow). Bounds within
+    16x of each other become one scalar, the loosest (a comparison with a scalar is faster,
+    and the few extra elements it lets through are classified exactly anyway)."""
 
+    def __init__(self, factors: list, cells, limit: float, below: bool, work):
+        self.below = below
+        magnitudes = [np.abs(f) for f in factors if f is not None] + ([1.0] if any(f is None for f in factors) else [])
+        low = min(float(np.minimum.reduce(m, axis=None)) for m in magnitudes)
+        high = max(float(np.maximum.reduce(m, axis=None)) for m in magnitudes)
+        if 0 < low and high <= 16 * low:  # the usual case, read off the factors' range
+            bounds = np.full([1] * len(cells), limit / (low if below else high))
+        else:
+            bounds = self._per_cell(factors, cells, limit, below)
+        with np.errstate(over="ignore"):
+            self.values = bounds.astype(work)
+        #: the one bound, when they are all one
+        self.edge = float(self.values.flat[0]) if self.values.size == 1 else None
 
-def _candidates(block: np.ndarray, magnitude: np.ndarray, mask: np.ndarray, start: int, bound: np.ndarray,
-                below: bool, found: list) -> None:
-    """Set aside the elements of this block whose |w| lies below the per-cell ``bound``
-    (``below``: nonzero ones, 0 stays 0) or at or above it (flat index in the weight, value).
-    Usually one reduction shows there are none: the smallest |w| is at least the loosest
-    bound, or the largest below the tightest. (Zeros are left out as they are found, or a
-    pruned weight would keep half its elements here.)"""
-    bound = _rows(bound, start, start + block.shape[0])
-    if below:
-        if magnitude.min() >= bound.max():
-            return
-        np.less(magnitude, bound, out=mask)
-    else:
-        if magnitude.max() < bound.min():
-            return
-        np.greater_equal(magnitude, bound, out=mask)
-    flat = np.flatnonzero(mask)
-    values = block.reshape(-1)[flat]
-    if below:
-        keep = values != 0
-        flat, values = flat[keep], values[keep]
-    if flat.size:
-        found.append((flat + start * (block.size // block.shape[0]), values.astype(np.float64)))
+    @staticmethod
+    def _per_cell(factors: list, cells, limit: float, below: bool) -> np.ndarray:
+        empty, combine = (0.0, np.maximum) if below else (np.inf, np.minimum)
+        bounds = None
+        for factor in factors:
+            if factor is None:
+                bound = np.float64(limit)
+            else:
+                f = np.abs(factor)
+                with np.errstate(over="ignore", divide="ignore"):
+                    bound = np.where(f > 0, limit / np.where(f > 0, f, 1.0), empty)
+            bounds = bound if bounds is None else combine(bounds, bound)
+        bounds = np.broadcast_to(bounds, cells)
+        finite = bounds[np.isfinite(bounds) & (bounds > 0)]
+        if finite.size == bounds.size and finite.size and finite.max() <= 16 * finite.min():
+            return np.full([1] * len(cells), finite.max() if below else finite.min())
+        return bounds
+
+    def may_cross(self, magnitude: np.ndarray, start: int, stop: int) -> bool:
+        """Whether some |w| of this block (rows ``start:stop``) may cross: usually one
+        reduction shows none can, the smallest |w| at least the loosest bound, or the largest
+        below the tightest."""
+        if self.below:
+            edge = self.edge if self.edge is not None else _rows(self.values, start, stop).max()
+            return bool(np.minimum.reduce(magnitude, axis=None) < edge)
+        edge = self.edge if self.edge is not None else _rows(self.values, start, stop).min()
+        return bool(np.maximum.reduce(magnitude, axis=None) >= edge)
+
+    def collect(self, magnitude: np.ndarray, mask: np.ndarray, start: int, found: list) -> None:
+        """Set aside the elements of this block that lie below the per-cell bound (nonzero
+        ones: 0 stays 0) or at or above it: (flat index in the weight, |w|). (Zeros are left
+        out as they are found, or a pruned weight would keep half its elements here.)"""
+        bound = _rows(self.values, start, start + magnitude.shape[0])
+        (np.less if self.below else np.greater_equal)(magnitude, bound, out=mask)
+        flat = np.flatnonzero(mask)
+        values = magnitude.reshape(-1)[flat]
+        if self.below:
+            keep = values != 0
+            flat, values = flat[keep], values[keep]
+        if flat.size:
+            found.append((flat + start * (magnitude.size // magnitude.shape[0]), values.astype(np.float64)))
 
 
 def _classify(found: list, kind: int, shape, factors: list, counts: list, formats: list[FloatFormat], cells,
@@ -704,9 +737,7 @@ def median(values: np.ndarray) -> float:
 def scaled_ranges(cell_max: np.ndarray, scaled_axes: tuple[int, ...], out_axis: int) -> np.ndarray:
     """The range of each channel the fold scaled: the cells' maxima over every other axis
     (the output channels when the fold scaled nothing per channel)."""
-    keep = scaled_axes or (out_axis,)
-    axes = tuple(a for a in range(cell_max.ndim) if a not in keep)
-    return np.max(cell_max, axis=axes, initial=0.0).reshape(-1)
+    return _max_keeping(cell_max, scaled_axes or (out_axis,))
 
 
 def weight_figures(views: list[View], targets: Sequence[str], scaled_axes: tuple[int, ...], out_axis: int, *,
