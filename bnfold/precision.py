@@ -530,16 +530,22 @@ _scratch_buffers = threading.local()
 def _scratch(name: str, shape, dtype) -> np.ndarray:
     """A buffer of this shape and dtype, contents undefined, reused from weight to weight:
     a fresh array of a few hundred KiB is fresh pages, and faulting them in cost a weight
-    more than the arithmetic on them. (Nothing measured keeps a reference to one.)"""
-    dtype = np.dtype(dtype)
-    need = math.prod(shape) * dtype.itemsize
-    if need > SCRATCH_BYTES:
-        return np.empty(shape, dtype=dtype)
+    more than the arithmetic on them. (Nothing measured keeps a reference to one.) The
+    views handed out are kept too, until the buffer grows: layers repeat their shapes."""
     pool = _scratch_buffers.__dict__
-    buffer = pool.get(name)
+    buffer, views = pool.get(name, (None, {}))
+    view = views.get((shape, dtype))
+    if view is not None:
+        return view
+    dtype_ = np.dtype(dtype)
+    need = math.prod(shape) * dtype_.itemsize
+    if need > SCRATCH_BYTES:
+        return np.empty(shape, dtype=dtype_)
     if buffer is None or buffer.size < need:
-        buffer = pool[name] = np.empty(max(need, 1 << 16), dtype=np.uint8)
-    return buffer[:need].view(dtype).reshape(shape)
+        buffer, views = np.empty(max(need, 1 << 16), dtype=np.uint8), {}
+        pool[name] = buffer, views
+    view = views[shape, dtype] = buffer[:need].view(dtype_).reshape(shape)
+    return view
 
 
 def _columns(rows, stride: int, block_shape) -> np.ndarray:
@@ -732,7 +738,7 @@ def spread(ranges: np.ndarray) -> float | None:
     """Largest range over the median of the nonzero ones (dead channels quantise exactly);
     None when every range is 0."""
     ranges = np.asarray(ranges, dtype=np.float64).reshape(-1)
-    alive = ranges[ranges > 0]
+    alive = ranges if ranges.size and np.minimum.reduce(ranges, axis=None) > 0 else ranges[ranges > 0]
     if alive.size == 0:
         return None
     return float(alive.max() / median(alive))
@@ -760,7 +766,7 @@ def weight_figures(views: list[View], targets: Sequence[str], scaled_axes: tuple
     """The figures of a weight from its scan (views: before, after) and its problems."""
     before, after = views
     ranges = (scaled_ranges(before.cell_max, scaled_axes, out_axis), scaled_ranges(after.cell_max, scaled_axes, out_axis))
-    peak_before, peak_after = float(before.channel_max.max(initial=0.0)), float(after.channel_max.max(initial=0.0))
+    peak_before, peak_after = before.largest, after.largest
     figures = TensorFigures("weight", tensor, node, op, index, list(shape), channel_axis=out_axis, scaled=scaled,
                             growth=peak_after / peak_before if peak_before > 0 else None,
                             spread=Change(spread(ranges[0]), spread(ranges[1])))
@@ -769,10 +775,10 @@ def weight_figures(views: list[View], targets: Sequence[str], scaled_axes: tuple
             b, a = before.counts[name], after.counts[name]
             setattr(figures, name, FloatFigures(Change(b[0], a[0]), Change(b[1], a[1])))
     if "int8" in targets:
+        signal = float(before.signal.sum()), float(after.signal.sum())
         figures.int8 = Int8Figures(
-            Change(sqnr_db(float(before.signal.sum()), before.pt_noise), sqnr_db(float(after.signal.sum()), after.pt_noise)),
-            Change(sqnr_db(float(before.signal.sum()), float(before.pc_noise.sum())),
-                   sqnr_db(float(after.signal.sum()), float(after.pc_noise.sum()))))
+            Change(sqnr_db(signal[0], before.pt_noise), sqnr_db(signal[1], after.pt_noise)),
+            Change(sqnr_db(signal[0], float(before.pc_noise.sum())), sqnr_db(signal[1], float(after.pc_noise.sum()))))
     return figures, _weight_problems(figures, before, after, ranges, targets, where)
 
 
@@ -783,12 +789,15 @@ def _weight_problems(figures: TensorFigures, before: View, after: View, ranges, 
         if name not in targets:
             continue
         fmt, counts = FORMATS[name], getattr(figures, name)
-        grown = np.flatnonzero((after.channel_max >= fmt.overflow_from) & ~(before.channel_max >= fmt.overflow_from))
-        if counts.overflow.after > counts.overflow.before and grown.size:
+        grown = np.flatnonzero((after.channel_max >= fmt.overflow_from) & ~(before.channel_max >= fmt.overflow_from)) \
+            if after.largest >= fmt.overflow_from else ()
+        if counts.overflow.after > counts.overflow.before and len(grown):
             problems.append(Problem(f"{name}-overflow", figures.tensor, grown.tolist(),
                                     f"{what}: {counts.overflow.after} value(s) become inf in {name} "
                                     f"(max |w| {after.channel_max.max():.4g} > {fmt.largest:.6g}; "
                                     f"{counts.overflow.before} before the fold) in channel(s) {channel_list(grown)}"))
+        if not np.minimum.reduce(after.channel_max, axis=None) < fmt.smallest_normal:
+            continue  # (NaN: no channel sank either)
         sunk = np.flatnonzero((after.channel_max > 0) & (after.channel_max < fmt.smallest_normal)
                               & ~((before.channel_max > 0) & (before.channel_max < fmt.smallest_normal)))
         if sunk.size:
