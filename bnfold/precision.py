@@ -273,7 +273,7 @@ def _measure(source, factors, out_axis: int, targets, block_elements: int, sampl
     magnitude = _scratch("magnitude", (rows, *shape[1:]), work)
     mask = _scratch("mask", (rows, *shape[1:]), bool) if formats else None
     # A cell per row (the output channels on axis 0, the factors along them: a BN after a
-    # conv): the reductions run on the block as rows, the fastest numpy has for them.
+    # conv): the block is read as rows, a dot product and a maximum per row.
     by_rows = cells[0] == shape[0] > 1 and math.prod(cells) == shape[0]
     if by_rows:
         as_flat, starts = magnitude.reshape(-1), np.arange(0, rows * row, row)
