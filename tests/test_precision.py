@@ -222,7 +222,8 @@ def test_a_float64_weight_after_a_float32_one_of_its_shape_measures_in_float64()
 
 def test_scratch_memory_stays_one_buffer_per_name_as_weights_grow():
     """A weight bigger than any before grows the scratch buffers; the old ones, and the
-    views into them, are let go (kept, 40 slowly growing weights held ~40 MiB)."""
+    views into them, are let go: these 40 slowly growing weights leave 1.7 MiB (28 MiB when
+    the views kept the old buffers)."""
     rng = np.random.default_rng(8)
     weights = [(rng.standard_normal((rows, 64, 3, 3)) * 0.05).astype(np.float32) for rows in range(8, 208, 5)]
 
