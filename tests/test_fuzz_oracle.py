@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 import bnfold.affine
 from bnfold.ledger import LedgerEntry
 from fuzzgen import build, recipes
-from test_fuzz import InspectDisagrees, ValueMismatch, check_decompose, check_recipe, compare, depth, session
+from test_fuzz import (InspectDisagrees, NonFiniteMismatch, ValueMismatch, check_decompose, check_recipe, compare,
+                       depth, session)
 
 CONV = {"op": "conv", "dims": 2, "cout": 4, "group": 1, "k": [3, 3], "stride": 1, "dilation": 1,
         "pads": [1, 1, 1, 1], "auto_pad": "NOTSET", "explicit_pads": True, "bias": True, "w_bad": None,
@@ -74,6 +75,28 @@ def test_a_wrong_small_channel_beside_a_large_one_fails():
     with pytest.raises(ValueMismatch, match=r"\[\d+, 1, \d+, \d+\]"):  # an element of channel 1
         compare("y", expected, wrong, recipe, "", squares=lambda: squares)
     assert np.abs(wrong - expected).max() < 1e-5 * np.abs(expected).max()  # invisible at the output's scale
+
+
+@pytest.mark.parametrize("expected, actual, square, excused", [
+    (np.inf, -7.3e36, np.inf, True),   # made of values whose squares overflow: where the fold overflows may move
+    (-np.inf, 1e20, np.inf, True),
+    (-np.inf, 1e18, 1e36, False),      # large, but their squares fit: compared as ever
+    (np.inf, 5.0, 25.0, False),        # a moderate value that turned into inf
+    (5.0, -np.inf, 25.0, False),
+    (np.nan, 3.0, np.inf, False),      # a NaN is never excused, however large the values
+    (3.0, np.nan, np.inf, False),
+])
+def test_inf_is_excused_only_where_the_values_are_huge_never_a_nan(expected, actual, square, excused):
+    """±inf in one model where the other is finite passes only where the square model
+    overflows (the values the element is made of are beyond ~1.8e19 in float32); NaN
+    positions must always agree."""
+    recipe = dict(DEPTH_5, dtype="float32")
+    expected, actual = np.array([expected], np.float32), np.array([actual], np.float32)
+    if excused:
+        compare("y", expected, actual, recipe, "", squares=lambda: np.array([square]))
+    else:
+        with pytest.raises(NonFiniteMismatch):
+            compare("y", expected, actual, recipe, "", squares=lambda: np.array([square]))
 
 
 def entry(node, status, reason=None, pattern=None):
