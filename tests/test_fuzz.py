@@ -23,10 +23,9 @@ from it. For each model the oracle checks:
    ``(w_a + w_b) * inf = ±inf``, and a Relu after makes that 0; at the end of the
    dtype's range, ``_end_of_range``; and ±inf, never NaN, where the values an element is
    made of are so large that the square model overflows, ``_made_of_huge_values``), and
-   every value within its own
-   rounding ``bound`` (from the recipe's square model: so per channel along the axis the
-   ledger folded, and per element); the real graph inputs are unchanged and the input
-   file is untouched;
+   every value within its own rounding ``bound`` (from the recipe's square model: so per
+   channel along the axis the ledger folded, and per element); the real graph inputs are
+   unchanged and the input file is untouched;
 5. ``bnfold.inspect`` agrees with the ledger of a flagless fold for every BN
    (``fold_reason is None`` iff folded; equal reasons when kept; inspect takes no flags),
    with ``decompose_standalone`` a BN is decomposed exactly where the flagless fold keeps
