@@ -608,10 +608,6 @@ def _max_keeping(cells: np.ndarray, keep: tuple[int, ...]) -> np.ndarray:
     return (np.maximum.reduce(cells, axis=axes) if axes else cells).reshape(-1)
 
 
-def _channel_sum(cells: np.ndarray, out_axis: int) -> np.ndarray:
-    return np.sum(cells, axis=tuple(a for a in range(cells.ndim) if a != out_axis)).reshape(-1)
-
-
 def _along(factor, out_axis: int) -> bool:
     """Whether ``factor`` is None or varies along ``out_axis`` only."""
     shape = np.shape(factor)
@@ -811,7 +807,7 @@ def _weight_problems(figures: TensorFigures, before: View, after: View, ranges, 
         if counts.overflow.after > counts.overflow.before and len(grown):
             problems.append(Problem(f"{name}-overflow", figures.tensor, grown.tolist(),
                                     f"{what}: {counts.overflow.after} value(s) become inf in {name} "
-                                    f"(max |w| {after.channel_max.max():.4g} > {fmt.largest:.6g}; "
+                                    f"(max |w| {after.largest:.4g} > {fmt.largest:.6g}; "
                                     f"{counts.overflow.before} before the fold) in channel(s) {channel_list(grown)}"))
         if not np.minimum.reduce(after.channel_max, axis=None) < fmt.smallest_normal:
             continue  # (NaN: no channel sank either)
